@@ -62,6 +62,7 @@ class Subscriber:
     "Base class for subscribers: define methods named after `EVENTS` (or `STEPS`); each receives the learner."
     order: int = Order.DEFAULT
     in_predict: bool = True   # runs during `get_preds`/`predict`; metrics and display subscribers set False
+    in_lr_find: bool = True   # runs during the LR finder's search; metrics, display, logging, checkpoints set False
 
     def __repr__(self): return f'{type(self).__name__}(order={self.order})'
 
