@@ -40,19 +40,21 @@ def check_batch(batch, model: nn.Module | None = None, targets: bool = True) -> 
         raise RuntimeError(f'inputs are on {x.device} but the model is on {param.device}: add DeviceS() to the '
                            'subscribers, or build the loaders on the model\'s device')
 
-def check_preds(preds, y, ignore_index: int = -100) -> None:
-    "Raise a clear error if `y` cannot be a target for `preds` (label range, silent broadcasting)."
+def check_preds(preds, y, ignore_index: int = -100, all_targets: torch.Tensor | None = None) -> None:
+    "Raise a clear error if `y` (or `all_targets`, when known) cannot be a target for `preds`: label range, broadcasting."
     if not (isinstance(preds, torch.Tensor) and isinstance(y, torch.Tensor)) or not preds.is_floating_point(): return
     if preds.ndim and y.ndim and len(preds) != len(y):
         raise ValueError(f'model output has batch size {len(preds)} but targets have {len(y)}: '
                          f'output {tuple(preds.shape)}, targets {tuple(y.shape)}')
     if not y.is_floating_point() and not y.is_complex() and y.dtype != torch.bool and preds.ndim == y.ndim + 1:
-        n_classes, valid = preds.shape[1], y[y != ignore_index]
+        labels = y if all_targets is None or all_targets.dtype != y.dtype else all_targets
+        n_classes, valid = preds.shape[1], labels[labels != ignore_index]
         if valid.numel():
             lo, hi = valid.min().item(), valid.max().item()   # the one host sync, first batch only
             if lo < 0 or hi >= n_classes:
+                where = 'this batch has' if labels is y else 'the targets have'
                 raise ValueError(f'labels must be in [0, {n_classes}) for a model with {n_classes} outputs, '
-                                 f'but this batch has labels in [{lo}, {hi}]')
+                                 f'but {where} labels in [{lo}, {hi}]')
     elif y.is_floating_point() and preds.shape != y.shape:
         raise ValueError(f'model output {tuple(preds.shape)} and targets {tuple(y.shape)} differ in shape; a loss '
                          'would broadcast them silently. Reshape one (e.g. `preds.squeeze(-1)` or `y.view(-1, 1)`).')
@@ -181,7 +183,10 @@ class Learner:
         if self._predicting: return
         if check:
             self._checks.discard(self.training)
-            if isinstance(self.batch, (tuple, list)) and len(self.batch) > 1: check_preds(self.preds, self.batch[1])
+            if isinstance(self.batch, (tuple, list)) and len(self.batch) > 1:
+                # An in-memory loader holds every target: check them all at once, not just this batch's.
+                tensors = getattr(self.dl, 'tensors', ())
+                check_preds(self.preds, self.batch[1], all_targets=tensors[1] if len(tensors) == 2 else None)
         self._do_get_loss(); self.callback('after_loss')
         if not self.training: return
         try:
@@ -256,26 +261,29 @@ class Learner:
         finally: self.remove_subs(*subs)
 
     # -- evaluation and prediction -----------------------------------------------------------------------------
+    def _evaluate(self, dl, subs: list) -> None:
+        "One validation pass over `dl` with `subs`; the counters of the last fit are left as they were."
+        counters = (self.n_epochs, self.epoch, self.n_iter, self.iter, self.pct_train, self.training, self.dl)
+        old_subs = self.subs
+        self._set_subs(subs)
+        try: self._run(1, [(dl if dl is not None else self.dls.valid, False)])
+        finally:
+            self._set_subs(old_subs)
+            self.n_epochs, self.epoch, self.n_iter, self.iter, self.pct_train, self.training, self.dl = counters
+
     def validate(self, dl=None) -> dict:
         "One validation pass over `dl` (default: the valid loader) with every subscriber; returns its results."
-        avg = _AverageLoss()
-        n_rows = len(self.history)
-        self.add_subs(avg)
-        try: self._run(1, [(dl if dl is not None else self.dls.valid, False)])
-        finally: self.remove_subs(avg)
+        avg, n_rows = _AverageLoss(), len(self.history)
+        self._evaluate(dl, self.subs + [avg])
         return self.history[-1] if len(self.history) > n_rows else {'loss': avg.value()}
 
     def get_preds(self, dl=None, act: Callable | None = None, reduce: str | Callable | None = None,
                   with_loss: bool = False):
         "Predictions and targets for `dl` (default: the valid loader), gathered on the CPU; the model mode is restored."
         collect = _Collect(act, reduce, with_loss)
-        subs = self.subs
-        self._set_subs([s for s in subs if getattr(s, 'in_predict', True)] + [collect])
         self._predicting = True
-        try: self._run(1, [(dl if dl is not None else self.dls.valid, False)])
-        finally:
-            self._predicting = False
-            self._set_subs(subs)
+        try: self._evaluate(dl, [s for s in self.subs if getattr(s, 'in_predict', True)] + [collect])
+        finally: self._predicting = False
         return collect.result()
 
 # %% ../nbs/03_learner.ipynb #6df78c1e

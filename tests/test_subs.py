@@ -1,0 +1,126 @@
+"The first subscribers: device, normalization, metrics, progress."
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torcheval.metrics import MulticlassAccuracy
+
+from nntrain.core import Subscriber
+from nntrain.data import DataLoaders
+from nntrain.learner import Learner
+from nntrain.subs.device import DeviceS
+from nntrain.subs.metrics import MetricsS
+from nntrain.subs.normalize import NormalizationS, mean_std
+from nntrain.subs.progress import ProgressS
+from tests.contract import tiny_classifier
+
+
+def test_metrics_match_manual_computation_with_uneven_batches():
+    torch.manual_seed(0)
+    x, y = torch.randn(70, 5), torch.randint(0, 4, (70,))
+    dls = DataLoaders.from_tensors(x[:50], y[:50], x[50:], y[50:], batch_size=16, valid_batch_size=6)  # 20 = 6+6+6+2
+    learn = Learner(nn.Linear(5, 4), dls, F.cross_entropy, lr=0.1, subs=[MetricsS(MulticlassAccuracy())])
+    learn.fit(1)
+    train, valid = learn.history
+    assert (train['phase'], valid['phase']) == ('train', 'valid')
+    with torch.no_grad(): preds = learn.model(x[50:])
+    assert valid['loss'] == pytest.approx(F.cross_entropy(preds, y[50:]).item(), rel=1e-5)
+    assert valid['multiclass_accuracy'] == pytest.approx((preds.argmax(1) == y[50:]).float().mean().item())
+    assert valid['time'] >= 0
+
+
+def test_metrics_flush_bounds_memory_and_gives_same_result():
+    torch.manual_seed(0)
+    learn_a, learn_b = tiny_classifier(), tiny_classifier()
+    learn_b.model.load_state_dict(learn_a.model.state_dict())
+    a, b = MetricsS(acc=MulticlassAccuracy()), MetricsS(acc=MulticlassAccuracy(), flush_every=1)
+    learn_a.fit(1, subs=[a], train=False); learn_b.fit(1, subs=[b], train=False)
+    assert learn_a.history[-1]['acc'] == learn_b.history[-1]['acc']
+    assert learn_a.history[-1]['loss'] == pytest.approx(learn_b.history[-1]['loss'])
+
+
+def test_metrics_make_no_host_sync_per_batch(monkeypatch):
+    "MetricsS must not read tensors on the host in after_batch."
+    learn = tiny_classifier()
+    metrics = MetricsS(acc=MulticlassAccuracy())
+    calls = []
+    orig_item, orig_cpu = torch.Tensor.item, torch.Tensor.cpu
+    class Spy(Subscriber):
+        order = metrics.order - 1
+        def before_batch(self, learn): calls.append('batch')
+    learn.add_subs(Spy(), metrics)
+    in_batch = {'on': False}
+    class Window(Subscriber):
+        order = metrics.order + 1
+        def after_predict(self, learn): in_batch['on'] = learn.iter > 0   # batch 0 runs the one-off input checks
+        def cleanup_batch(self, learn): in_batch['on'] = False
+    learn.add_subs(Window())
+    def guarded(name, orig):
+        def f(self, *a, **k):
+            if in_batch['on']: raise AssertionError(f'host sync ({name}) inside a batch')
+            return orig(self, *a, **k)
+        return f
+    monkeypatch.setattr(torch.Tensor, 'item', guarded('item', orig_item))
+    monkeypatch.setattr(torch.Tensor, 'cpu', guarded('cpu', orig_cpu))
+    learn.fit(2)
+    assert len(learn.history) == 4 and calls
+
+
+def test_normalization_measured_once_and_applied_on_both_phases():
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, 4, 4) * 5 + 2
+    y = torch.randint(0, 2, (64,))
+    dls = DataLoaders.from_tensors(x, y, x, y, batch_size=16)
+    norm = NormalizationS()
+    seen = []
+    class Spy(Subscriber):
+        order = norm.order + 1
+        def before_batch(self, learn): seen.append(learn.batch[0].mean().item())
+    learn = Learner(nn.Sequential(nn.Flatten(), nn.Linear(48, 2)), dls, lr=0.01, subs=[norm, Spy()])
+    learn.fit(1)
+    mean, std = mean_std(dls.train, n_batches=None)
+    assert torch.allclose(norm.mean, mean, atol=0.3) and norm.mean.shape == (3,)
+    assert all(abs(m) < 0.5 for m in seen)
+    stats = norm.mean.clone()
+    learn.fit(1)
+    assert torch.equal(norm.mean, stats)
+    assert torch.allclose(norm.decode(norm.encode(x)), x, atol=1e-4)
+
+
+def test_normalization_scalar_for_flat_inputs():
+    x = torch.randn(32, 10) * 3
+    mean, std = mean_std([(x, None)], n_batches=None)
+    assert mean.shape == () and std.item() == pytest.approx(x.double().std(unbiased=False).item(), rel=1e-4)
+
+
+def test_device_moves_model_and_nested_batches():
+    seen = []
+    class Spy(Subscriber):
+        def before_batch(self, learn): seen.append(learn.batch[0].device.type)
+    learn = tiny_classifier()
+    learn.fit(1, subs=[DeviceS('cpu'), Spy()])
+    assert set(seen) == {'cpu'}
+
+
+def test_progress_table_rows_and_plot_data(capsys):
+    learn = tiny_classifier()
+    progress = ProgressS(plot=True)
+    learn.fit(2, subs=[MetricsS(acc=MulticlassAccuracy()), progress])
+    out = capsys.readouterr().out
+    assert 'epoch' in out and 'valid' in out and 'acc' in out
+    assert len(progress.train_losses) == 2 * len(learn.dls.train)
+    assert progress.valid_steps == [3, 6]
+    assert progress.figure() is not None
+
+
+def test_progress_display_failure_never_stops_training():
+    class Broken(ProgressS):
+        def _start_epoch(self, learn): raise OSError('front-end gone')
+    learn = tiny_classifier()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        learn.fit(2, subs=[MetricsS(), Broken()])
+    assert learn.global_step == 6 and len(learn.history) == 4
+    assert sum('stopped displaying' in str(w.message) for w in caught) == 1
