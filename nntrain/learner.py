@@ -177,16 +177,16 @@ class Learner:
         self._cleanup(f'cleanup_{name}')
 
     def _one_batch(self) -> None:
-        check = self.training in self._checks
-        if check and 'predict' not in self._providers: check_batch(self.batch, self.model, not self._predicting)
-        self._do_predict(); self.callback('after_predict')
-        if self._predicting: return
+        check = self.training in self._checks   # the first batch of each phase in a fit
         if check:
             self._checks.discard(self.training)
-            if isinstance(self.batch, (tuple, list)) and len(self.batch) > 1:
-                # An in-memory loader holds every target: check them all at once, not just this batch's.
-                tensors = getattr(self.dl, 'tensors', ())
-                check_preds(self.preds, self.batch[1], all_targets=tensors[1] if len(tensors) == 2 else None)
+            if 'predict' not in self._providers: check_batch(self.batch, self.model, not self._predicting)
+        self._do_predict(); self.callback('after_predict')
+        if self._predicting: return
+        if check and isinstance(self.batch, (tuple, list)) and len(self.batch) > 1:
+            # An in-memory loader holds every target: check them all at once, not just this batch's.
+            tensors = getattr(self.dl, 'tensors', ())
+            check_preds(self.preds, self.batch[1], all_targets=tensors[1] if len(tensors) == 2 else None)
         self._do_get_loss(); self.callback('after_loss')
         if not self.training: return
         try:
