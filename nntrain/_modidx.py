@@ -71,4 +71,14 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'nntrain.learner.check_batch': ('learner.html#check_batch', 'nntrain/learner.py'),
                                  'nntrain.learner.check_preds': ('learner.html#check_preds', 'nntrain/learner.py'),
                                  'nntrain.learner.per_item_loss': ('learner.html#per_item_loss', 'nntrain/learner.py'),
-                                 'nntrain.learner.synth_dls': ('learner.html#synth_dls', 'nntrain/learner.py')}}}
+                                 'nntrain.learner.synth_dls': ('learner.html#synth_dls', 'nntrain/learner.py')},
+            'nntrain.losses': { 'nntrain.losses.LabelSmoothingCrossEntropy': ( 'losses.html#labelsmoothingcrossentropy',
+                                                                               'nntrain/losses.py'),
+                                'nntrain.losses.LabelSmoothingCrossEntropy.__init__': ( 'losses.html#labelsmoothingcrossentropy.__init__',
+                                                                                        'nntrain/losses.py'),
+                                'nntrain.losses.LabelSmoothingCrossEntropy._reduce': ( 'losses.html#labelsmoothingcrossentropy._reduce',
+                                                                                       'nntrain/losses.py'),
+                                'nntrain.losses.LabelSmoothingCrossEntropy.extra_repr': ( 'losses.html#labelsmoothingcrossentropy.extra_repr',
+                                                                                          'nntrain/losses.py'),
+                                'nntrain.losses.LabelSmoothingCrossEntropy.forward': ( 'losses.html#labelsmoothingcrossentropy.forward',
+                                                                                       'nntrain/losses.py')}}}
