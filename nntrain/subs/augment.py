@@ -46,9 +46,11 @@ def mixup(x: torch.Tensor, y: torch.Tensor, lam: float, perm: torch.Tensor):
 def rand_box(h: int, w: int, lam: float, generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
     "A box `(top, bottom, left, right)` of about `1 - lam` of an `h` x `w` image, centred at random, clipped to it."
     cut = math.sqrt(1. - lam)
-    ch, cw = int(h * cut), int(w * cut)
+    # Rounded sides, not the reference code's `2 * (int(h * cut) // 2)`, which shrinks boxes badly on small images.
+    ch, cw = round(h * cut), round(w * cut)
     cy, cx = (int(torch.randint(n, (), generator=generator)) for n in (h, w))   # CPU draws: no device sync
-    return max(cy - ch // 2, 0), min(cy + ch // 2, h), max(cx - cw // 2, 0), min(cx + cw // 2, w)
+    t, l = cy - ch // 2, cx - cw // 2
+    return max(t, 0), min(t + ch, h), max(l, 0), min(l + cw, w)
 
 def cutmix(x: torch.Tensor, y: torch.Tensor, lam: float, perm: torch.Tensor,
            box: tuple[int, int, int, int] | None = None, generator: torch.Generator | None = None):
