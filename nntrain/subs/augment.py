@@ -49,18 +49,18 @@ def rand_box(h: int, w: int, lam: float, generator: torch.Generator | None = Non
     # Rounded sides, not the reference code's `2 * (int(h * cut) // 2)`, which shrinks boxes badly on small images.
     ch, cw = round(h * cut), round(w * cut)
     cy, cx = (int(torch.randint(n, (), generator=generator)) for n in (h, w))   # CPU draws: no device sync
-    t, l = cy - ch // 2, cx - cw // 2
-    return max(t, 0), min(t + ch, h), max(l, 0), min(l + cw, w)
+    top, left = cy - ch // 2, cx - cw // 2
+    return max(top, 0), min(top + ch, h), max(left, 0), min(left + cw, w)
 
 def cutmix(x: torch.Tensor, y: torch.Tensor, lam: float, perm: torch.Tensor,
            box: tuple[int, int, int, int] | None = None, generator: torch.Generator | None = None):
     "Paste a box of `x[perm]` into `x` (last dims H, W); return `(x_mixed, y, y[perm], lam)`, `lam` the area kept."
     if x.ndim < 3: raise ValueError(f'cutmix needs images (..., H, W) with a batch dim, got shape {tuple(x.shape)}')
     h, w = x.shape[-2:]
-    t, b, l, r = rand_box(h, w, lam, generator) if box is None else box
+    top, bottom, left, right = rand_box(h, w, lam, generator) if box is None else box
     out = x.clone()
-    out[..., t:b, l:r] = x[..., t:b, l:r][perm]
-    return out, y, y[perm], 1. - (b - t) * (r - l) / (h * w)
+    out[..., top:bottom, left:right] = x[..., top:bottom, left:right][perm]
+    return out, y, y[perm], 1. - (bottom - top) * (right - left) / (h * w)
 
 # %% ../../nbs/16_augment.ipynb #ad3a2f5b
 def _beta(alpha: float, generator: torch.Generator) -> float:
