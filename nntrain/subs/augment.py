@@ -137,7 +137,7 @@ class CutMixS(_MixS):
     def __init__(self, alpha: float = 1.0, seed: int | None = None): super().__init__(alpha, seed)
     def _mix(self, x, y, lam, perm): return cutmix(x, y, lam, perm, generator=self.generator)
 
-# %% ../../nbs/16_augment.ipynb #5a3e1158
+# %% ../../nbs/16_augment.ipynb #7d3d6db0
 class _TTAViews(Subscriber):
     "During a `get_preds` pass: after each plain prediction, predict `n` augmented views and blend them in."
     order = Order.PROGRESS   # after every other predict-time subscriber, before `get_preds` collects
