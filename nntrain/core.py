@@ -8,6 +8,8 @@ from __future__ import annotations
 import difflib
 import os
 import random
+import tempfile
+from pathlib import Path
 from functools import partial
 from typing import Any, Callable, Iterable
 
@@ -16,7 +18,7 @@ import torch
 # %% auto #0
 __all__ = ['EVENTS', 'STEPS', 'CANCELS', 'CancelFitException', 'CancelEpochException', 'CancelBatchException',
            'CancelStepException', 'Order', 'Subscriber', 'check_subscriber', 'sort_subs', 'build_table', 'add_note',
-           'note_origin', 'default_device', 'to_device', 'set_seed']
+           'note_origin', 'default_device', 'to_device', 'set_seed', 'rng_state', 'set_rng_state', 'atomic_save']
 
 # %% ../nbs/00_core.ipynb #d0b81b93
 EVENTS = ('before_fit', 'before_epoch', 'before_batch',
@@ -149,3 +151,42 @@ def set_seed(seed: int, deterministic: bool = False) -> None:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
+
+# %% ../nbs/00_core.ipynb #a78c99a4
+def rng_state() -> dict:
+    "The state of Python's, NumPy's and torch's (CPU and initialised CUDA) random number generators."
+    state = {'python': random.getstate(), 'torch': torch.get_rng_state()}
+    try:
+        import numpy as np
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state['numpy'] = {'kind': kind, 'keys': torch.from_numpy(keys.astype('int64')), 'pos': int(pos),
+                          'has_gauss': int(has_gauss), 'cached': float(cached)}
+    except ImportError: pass
+    if torch.cuda.is_available() and torch.cuda.is_initialized(): state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+def set_rng_state(state: dict) -> None:
+    "Restore generator states saved by `rng_state`."
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state['python']))
+    torch.set_rng_state(state['torch'])
+    if 'numpy' in state:
+        import numpy as np
+        n = state['numpy']
+        np.random.set_state((n['kind'], n['keys'].numpy().astype('uint32'), n['pos'], n['has_gauss'], n['cached']))
+    if 'cuda' in state and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state['cuda'])
+
+def atomic_save(obj, path: str | os.PathLike) -> Path:
+    "`torch.save` to `path` through a temporary file in the same folder, fsync'd, then renamed: never a partial file."
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp): os.remove(tmp)
+        raise
+    return path

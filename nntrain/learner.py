@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import traceback
 from functools import partial
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -14,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .core import (CANCELS, EVENTS, STEPS, CancelBatchException, CancelEpochException, CancelFitException,
-                          CancelStepException, Order, Subscriber, add_note, build_table, note_origin)
+                          CancelStepException, Order, Subscriber, add_note, atomic_save, build_table, note_origin,
+                          rng_state, set_rng_state)
 from .data import DataLoaders
 
 # %% auto #0
@@ -83,7 +85,10 @@ class Learner:
         self.global_step, self.pct_train, self.training = 0, 0., False
         self.dl = self.batch = self.preds = self.loss = None
         self.history = []
+        self.scaler = None
         self.subs = []
+        self._pos = self._start = (0, True, 0)   # (epoch, training phase?, batches done): where a resume restarts
+        self._resume_rng = None
         self._checks = set()
         self._predicting = False
         self.add_subs(*subs)
@@ -143,6 +148,11 @@ class Learner:
             print(f'{s + "()":<15} {type(sub).__name__ if sub is not None else type(self).__name__}')
 
     # -- the replaceable steps ---------------------------------------------------------------------------------
+    def run_step(self, name: str) -> None:
+        "Run the batch step `name` as the loop does: the subscriber that provides it, else the learner's own."
+        if name not in STEPS: raise ValueError(f'unknown step {name!r}; steps are: {", ".join(STEPS)}')
+        getattr(self, f'_do_{name}')()
+
     def predict(self, x=None):
         "With `x`, return the model's output for that batch of inputs; without, the loop's step: set `preds`."
         if x is not None: return self.get_preds([(x,)])[0]
@@ -165,16 +175,19 @@ class Learner:
         self.opt.zero_grad()
 
     # -- the loop ----------------------------------------------------------------------------------------------
-    def _stage(self, name: str, body: Callable, *args) -> None:
+    def _stage(self, name: str, body: Callable, *args) -> bool:
+        "Run `body` between `before_{name}` and `after_{name}`; always `cleanup_{name}`. True if it was cancelled."
+        cancelled = False
         try:
             self.callback(f'before_{name}')
             body(*args)
             self.callback(f'after_{name}')
-        except _STAGE_CANCEL[name]: pass
+        except _STAGE_CANCEL[name]: cancelled = True
         except BaseException as e:
             self._cleanup(f'cleanup_{name}', e)
             raise
         self._cleanup(f'cleanup_{name}')
+        return cancelled
 
     def _one_batch(self) -> None:
         check = self.training in self._checks   # the first batch of each phase in a fit
@@ -193,25 +206,35 @@ class Learner:
             self._do_backward(); self.callback('after_backward')
             self._do_step()
             self.global_step += 1
+            self._pos = (self.epoch, True, self.iter + 1)
             self.callback('after_step')
             self._do_zero_grad()
         except CancelStepException: pass
 
-    def _all_batches(self) -> None:
+    def _all_batches(self, skip: int) -> None:
         for self.iter, self.batch in enumerate(self.dl):
+            if self.iter < skip: continue   # resuming: these batches were done before the checkpoint
+            if self._resume_rng is not None: set_rng_state(self._resume_rng); self._resume_rng = None
             if self.training: self.pct_train = (self.epoch + self.iter / self.n_iter) / self.n_epochs
             self._stage('batch', self._one_batch)
         if self.training: self.pct_train = (self.epoch + 1) / self.n_epochs
 
-    def _one_epoch(self, dl, training: bool) -> None:
+    def _one_epoch(self, dl, training: bool, skip: int = 0) -> None:
         self.dl, self.training, self.n_iter, self.iter = dl, training, len(dl), 0
+        self._pos = (self.epoch, training, skip)
         self.model.train(training)
         with torch.set_grad_enabled(training):
-            self._stage('epoch', self._all_batches)
+            self._stage('epoch', self._all_batches, skip)
 
     def _epochs(self, phases) -> None:
-        for self.epoch in range(self.n_epochs):
-            for dl, training in phases: self._one_epoch(dl, training)
+        start_epoch, start_training, skip = self._start
+        for self.epoch in range(start_epoch, self.n_epochs):
+            for i, (dl, training) in enumerate(phases):
+                resuming = self.epoch == start_epoch
+                if resuming and start_training != training and training: continue   # resume in the valid pass
+                self._one_epoch(dl, training, skip if resuming and training == start_training else 0)
+                # where a checkpoint taken now would restart: the next phase
+                self._pos = (self.epoch, False, 0) if i + 1 < len(phases) else (self.epoch + 1, True, 0)
 
     def _run(self, n_epochs: int, phases) -> None:
         for dl, training in phases:
@@ -222,14 +245,15 @@ class Learner:
         self._checks = {training for _, training in phases}
         modules = list(self.model.modules())
         modes, grad = [m.training for m in modules], torch.is_grad_enabled()
-        try: self._stage('fit', self._epochs, phases)
+        try:
+            if self._stage('fit', self._epochs, phases) and self.opt is not None: self.opt.zero_grad()
         except BaseException as e:
             self._after_error(e)
             raise
         finally:
             torch.set_grad_enabled(grad)
             for m, mode in zip(modules, modes): m.training = mode
-            self._checks = set()
+            self._checks, self._start, self._resume_rng = set(), (0, True, 0), None
 
     def _after_error(self, e: BaseException) -> None:
         "Say where `e` happened, and drop what would keep a graph (or, on Ctrl-C, a batch) alive."
@@ -250,8 +274,9 @@ class Learner:
             for g in self.opt.param_groups: g['lr'] = lr
 
     def fit(self, n_epochs: int = 1, lr: float | None = None, subs=(), train: bool = True, valid: bool = True,
-            reset_opt: bool = False) -> None:
+            reset_opt: bool = False, resume: bool = False) -> None:
         "Train for `n_epochs` (each a train pass, then a valid pass); `subs` are added for this fit only."
+        if resume: self._prepare_resume(n_epochs, lr, reset_opt)
         subs = list(subs)
         self.add_subs(*subs)
         try:
@@ -260,16 +285,73 @@ class Learner:
             self._run(n_epochs, phases)
         finally: self.remove_subs(*subs)
 
+    # -- saving and resuming ------------------------------------------------------------------------------------
+    def _sub_keys(self) -> list[tuple[str, object]]:
+        "A stable key per subscriber: its class name, numbered when a class appears more than once."
+        seen, keys = {}, []
+        for s in self.subs:
+            name = type(s).__name__
+            seen[name] = seen.get(name, 0) + 1
+            keys.append((name if seen[name] == 1 else f'{name}#{seen[name]}', s))
+        return keys
+
+    def state_dict(self) -> dict:
+        "Everything needed to continue this run exactly: weights, optimizer, counters, history, RNG, loaders, subscribers."
+        loaders = {n: dl.state_dict() for n, dl in (('train', self.dls.train), ('valid', self.dls.valid))
+                   if callable(getattr(dl, 'state_dict', None))}
+        return {'model': self.model.state_dict(),
+                'opt': None if self.opt is None else self.opt.state_dict(),
+                'counters': {'global_step': self.global_step, 'n_epochs': self.n_epochs, 'position': list(self._pos)},
+                'history': [dict(row) for row in self.history],
+                'rng': rng_state(),
+                'loaders': loaders,
+                'subs': {k: s.state_dict() for k, s in self._sub_keys() if callable(getattr(s, 'state_dict', None))}}
+
+    def load_state_dict(self, state: dict) -> None:
+        "Restore a `state_dict`; a following `fit(n_epochs, resume=True)` continues exactly where it was taken."
+        self.model.load_state_dict(state['model'])
+        if state['opt'] is not None:
+            if self.opt is None: self.opt = self.opt_func(self.model.parameters(), self.lr)
+            self.opt.load_state_dict(state['opt'])
+        counters = state['counters']
+        self.global_step, self.n_epochs, self._pos = counters['global_step'], counters['n_epochs'], tuple(counters['position'])
+        self.history = [dict(row) for row in state['history']]
+        for name, dl in (('train', self.dls.train), ('valid', self.dls.valid)):
+            if name in state['loaders'] and callable(getattr(dl, 'load_state_dict', None)):
+                dl.load_state_dict(state['loaders'][name])
+        keys = dict(self._sub_keys())
+        missing = [k for k in state['subs'] if k not in keys]
+        if missing: raise ValueError(f'the checkpoint has state for subscribers this learner lacks: {missing}')
+        for k, sub_state in state['subs'].items(): keys[k].load_state_dict(sub_state)
+        self._resume_rng = state['rng']
+
+    def save(self, path) -> Path:
+        "Write `state_dict()` to `path` atomically (temporary file, fsync, rename)."
+        return atomic_save(self.state_dict(), path)
+
+    def load(self, path) -> Learner:
+        "Load a file written by `save` (with `weights_only=True`: no pickled code runs)."
+        self.load_state_dict(torch.load(path, map_location='cpu', weights_only=True))
+        return self
+
+    def _prepare_resume(self, n_epochs: int, lr, reset_opt: bool) -> None:
+        if self._resume_rng is None: raise ValueError('fit(resume=True) needs a state loaded with load() first')
+        if n_epochs != self.n_epochs:
+            raise ValueError(f'the checkpoint was taken in a fit of {self.n_epochs} epochs; resume it with '
+                             f'fit({self.n_epochs}, resume=True): schedules depend on the length of the fit')
+        if lr is not None or reset_opt: raise ValueError('fit(resume=True) continues the saved optimizer: no lr or reset_opt')
+        self._start = self._pos
+
     # -- evaluation and prediction -----------------------------------------------------------------------------
     def _evaluate(self, dl, subs: list) -> None:
         "One validation pass over `dl` with `subs`; the counters of the last fit are left as they were."
-        counters = (self.n_epochs, self.epoch, self.n_iter, self.iter, self.pct_train, self.training, self.dl)
-        old_subs = self.subs
+        names = ('n_epochs', 'epoch', 'n_iter', 'iter', 'pct_train', 'training', 'dl', '_pos', '_resume_rng')
+        saved, old_subs = {n: getattr(self, n) for n in names}, self.subs
         self._set_subs(subs)
         try: self._run(1, [(dl if dl is not None else self.dls.valid, False)])
         finally:
             self._set_subs(old_subs)
-            self.n_epochs, self.epoch, self.n_iter, self.iter, self.pct_train, self.training, self.dl = counters
+            for n, v in saved.items(): setattr(self, n, v)
 
     def validate(self, dl=None) -> dict:
         "One validation pass over `dl` (default: the valid loader) with every subscriber; returns its results."

@@ -13,6 +13,11 @@ from ..core import Order, Subscriber, default_device, to_device
 __all__ = ['DeviceS']
 
 # %% ../../nbs/10_device.ipynb #a668bfb8
+def _state_elsewhere(opt: torch.optim.Optimizer) -> bool:
+    "Is any optimizer state tensor (other than step counts) on another device than its parameter?"
+    return any(torch.is_tensor(v) and k != 'step' and v.device != p.device
+               for p, state in opt.state.items() for k, v in state.items())
+
 class DeviceS(Subscriber):
     "Move the model to `device` (default: the best available) at the start of each fit, and each batch as it comes."
     order = Order.DEVICE
@@ -24,6 +29,10 @@ class DeviceS(Subscriber):
         self.target = torch.device(self.device) if self.device is not None else default_device()
         self.non_blocking = self.target.type == 'cuda'
         learn.model.to(self.target)
+        if learn.opt is not None and _state_elsewhere(learn.opt):
+            # State loaded from a checkpoint sits on the CPU; a reload casts it next to each parameter, keeping
+            # what torch keeps on the CPU on purpose (Adam's step counts).
+            learn.opt.load_state_dict(learn.opt.state_dict())
 
     def before_batch(self, learn):
         learn.batch = to_device(learn.batch, self.target, self.non_blocking)
