@@ -124,7 +124,8 @@ class TerminateOnNaNS(Subscriber):
     def _stop(self, learn):
         what = [] if bool(self.loss_ok) else [f'loss ({learn.loss.detach().float().item()})']
         if getattr(learn, 'scaler', None) is None:
-            bad = [n for n, p in learn.model.named_parameters() if p.grad is not None and _nonfinite(p.grad)]
+            model = getattr(learn.model, '_orig_mod', learn.model)   # names without torch.compile's prefix
+            bad = [n for n, p in model.named_parameters() if p.grad is not None and _nonfinite(p.grad)]
             if bad: what.append(f'gradient of {", ".join(bad[:3])}{", …" if len(bad) > 3 else ""}')
         self.module = self._forensics(learn)
         where = (f'the first module to output a non-finite value is {self.module}' if self.module else
@@ -136,15 +137,17 @@ class TerminateOnNaNS(Subscriber):
 
     def _forensics(self, learn) -> str | None:
         "Run this batch's forward again (as the loop runs it, autocast included) with a hook on every module."
-        model = learn.model
+        compiled, preds = learn.model, learn.preds
+        model = getattr(compiled, '_orig_mod', compiled)   # under torch.compile, hooks belong on the eager module
         buffers = [b.detach().clone() for b in model.buffers()]   # batch norm in train mode would update them
         devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == 'cuda'})
-        preds = learn.preds
+        learn.model = model
         try:
             with torch.random.fork_rng(devices=devices):   # dropout must not shift the random stream
+                # the loop's predict step: a provider's (e.g. MixedPrecisionS's autocast) or the learner's own
                 return first_nonfinite_module(model, getattr(learn, '_do_predict', learn.predict))
         finally:
-            learn.preds = preds
+            learn.model, learn.preds = compiled, preds
             with torch.no_grad():
                 for b, saved in zip(model.buffers(), buffers): b.copy_(saved)
 
