@@ -308,3 +308,30 @@ def test_cancelled_step_does_not_update_ema():
             if learn.iter % 2: raise CancelStepException()
     learn.fit(1, subs=[ema, Skip()])
     assert ema.n_updates == learn.global_step == 3
+
+
+def test_nan_reason_survives_validation_and_resets_on_next_fit():
+    learn, guard = learner(_poisoned()), TerminateOnNaNS()
+    learn.add_subs(guard)
+    arm = ArmAt(1)
+    with pytest.warns(RuntimeWarning):
+        learn.fit(1, subs=[arm])
+    reason = guard.reason
+    learn.model[1].armed = False
+    learn.validate()
+    learn.get_preds()
+    assert guard.reason == reason and reason is not None
+    learn.fit(1)
+    assert guard.reason is None
+
+
+def test_accumulation_discards_partial_sums_of_a_stopped_fit():
+    from nntrain.core import CancelFitException
+    learn, acc = learner(), GradAccumS(4)
+    class StopAt(Subscriber):
+        order = Order.METRICS
+        def after_batch(self, learn):
+            if learn.training and learn.iter == 1: raise CancelFitException()
+    learn.fit(1, subs=[acc, StopAt()])          # two batches accumulated, no step
+    assert learn.global_step == 0 and acc.count == 0
+    assert all(p.grad is None or not p.grad.any() for p in learn.model.parameters())

@@ -60,14 +60,19 @@ class GradAccumS(Subscriber):
         self.n_acc, self.count = n_acc, 0
 
     def before_epoch(self, learn):
-        if learn.training and self.count: learn.opt.zero_grad()   # a pass that was cut short left partial sums
-        self.count = 0
+        if learn.training: self._discard(learn)   # a pass cut short (CancelEpochException) left partial sums
 
     def after_backward(self, learn):
         self.count += 1
         if self.count < self.n_acc and learn.iter < learn.n_iter - 1: raise CancelStepException()
         n, self.count = self.count, 0
         if n > 1: torch._foreach_div_(opt_grads(learn), n)
+
+    def cleanup_fit(self, learn): self._discard(learn)   # a fit stopped mid-group must not leak into the next
+
+    def _discard(self, learn):
+        if self.count and learn.opt is not None: learn.opt.zero_grad()
+        self.count = 0
 
 # %% ../../nbs/18_training.ipynb #a11fe9b4
 def _nonfinite(out: Any) -> bool:
@@ -97,15 +102,18 @@ class TerminateOnNaNS(Subscriber):
     "Stop the fit before the optimizer step when a training loss or gradient is non-finite, and say where."
     order = Order.MIXUP + 2   # sees the final loss (after MixUp) and every batch's gradients (before GradAccumS)
     in_lr_find = False        # the LR finder diverges on purpose and stops itself
+    in_predict = False        # nothing to guard; `reason` survives a later `get_preds`
 
     def __init__(self, check_every: int = 1):  # check one training batch in `check_every`
         if check_every < 1: raise ValueError(f'check_every must be at least 1, got {check_every}')
         self.check_every = check_every
         self.reason: str | None = None
         self.module: str | None = None
+        self.n, self.checking, self.loss_ok = 0, False, None
 
-    def before_fit(self, learn):
-        self.reason = self.module = None
+    def before_epoch(self, learn):
+        if not (learn.training and learn.epoch == 0): return
+        self.reason = self.module = None   # a new training fit: the last one's diagnosis stays readable until now
         self.n, self.checking, self.loss_ok = 0, False, None
 
     def after_loss(self, learn):
@@ -133,6 +141,7 @@ class TerminateOnNaNS(Subscriber):
         self.reason = (f'non-finite {" and ".join(what)} at epoch {learn.epoch}, batch {learn.iter}; {where}. '
                        'Training stopped before the optimizer step: the weights are those of the last good step.')
         warnings.warn(self.reason, RuntimeWarning, stacklevel=2)
+        learn.opt.zero_grad()   # a cancelled fit keeps its gradients: these must not poison the next fit's first step
         raise CancelFitException(self.reason)
 
     def _forensics(self, learn) -> str | None:
