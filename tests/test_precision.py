@@ -127,7 +127,8 @@ def test_skipped_fp16_step_is_not_counted(device):
         def after_backward(self, learn):
             if learn.iter == 2: weights['before'] = [p.detach().clone() for p in learn.model.parameters()]
         def after_batch(self, learn):
-            if learn.training and learn.iter == 2: weights['after'] = [p.detach().clone() for p in learn.model.parameters()]
+            if learn.training and learn.iter == 2:
+                weights['after'] = [p.detach().clone() for p in learn.model.parameters()]
     learn.fit(1, subs=[mp, seen, ema, Keep(), Overflow([(0, 2)])], valid=False)
     assert learn.global_step == seen.steps == ema.n_updates == 5
     assert mp.scaler.get_scale() == 65536. / 2
@@ -179,7 +180,8 @@ class CountUnscale(Subscriber):
 
 def test_fp16_composes_with_clip_accum_guard_ema():
     learn = learner(n=112)   # 7 training batches: with n_acc=2, steps after batches 2, 4, 6 and 7
-    mp, clip, acc, guard, ema, seen = MixedPrecisionS('fp16'), GradClipS(0.5), GradAccumS(2), TerminateOnNaNS(), EMAS(), Seen()
+    mp, clip, acc, guard = MixedPrecisionS('fp16'), GradClipS(0.5), GradAccumS(2), TerminateOnNaNS()
+    ema, seen = EMAS(), Seen()
     count = CountUnscale()
     norms = []
     class Spy(Subscriber):
@@ -297,7 +299,8 @@ def test_cuda_channels_last_bf16_conv():
     learn, plain = conv_learner('cuda'), conv_learner('cuda')
     learn.fit(1, subs=[ChannelsLastS(), MixedPrecisionS('bf16')])
     plain.fit(1)
-    for p, q in zip(learn.model.parameters(), plain.model.parameters()): torch.testing.assert_close(p, q, atol=2e-2, rtol=2e-2)
+    for p, q in zip(learn.model.parameters(), plain.model.parameters()):
+        torch.testing.assert_close(p, q, atol=2e-2, rtol=2e-2)
 
 
 def test_make_scaler_cpu():
