@@ -335,3 +335,11 @@ def test_accumulation_discards_partial_sums_of_a_stopped_fit():
     learn.fit(1, subs=[acc, StopAt()])          # two batches accumulated, no step
     assert learn.global_step == 0 and acc.count == 0
     assert all(p.grad is None or not p.grad.any() for p in learn.model.parameters())
+
+
+def test_huge_finite_gradient_is_not_a_nan():
+    "A gradient whose squared norm overflows float32 but whose elements are finite does not stop training."
+    learn, guard = learner(), TerminateOnNaNS()
+    learn.model[0].weight.register_hook(lambda g: g + 1e30)
+    learn.fit(1, subs=[guard, GradClipS(1.0)], valid=False)
+    assert guard.reason is None and learn.global_step == 5

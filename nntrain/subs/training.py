@@ -5,7 +5,6 @@
 # %% ../../nbs/18_training.ipynb #76f7fade
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any, Callable
 
@@ -125,7 +124,9 @@ class TerminateOnNaNS(Subscriber):
         if not self.checking: return
         ok = self.loss_ok
         grads = opt_grads(learn) if getattr(learn, 'scaler', None) is None else []
-        if grads: ok = ok & torch.isfinite(grad_norm(grads, math.inf))   # a max cannot overflow; NaN propagates
+        # A fused 2-norm is the cheapest reduction that carries any NaN or inf through (an inf-norm is 10x slower on
+        # CPU); a finite norm that overflowed is told apart from a real inf in `_stop`, off the fast path.
+        if grads: ok = ok & torch.isfinite(grad_norm(grads))
         if bool(ok): return   # the one host sync per checked batch: deciding to stop needs the answer
         self._stop(learn)
 
@@ -135,6 +136,7 @@ class TerminateOnNaNS(Subscriber):
             model = getattr(learn.model, '_orig_mod', learn.model)   # names without torch.compile's prefix
             bad = [n for n, p in model.named_parameters() if p.grad is not None and _nonfinite(p.grad)]
             if bad: what.append(f'gradient of {", ".join(bad[:3])}{", …" if len(bad) > 3 else ""}')
+        if not what: return   # huge but finite gradients: only their norm overflowed
         self.module = self._forensics(learn)
         where = (f'the first module to output a non-finite value is {self.module}' if self.module else
                  'every module output was finite when the batch was run again')
