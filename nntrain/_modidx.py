@@ -117,6 +117,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                          'nntrain/subs/precision.py'),
                                         'nntrain.subs.precision._is_channels_last': ( 'precision.html#_is_channels_last',
                                                                                       'nntrain/subs/precision.py'),
+                                        'nntrain.subs.precision._native_cuda_bf16': ( 'precision.html#_native_cuda_bf16',
+                                                                                      'nntrain/subs/precision.py'),
                                         'nntrain.subs.precision.make_scaler': ('precision.html#make_scaler', 'nntrain/subs/precision.py'),
                                         'nntrain.subs.precision.resolve_precision': ( 'precision.html#resolve_precision',
                                                                                       'nntrain/subs/precision.py')},

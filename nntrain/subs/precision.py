@@ -17,10 +17,14 @@ _NAMES = {'bf16': 'bf16', 'bfloat16': 'bf16', torch.bfloat16: 'bf16', 'fp16': 'f
           'half': 'fp16', torch.float16: 'fp16', 'fp32': 'fp32', 'float32': 'fp32', torch.float32: 'fp32'}
 AUTOCAST_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}
 
+def _native_cuda_bf16() -> bool:
+    try: return torch.cuda.is_bf16_supported(including_emulation=False)   # emulated bf16 (before Ampere) is slow
+    except TypeError: return torch.cuda.is_bf16_supported()               # torch without that argument
+
 def resolve_precision(device_type: str, dtype: str | torch.dtype = 'auto') -> str:
     "'bf16', 'fp16' or 'fp32' for `dtype` on `device_type`; 'auto': bf16 where supported, else fp16 on CUDA, else fp32."
     if dtype == 'auto':
-        if device_type == 'cuda': return 'bf16' if torch.cuda.is_bf16_supported() else 'fp16'
+        if device_type == 'cuda': return 'bf16' if _native_cuda_bf16() else 'fp16'
         return 'bf16' if device_type == 'cpu' else 'fp32'
     try: return _NAMES[dtype]
     except (KeyError, TypeError):
