@@ -306,3 +306,13 @@ def test_cuda_channels_last_bf16_conv():
 def test_make_scaler_cpu():
     if not hasattr(torch.amp, 'GradScaler'): pytest.skip('torch.amp.GradScaler needs torch >= 2.3')
     assert make_scaler('cpu').get_scale() == 65536.
+
+
+def test_everything_together_under_compile():
+    learn, ema, cs = learner(), EMAS(decay=0.9), CompileS(backend='eager')
+    model = learn.model
+    start = learn.validate()['loss']
+    subs = [cs, MixedPrecisionS('bf16'), GradAccumS(2), GradClipS(1.0), TerminateOnNaNS(), ema]
+    learn.fit(3, subs=subs)
+    assert learn.model is model and learn.global_step == ema.n_updates == 3 * 3
+    assert learn.validate()['loss'] < start
