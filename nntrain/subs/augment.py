@@ -150,7 +150,7 @@ class _TTAViews(Subscriber):
         try:
             for _ in range(self.n):
                 learn.batch = (self.transform(batch[0]), *batch[1:])
-                learn._do_predict()   # the predict step, or the subscriber providing it
+                learn.run_step('predict')   # the predict step, or the subscriber providing it
                 total = total + self.act(learn.preds)
         finally: learn.batch = batch
         learn.preds = torch.lerp(total / self.n, plain, self.beta) if self.n else plain

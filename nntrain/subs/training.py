@@ -156,7 +156,7 @@ class TerminateOnNaNS(Subscriber):
         try:
             with torch.random.fork_rng(devices=devices):   # dropout must not shift the random stream
                 # the loop's predict step: a provider's (e.g. MixedPrecisionS's autocast) or the learner's own
-                return first_nonfinite_module(model, getattr(learn, '_do_predict', learn.predict))
+                return first_nonfinite_module(model, lambda: learn.run_step('predict'))
         finally:
             learn.model, learn.preds = compiled, preds
             with torch.no_grad():
