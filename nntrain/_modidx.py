@@ -136,6 +136,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                       'nntrain.subs.lr_find._Snapshot.restore': ( 'lr_find.html#_snapshot.restore',
                                                                                   'nntrain/subs/lr_find.py'),
                                       'nntrain.subs.lr_find._loader_states': ('lr_find.html#_loader_states', 'nntrain/subs/lr_find.py'),
+                                      'nntrain.subs.lr_find._named_tensors': ('lr_find.html#_named_tensors', 'nntrain/subs/lr_find.py'),
                                       'nntrain.subs.lr_find._rng_state': ('lr_find.html#_rng_state', 'nntrain/subs/lr_find.py'),
                                       'nntrain.subs.lr_find._set_rng_state': ('lr_find.html#_set_rng_state', 'nntrain/subs/lr_find.py'),
                                       'nntrain.subs.lr_find.minimum_lr': ('lr_find.html#minimum_lr', 'nntrain/subs/lr_find.py'),

@@ -154,6 +154,21 @@ def test_restores_everything_after_divergence():
     assert learn.opt is None                          # no optimizer existed before, none exists after
 
 
+def test_restores_buffers_a_subscriber_replaced():
+    "Moving a module to a device replaces its buffer objects: the restore must write into the model's current ones."
+    class Replace(Subscriber):
+        def before_fit(self, learn):
+            for m in learn.model.modules():
+                if isinstance(m, nn.BatchNorm1d): m.running_mean = m.running_mean.clone()
+    learn = _learn()
+    learn.fit(1)
+    learn.add_subs(Replace())
+    bn = learn.model.net[1]
+    stats = bn.running_mean.clone()
+    learn.lr_find(num_it=10)
+    assert torch.equal(bn.running_mean, stats)
+
+
 # -- the search itself ------------------------------------------------------------------------------------------
 def test_stops_on_divergence_and_on_non_finite_loss():
     finder = LRFindS(start_lr=1e-3, end_lr=1e6, num_it=100)

@@ -123,7 +123,9 @@ _LEARNER_ATTRS = ('model', 'dls', 'loss_func', 'opt_func', 'lr', 'opt', 'n_epoch
 
 def _rng_state() -> dict:
     state = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized(): state['cuda'] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available(): state['cuda'] = torch.cuda.get_rng_state_all()
+    mps = getattr(torch.backends, 'mps', None)
+    if mps is not None and mps.is_available(): state['mps'] = torch.mps.get_rng_state()
     return state
 
 def _set_rng_state(state: dict) -> None:
@@ -131,6 +133,7 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state(state['numpy'])
     torch.set_rng_state(state['torch'])
     if 'cuda' in state: torch.cuda.set_rng_state_all(state['cuda'])
+    if 'mps' in state: torch.mps.set_rng_state(state['mps'])
 
 def _loader_states(dls) -> list:
     "(restore function, saved state) for each loader's shuffling state."
@@ -145,15 +148,20 @@ def _loader_states(dls) -> list:
             if isinstance(gen, torch.Generator): out.append((gen.set_state, gen.get_state()))
     return out
 
+def _named_tensors(model) -> dict:
+    return {**{f'p:{k}': v for k, v in model.named_parameters()}, **{f'b:{k}': v for k, v in model.named_buffers()}}
+
 class _Snapshot:
     "Everything `lr_find` may change, held in memory."
     def __init__(self, learn: Learner, subs: list):
         self.attrs = {k: getattr(learn, k) for k in _LEARNER_ATTRS}
         self.history, self.history_rows = learn.history, list(learn.history)
         self.subs = learn.subs
-        named = list(learn.model.named_parameters()) + list(learn.model.named_buffers())
-        self.tensors = [(t, t.detach().clone()) for _, t in named]
-        self.grads = [(p, None if p.grad is None else p.grad.detach().clone()) for p in learn.model.parameters()]
+        # Copies go to the CPU: no second copy of the model in accelerator memory. They are restored by name, into
+        # whatever tensors the model holds then (moving a module to a device replaces its buffer objects).
+        self.tensors = {k: t.detach().to('cpu', copy=True) for k, t in _named_tensors(learn.model).items()}
+        self.grads = {k: None if p.grad is None else p.grad.detach().to('cpu', copy=True)
+                      for k, p in learn.model.named_parameters()}
         stateful = [s for s in subs if all(callable(getattr(s, m, None)) for m in ('state_dict', 'load_state_dict'))]
         self.sub_states = [(s, copy.deepcopy(s.state_dict())) for s in stateful]
         self.rng, self.loaders = _rng_state(), _loader_states(learn.dls)
@@ -164,8 +172,10 @@ class _Snapshot:
         for k, v in self.attrs.items(): setattr(learn, k, v)
         self.history[:] = self.history_rows
         learn.history = self.history
-        for t, saved in self.tensors: t.copy_(saved)
-        for p, g in self.grads: p.grad = g
+        current = _named_tensors(learn.model)
+        for k, saved in self.tensors.items(): current[k].copy_(saved)
+        for k, p in learn.model.named_parameters():
+            p.grad = None if self.grads[k] is None else self.grads[k].to(p.device)
         for s, state in self.sub_states: s.load_state_dict(state)
         for load, state in self.loaders: load(state)
         _set_rng_state(self.rng)
