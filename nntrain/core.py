@@ -59,6 +59,8 @@ class Order:
     METRICS = 80      # reads preds/loss once every transform is done
     LOG = 85
     PROGRESS = 90     # displays what metrics produced
+    CHECKPOINT = 95   # saves once everything else has updated its state
+    STOP = 98         # early stopping: last, so the final epoch is shown and saved before the fit ends
 
 class Subscriber:
     "Base class for subscribers: define methods named after `EVENTS` (or `STEPS`); each receives the learner."
