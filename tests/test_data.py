@@ -1,5 +1,7 @@
 "Data: IDX files, the dataset cache and downloads (no network), folder and Hugging Face loaders."
 import gzip
+import shutil
+import tarfile
 import urllib.error
 
 import numpy as np
@@ -158,3 +160,150 @@ def test_offline_gives_one_clear_error(tmp_path, monkeypatch):
     assert e.value.__cause__ is None and e.value.__suppress_context__     # one error, not a chain
     assert len(calls) == len(nd._FASHION_URLS)              # every mirror tried once for the first file, then stop
     assert list((tmp_path / 'f').iterdir()) == []
+
+
+# --- image folders ------------------------------------------------------------------------------------------------
+
+from PIL import Image
+from torchvision.transforms import v2
+
+from nntrain.data import DataLoaders, ImageDecodeError, MappedLoader
+from nntrain.datasets import imagenette, imagewoof
+
+
+def make_tree(root, train=('a', 'b', 'c'), valid=('a', 'c'), n=4, valid_name='val', seed=0):
+    "Class folders of JPEG/PNG files of various sizes; pixel (0, 0) red channel encodes the class index (x40)."
+    rng = np.random.default_rng(seed)
+    for split, classes in (('train', train), (valid_name, valid)):
+        for c in classes:
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                a = rng.integers(0, 256, (20 + 3 * i, 26 - 2 * i, 3), dtype=np.uint8)
+                Image.fromarray(a).save(d / (f'{i}.JPEG' if i % 2 == 0 else f'{i}.png'))
+    (root / 'train' / train[0] / 'notes.txt').write_text('not an image')   # ignored: not an image extension
+    return root
+
+
+def test_from_folder_vocab_shapes_and_labels(tmp_path):
+    make_tree(tmp_path)
+    dls = DataLoaders.from_folder(tmp_path, size=16, batch_size=5, num_workers=0)
+    assert dls.vocab == ['a', 'b', 'c']
+    assert len(dls.train.dataset) == 12 and len(dls.valid.dataset) == 8
+    # vocab reused: valid has no 'b', so 'c' keeps label 2 (its own sorted position would be 1)
+    assert sorted(set(dls.valid.dataset.labels)) == [0, 2]
+    xs, ys = zip(*dls.train)
+    assert [len(y) for y in ys] == [5, 5, 2]
+    assert all(x.shape[1:] == (3, 16, 16) and x.dtype == torch.float32 for x in xs)
+    assert sorted(torch.cat(ys).tolist()) == [0] * 4 + [1] * 4 + [2] * 4
+    xv, yv = next(iter(dls.valid))
+    assert len(yv) == 8 and isinstance(next(iter(dls.valid)), tuple)
+
+
+def test_from_folder_valid_named_valid_and_unknown_class(tmp_path):
+    make_tree(tmp_path / 'ok', valid_name='valid')
+    assert len(DataLoaders.from_folder(tmp_path / 'ok', size=8, num_workers=0).valid.dataset) == 8
+    make_tree(tmp_path / 'bad', valid=('a', 'zebra'))
+    with pytest.raises(ValueError, match=r"\['zebra'\] are not in the training vocabulary"):
+        DataLoaders.from_folder(tmp_path / 'bad', size=8, num_workers=0)
+    (tmp_path / 'none' / 'train').mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="one of \\('val', 'valid'\\)"):
+        DataLoaders.from_folder(tmp_path / 'none', num_workers=0)
+
+
+def test_from_folder_torchvision_v2_item_tfms_and_batch_tfms(tmp_path):
+    make_tree(tmp_path)
+    seen = []
+    def batch_tfm(x):
+        seen.append(x.dtype)
+        return x * 2 - 1
+    tfm = v2.Compose([v2.RandomResizedCrop(12, antialias=True), v2.RandomHorizontalFlip()])
+    dls = DataLoaders.from_folder(tmp_path, item_tfms=tfm, valid_item_tfms=v2.Compose([v2.Resize(12), v2.CenterCrop(12)]),
+                                  batch_tfms=batch_tfm, batch_size=4, num_workers=0, seed=0)
+    x, y = next(iter(dls.train))
+    assert x.shape == (4, 3, 12, 12) and seen == [torch.float32] and x.min() >= -1 and x.max() <= 1 and x.min() < 0
+    # an item pipeline that already ends in float tensors (ToImage + ToDtype) is passed through as it is
+    f = v2.Compose([v2.Resize((10, 10)), v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
+    x, _ = next(iter(DataLoaders.from_folder(tmp_path, item_tfms=f, batch_size=3, num_workers=0).valid))
+    assert x.shape == (6, 3, 10, 10) and x.dtype == torch.float32 and type(x) is torch.Tensor
+
+
+def test_from_folder_mismatched_sizes_need_a_resize(tmp_path):
+    make_tree(tmp_path)
+    dls = DataLoaders.from_folder(tmp_path, batch_size=4, num_workers=0)
+    with pytest.raises(ValueError, match='different shapes .* pass `size=`'): next(iter(dls.train))
+
+
+def test_from_folder_seed_fixes_order(tmp_path):
+    make_tree(tmp_path)
+    order = lambda: torch.cat([y for _, y in DataLoaders.from_folder(tmp_path, size=8, batch_size=4, num_workers=0,
+                                                                       seed=3).train]).tolist()
+    assert order() == order()
+
+
+def test_from_folder_workers_defaults_and_decode_error_names_file(tmp_path):
+    make_tree(tmp_path)
+    dls = DataLoaders.from_folder(tmp_path, size=8, batch_size=4)
+    dl = dls.train.dl
+    assert dl.num_workers == min(8, __import__('os').cpu_count())
+    assert dl.persistent_workers == (dl.num_workers > 0) and dl.pin_memory == torch.cuda.is_available()
+    bad = tmp_path / 'train' / 'b' / '9.jpg'
+    bad.write_bytes((tmp_path / 'train' / 'b' / '0.JPEG').read_bytes()[:300])      # a JPEG cut short
+    dls = DataLoaders.from_folder(tmp_path, size=8, batch_size=4, num_workers=2, persistent_workers=False)
+    n = sum(len(y) for _, y in dls.valid)                                            # workers decode fine
+    assert n == 8
+    with pytest.raises(ImageDecodeError, match=rf'cannot decode image {bad}'):        # raised in a worker, re-raised here
+        for _ in dls.train: pass
+    with pytest.raises(ImageDecodeError, match=rf'cannot decode image {bad}'):
+        dls.train.dataset[dls.train.dataset.files.index(str(bad))]
+
+
+def test_mapped_loader_device_and_tuple():
+    dl = [[torch.zeros(2, 3, dtype=torch.uint8) + 255, torch.tensor([1, 2])]]
+    (x, y), = list(MappedLoader(dl, device='cpu'))
+    assert x.dtype == torch.float32 and (x == 1).all() and y.tolist() == [1, 2]
+
+
+def fastai_archive(tmp_path, name):
+    src = tmp_path / 'src'
+    make_tree(src / name, train=('n01', 'n02'), valid=('n01', 'n02'), n=2)
+    with tarfile.open(tmp_path / f'{name}.tgz', 'w:gz') as tar: tar.add(src / name, arcname=name)
+    return tmp_path / f'{name}.tgz'
+
+
+@pytest.mark.parametrize('load,name', [(imagenette, 'imagenette2-160'), (imagewoof, 'imagewoof2-160')])
+def test_imagenette_download_unpack_and_cache(tmp_path, monkeypatch, load, name):
+    archive = fastai_archive(tmp_path, name)
+    asked = []
+    def fetch(url, dest):
+        asked.append(url)
+        shutil.copyfile(archive, dest)
+    monkeypatch.setattr(nd, '_fetch', fetch)
+    monkeypatch.setenv('NNTRAIN_DATA', str(tmp_path / 'cache'))
+    dls = load(num_workers=0, batch_size=3)
+    assert asked == [f'https://s3.amazonaws.com/fast-ai-imageclas/{name}.tgz']
+    assert dls.vocab == ['n01', 'n02'] and next(iter(dls.train))[0].shape == (3, 3, 160, 160)
+    assert sorted(p.name for p in (tmp_path / 'cache').iterdir()) == [name]          # no archive, no temp folder
+    load(num_workers=0)                                                                  # cached: not fetched again
+    assert len(asked) == 1
+
+
+def test_imagenette_prefilled_cache_and_errors(tmp_path, monkeypatch):
+    make_tree(tmp_path / 'imagenette2-320', n=1)
+    def offline(url, dest): raise urllib.error.URLError('network is unreachable')
+    monkeypatch.setattr(nd, '_fetch', offline)
+    dls = imagenette(320, path=tmp_path, download=False, num_workers=0)
+    assert next(iter(dls.valid))[0].shape == (2, 3, 320, 320)
+    with pytest.raises(FileNotFoundError, match='imagewoof2-160.tgz and unpack it in'):
+        imagewoof(path=tmp_path, download=False)
+    with pytest.raises(DownloadError, match=f'network is unreachable.*unpack it in {tmp_path}'):
+        imagewoof(path=tmp_path)
+    with pytest.raises(ValueError, match='size must be 160, 320 or None'): imagenette(224, path=tmp_path)
+
+
+def test_imagenette_truncated_archive_is_an_error_and_leaves_nothing(tmp_path, monkeypatch):
+    archive = fastai_archive(tmp_path, 'imagenette2-160')
+    monkeypatch.setattr(nd, '_fetch', lambda url, dest: open(dest, 'wb').write(archive.read_bytes()[:-100]))
+    with pytest.raises(ValueError, match=r'imagenette2-160\.tgz: cannot unpack .* corrupt or truncated'):
+        imagenette(path=tmp_path / 'c')
+    assert list((tmp_path / 'c').iterdir()) == []
