@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 # %% auto #0
 __all__ = ['IMAGE_EXTENSIONS', 'TensorLoader', 'DataLoaders', 'ImageDecodeError', 'image_files', 'folder_items', 'pil_to_tensor',
-           'ImageFolderDataset', 'collate_images', 'MappedLoader']
+           'ImageFolderDataset', 'collate_images', 'MappedLoader', 'hf_ds_collate_fn']
 
 # %% ../nbs/01_data.ipynb #386003bc
 class TensorLoader:
@@ -194,3 +194,54 @@ def from_folder(cls: DataLoaders, path: str | Path, train: str = 'train', valid:
                           batch_size=valid_batch_size or 2 * batch_size, **opts)
     wrap = partial(MappedLoader, batch_tfms=batch_tfms, device=device)
     return cls(wrap(train_dl), wrap(valid_dl), vocab=vocab)
+
+# %% ../nbs/01_data.ipynb #bf491271
+def hf_ds_collate_fn(data: list[dict], flatten: bool = True) -> tuple[torch.Tensor, ...]:
+    "Collate Hugging Face rows into one tensor per column; PIL images become float tensors in [0, 1] (flattened)."
+    def to_tensor(v):
+        if isinstance(v, Image.Image):
+            x = pil_to_tensor(v).float().div_(255)
+            return x.view(-1) if flatten else x
+        return torch.tensor(v)
+    return tuple(torch.stack([to_tensor(v) for v in col]) for col in zip(*(row.values() for row in data)))
+
+def _hf_split_tensors(ds, flatten: bool) -> tuple[torch.Tensor, ...] | None:
+    "Every column of `ds` as one tensor, images as `hf_ds_collate_fn` makes them; None when a column will not convert."
+    from datasets import Image as HFImage
+    cols = ds.with_format('torch')[:]
+    out = []
+    for name, feature in ds.features.items():
+        t = cols[name]
+        if not isinstance(t, torch.Tensor): return None                   # strings, ragged lists
+        if isinstance(feature, HFImage):
+            if t.dtype != torch.uint8 or t.ndim != 4: return None      # mixed sizes or modes come back as lists
+            t = t.float().div_(255)
+            if flatten: t = t.view(len(t), -1)
+        out.append(t)
+    return tuple(out)
+
+def _hf_splits(dd) -> tuple:
+    names = list(dd.keys())
+    valid = next((n for n in ('validation', 'valid', 'val', 'test') if n in dd and n != 'train'), None)
+    if 'train' in dd and valid is not None: return dd['train'], dd[valid]
+    if len(names) == 2: return dd[names[0]], dd[names[1]]
+    raise ValueError(f'expected a train split and a validation/valid/val/test split, got {names}')
+
+@patch(cls_method=True)
+def from_hf_dd(cls: DataLoaders, dd, batch_size: int, collate_fn=hf_ds_collate_fn, flatten: bool = True,
+               fast: bool | None = None, device=None, seed: int | None = None, **kwargs) -> DataLoaders:
+    "Loaders over a Hugging Face `DatasetDict`'s train and validation splits; in-memory slicing when possible."
+    train_ds, valid_ds = _hf_splits(dd)
+    if fast is not False and collate_fn is hf_ds_collate_fn and not kwargs:
+        tensors = [_hf_split_tensors(ds, flatten) for ds in (train_ds, valid_ds)]
+        if all(t is not None for t in tensors):
+            return cls(TensorLoader(*tensors[0], batch_size=batch_size, shuffle=True, device=device, seed=seed),
+                       TensorLoader(*tensors[1], batch_size=2 * batch_size, device=device))
+    if fast: raise ValueError('fast=True needs the default collate_fn, no DataLoader options, and splits whose '
+                              'columns all convert to tensors (numbers, fixed-size images)')
+    if collate_fn is hf_ds_collate_fn: collate_fn = partial(hf_ds_collate_fn, flatten=flatten)
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    train = DataLoader(train_ds, batch_size=batch_size, shuffle=True, collate_fn=collate_fn, generator=gen, **kwargs)
+    valid = DataLoader(valid_ds, batch_size=2 * batch_size, collate_fn=collate_fn, **kwargs)
+    wrap = partial(MappedLoader, device=device, to_float=False)
+    return cls(wrap(train), wrap(valid))

@@ -307,3 +307,77 @@ def test_imagenette_truncated_archive_is_an_error_and_leaves_nothing(tmp_path, m
     with pytest.raises(ValueError, match=r'imagenette2-160\.tgz: cannot unpack .* corrupt or truncated'):
         imagenette(path=tmp_path / 'c')
     assert list((tmp_path / 'c').iterdir()) == []
+
+
+# --- Hugging Face -------------------------------------------------------------------------------------------------
+
+from nntrain.data import TensorLoader, hf_ds_collate_fn
+
+hf = pytest.importorskip('datasets')
+
+
+def hf_split(n, mode='L', size=(28, 28), seed=0):
+    rng = np.random.default_rng(seed)
+    shape = size[::-1] + ((3,) if mode == 'RGB' else ())
+    return hf.Dataset.from_dict(
+        {'img': [Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode) for _ in range(n)],
+         'label': rng.integers(0, 5, n).tolist(), 'w': rng.random(n).astype('float32').tolist()},
+        features=hf.Features({'img': hf.Image(), 'label': hf.ClassLabel(num_classes=5), 'w': hf.Value('float32')}))
+
+
+def batches(dl): return [tuple(t.clone() for t in b) for b in dl]
+
+
+def test_hf_collate_any_columns_and_images():
+    ds = hf_split(3, 'RGB', (6, 4))
+    x, y, w = hf_ds_collate_fn([ds[i] for i in range(3)])
+    assert x.shape == (3, 72) and x.dtype == torch.float32 and y.dtype == torch.int64 and w.dtype == torch.float32
+    img = np.array(ds[1]['img'])                          # (H, W, C) = (4, 6, 3)
+    x3, = hf_ds_collate_fn([{'img': ds[1]['img']}], flatten=False)
+    assert x3.shape == (1, 3, 4, 6) and torch.allclose(x3[0], torch.from_numpy(img).permute(2, 0, 1) / 255.)
+    assert torch.equal(x[1], x3[0].reshape(-1))
+    one, = hf_ds_collate_fn([{'a': 1}, {'a': 2}])           # a single column still comes back as a tuple
+    assert one.tolist() == [1, 2]
+
+
+@pytest.mark.parametrize('mode', ['L', 'RGB'])
+def test_from_hf_dd_fast_path_equals_collate_path(mode):
+    dd = hf.DatasetDict(train=hf_split(21, mode), validation=hf_split(9, mode, seed=1))
+    fast_dls = DataLoaders.from_hf_dd(dd, 4, seed=0)
+    slow_dls = DataLoaders.from_hf_dd(dd, 4, fast=False)
+    assert isinstance(fast_dls.train, TensorLoader) and isinstance(slow_dls.train, MappedLoader)
+    assert len(fast_dls.train) == len(slow_dls.train) == 6 and len(fast_dls.valid) == len(slow_dls.valid) == 2
+    for a, b in zip(batches(fast_dls.valid), batches(slow_dls.valid)):      # validation is unshuffled: same batches
+        assert len(a) == len(b) == 3
+        for ta, tb in zip(a, b): assert ta.dtype == tb.dtype and torch.equal(ta, tb)
+    got = torch.cat([b[1] for b in fast_dls.train])
+    assert sorted(got.tolist()) == sorted(dd['train']['label'])            # shuffled, every row once
+    x = next(iter(DataLoaders.from_hf_dd(dd, 4, flatten=False).valid))[0]
+    assert x.shape == (8, 1 if mode == 'L' else 3, 28, 28)
+
+
+def test_from_hf_dd_falls_back_to_collate():
+    dd = hf.DatasetDict(train=hf_split(6), test=hf_split(4))
+    seen = []
+    def my_collate(rows):
+        seen.append(len(rows))
+        return hf_ds_collate_fn(rows)
+    dls = DataLoaders.from_hf_dd(dd, 3, collate_fn=my_collate)
+    assert isinstance(dls.train, MappedLoader) and [len(b[0]) for b in dls.train] == [3, 3] and seen == [3, 3]
+    assert isinstance(DataLoaders.from_hf_dd(dd, 3, num_workers=0).train, MappedLoader)   # DataLoader options
+    with pytest.raises(ValueError, match='fast=True needs'): DataLoaders.from_hf_dd(dd, 3, collate_fn=my_collate, fast=True)
+    mixed = hf.DatasetDict(train=hf.concatenate_datasets([hf_split(2), hf_split(2, size=(10, 10))]), valid=hf_split(2))
+    assert isinstance(DataLoaders.from_hf_dd(mixed, 2).train, MappedLoader)             # mixed image sizes
+    with pytest.raises(ValueError, match='expected a train split'):
+        DataLoaders.from_hf_dd(hf.DatasetDict(a=hf_split(2), b=hf_split(2), c=hf_split(2)), 2)
+
+
+def test_from_hf_dd_trains_a_learner():
+    from nntrain.learner import Learner
+    import torch.nn.functional as F
+    dd = hf.DatasetDict(train=hf_split(32), validation=hf_split(16, seed=1))
+    learn = Learner(torch.nn.Sequential(torch.nn.Linear(784, 5)), DataLoaders.from_hf_dd(dd, 8),
+                    lambda preds, y: F.cross_entropy(preds, y), torch.optim.SGD, lr=0.1)
+    learn.dls = DataLoaders(*[[(x, y) for x, y, _ in dl] for dl in learn.dls])          # drop the weight column
+    learn.fit(1)
+    assert learn.global_step == 4
