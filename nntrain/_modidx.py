@@ -107,4 +107,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'nntrain.learner.check_batch': ('learner.html#check_batch', 'nntrain/learner.py'),
                                  'nntrain.learner.check_preds': ('learner.html#check_preds', 'nntrain/learner.py'),
                                  'nntrain.learner.per_item_loss': ('learner.html#per_item_loss', 'nntrain/learner.py'),
-                                 'nntrain.learner.synth_dls': ('learner.html#synth_dls', 'nntrain/learner.py')}}}
+                                 'nntrain.learner.synth_dls': ('learner.html#synth_dls', 'nntrain/learner.py')},
+            'nntrain.show': { 'nntrain.show._as_images': ('show.html#_as_images', 'nntrain/show.py'),
+                              'nntrain.show.denormalize': ('show.html#denormalize', 'nntrain/show.py'),
+                              'nntrain.show.show_batch': ('show.html#show_batch', 'nntrain/show.py'),
+                              'nntrain.show.show_images': ('show.html#show_images', 'nntrain/show.py')}}}

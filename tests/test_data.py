@@ -381,3 +381,37 @@ def test_from_hf_dd_trains_a_learner():
     learn.dls = DataLoaders(*[[(x, y) for x, y, _ in dl] for dl in learn.dls])          # drop the weight column
     learn.fit(1)
     assert learn.global_step == 4
+
+
+# --- show ---------------------------------------------------------------------------------------------------------
+
+def test_show_images_denormalizes_per_channel_and_labels():
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from nntrain.show import show_images
+    x = torch.rand(5, 3, 6, 7)
+    mean, std = torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.2, 0.25, 0.3])
+    xn = (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    fig = show_images(xn, torch.tensor([0, 1, 2, 1, 0]), ncols=2, vocab=['a', 'b', 'c'], mean=mean, std=std)
+    shown = [ax for ax in fig.axes if ax.images]
+    assert len(fig.axes) == 6 and len(shown) == 5                       # 3 rows of 2, one cell left empty
+    assert [ax.get_title() for ax in shown] == ['a', 'b', 'c', 'b', 'a']
+    assert np.allclose(shown[3].images[0].get_array(), x[3].permute(1, 2, 0).numpy(), atol=1e-5)
+    fig = show_images(x[:2], ['cat', 'dog'])                             # string labels as they are
+    assert [ax.get_title() for ax in fig.axes] == ['cat', 'dog']
+    with pytest.raises(ValueError, match='2 images but 3 labels'): show_images(x[:2], [0, 1, 2])
+    plt.close('all')
+
+
+def test_show_batch_from_folder_uses_vocab(tmp_path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from nntrain.show import show_batch
+    make_tree(tmp_path, n=2)
+    dls = DataLoaders.from_folder(tmp_path, size=8, batch_size=4, num_workers=0, seed=0)
+    fig = show_batch(dls, n=5, valid=True)
+    titles = [ax.get_title() for ax in fig.axes if ax.images]
+    assert titles == ['a', 'a', 'c', 'c']                                # valid: 4 images, in order, named by vocab
+    plt.close('all')
