@@ -50,7 +50,7 @@ def show_images(x, labels=None, ncols: int = 8, vocab=None, mean=None, std=None,
     for i, ax in enumerate(axs.flat):
         ax.set_axis_off()
         if i >= n: continue
-        img = x[i].clamp(0, 1).permute(1, 2, 0)
+        img = x[i].clamp(0, 1).permute(1, 2, 0).numpy()
         if img.shape[2] == 1: ax.imshow(img[..., 0], cmap=cmap or 'gray', vmin=0, vmax=1)
         else: ax.imshow(img)
         if labels is not None:
