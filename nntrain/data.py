@@ -114,9 +114,9 @@ def folder_items(folder: str | Path, vocab: list[str] | None = None) -> tuple[li
     return files, labels, list(vocab)
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
-    "A PIL image as a `uint8` (C, H, W) tensor (torchvision is not imported for this: it costs seconds at import)."
+    "A PIL image as a `uint8` (C, H, W) view of its (H, W, C) pixels, as torchvision does (without importing it)."
     a = np.array(img)
-    return torch.from_numpy(a[:, :, None] if a.ndim == 2 else a).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(a[:, :, None] if a.ndim == 2 else a).permute(2, 0, 1)
 
 class ImageFolderDataset(Dataset):
     "Image files and integer labels; `__getitem__` decodes one file to RGB, applies `tfms`, returns (uint8 CHW, label)."
@@ -142,6 +142,11 @@ def collate_images(items: list) -> tuple[torch.Tensor, torch.Tensor]:
     if len(shapes) > 1:
         raise ValueError(f'images in a batch have different shapes {sorted(shapes)[:4]}: pass `size=` or item '
                          f'transforms that resize and crop (e.g. v2.Resize(160), v2.CenterCrop(160))')
+    # Stacking (C, H, W) views of (H, W, C) pixels one by one is slow (~15x slower than stacking contiguous ones):
+    # stack the pixels as they are and return the batch as a (N, C, H, W) view; `MappedLoader` makes it
+    # contiguous in the same pass that converts it to float, on the device.
+    if all(x.permute(1, 2, 0).is_contiguous() for x in xs):
+        return torch.stack([x.permute(1, 2, 0) for x in xs]).permute(0, 3, 1, 2), torch.tensor(ys)
     return torch.stack(xs), torch.tensor(ys)
 
 # %% ../nbs/01_data.ipynb #106da043
@@ -156,7 +161,8 @@ class MappedLoader:
         for xb, *rest in self.dl:
             if self.device is not None:   # non_blocking pays off with pinned memory: the copy overlaps compute
                 xb, rest = xb.to(self.device, non_blocking=True), [t.to(self.device, non_blocking=True) for t in rest]
-            if self.to_float and xb.dtype == torch.uint8: xb = xb.float().div_(255)
+            if self.to_float and xb.dtype == torch.uint8:
+                xb = xb.to(torch.float32, memory_format=torch.contiguous_format).div_(255)
             if self.batch_tfms is not None: xb = self.batch_tfms(xb)
             yield (xb, *rest)
 
@@ -202,7 +208,7 @@ def hf_ds_collate_fn(data: list[dict], flatten: bool = True) -> tuple[torch.Tens
     "Collate Hugging Face rows into one tensor per column; PIL images become float tensors in [0, 1] (flattened)."
     def to_tensor(v):
         if isinstance(v, Image.Image):
-            x = pil_to_tensor(v).float().div_(255)
+            x = pil_to_tensor(v).to(torch.float32, memory_format=torch.contiguous_format).div_(255)
             return x.view(-1) if flatten else x
         return torch.tensor(v)
     return tuple(torch.stack([to_tensor(v) for v in col]) for col in zip(*(row.values() for row in data)))

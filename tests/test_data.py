@@ -415,3 +415,25 @@ def test_show_batch_from_folder_uses_vocab(tmp_path):
     titles = [ax.get_title() for ax in fig.axes if ax.images]
     assert titles == ['a', 'a', 'c', 'c']                                # valid: 4 images, in order, named by vocab
     plt.close('all')
+
+
+def test_from_folder_pixels_exact_and_contiguous(tmp_path):
+    rng = np.random.default_rng(0)
+    pix = {}
+    for split in ('train', 'val'):
+        for c in ('a', 'b'):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(3):
+                a = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+                Image.fromarray(a).save(tmp_path / split / c / f'{i}.png')       # PNG: lossless
+                pix[str(tmp_path / split / c / f'{i}.png')] = a
+    dls = DataLoaders.from_folder(tmp_path, batch_size=3, num_workers=0)
+    xb, yb = next(iter(dls.valid))                                               # valid: files in sorted order
+    assert xb.shape == (6, 3, 5, 7) and xb.is_contiguous() and yb.tolist() == [0, 0, 0, 1, 1, 1]
+    want = np.stack([pix[f] for f in dls.valid.dataset.files]).transpose(0, 3, 1, 2)
+    assert torch.equal((xb * 255).round().to(torch.uint8), torch.from_numpy(want))
+    raw = next(iter(dls.valid.dl))[0]                                            # what the workers send: uint8
+    assert raw.dtype == torch.uint8 and torch.equal(raw, torch.from_numpy(want))
+    grey = Image.fromarray(pix[dls.valid.dataset.files[0]][..., 0])
+    assert torch.equal(hf_ds_collate_fn([{'i': grey}], flatten=False)[0][0, 0] * 255,
+                       torch.from_numpy(np.array(grey)).float())
