@@ -9,8 +9,8 @@ plus TensorLoader's candidate strategies (per-batch advanced indexing, per-batch
 epoch then views), to pick the fastest.
 Image folder: N generated 160-px JPEGs in class folders, DataLoaders.from_folder with 0 and 2 workers.
 
-Repetitions are interleaved (a, b, c, a, b, c, ...) so drifting machine load hits every method alike; medians are
-reported. Run:  python bench/data.py  [--n 60000 --bs 256 --reps 5 --images 2000 --device cpu]
+Repetitions are interleaved (a, b, c, b, c, a, ...: rotated) so drifting machine load hits every method alike;
+medians are reported. Run:  python bench/data.py  [--n 60000 --bs 256 --reps 5 --images 2000 --device cpu]
 """
 import argparse
 import statistics
@@ -83,9 +83,11 @@ def bench_memory(n, bs, reps, device, n_slow):
         '    TensorLoader, images stored as uint8': (lambda: tl8, n),
     }
     for make, m in methods.values(): epoch_rate(make(), m, device)          # warm-up
-    rates = {k: [] for k in methods}
-    for _ in range(reps):
-        for k, (make, m) in methods.items(): rates[k].append(epoch_rate(make(), m, device))
+    rates, names = {k: [] for k in methods}, list(methods)
+    for rep in range(reps):   # rotate the order too, so no method always runs right after the same other one
+        for k in names[rep % len(names):] + names[:rep % len(names)]:
+            make, m = methods[k]
+            rates[k].append(epoch_rate(make(), m, device))
     return {k: tuple(statistics.median(r[i] for r in v) for i in (0, 1)) for k, v in rates.items()}
 
 
@@ -129,7 +131,7 @@ def main():
     p.add_argument('--n', type=int, default=60000, help='in-memory images (28x28)')
     p.add_argument('--n-slow', type=int, default=10000, help='images per epoch for the per-item DataLoader')
     p.add_argument('--bs', type=int, default=256)
-    p.add_argument('--reps', type=int, default=5)
+    p.add_argument('--reps', type=int, default=9)
     p.add_argument('--images', type=int, default=2000, help='JPEGs in the generated image folder (0: skip)')
     p.add_argument('--folder-reps', type=int, default=3)
     p.add_argument('--device', default='cpu')
