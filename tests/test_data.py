@@ -249,8 +249,9 @@ def test_from_folder_workers_defaults_and_decode_error_names_file(tmp_path):
     assert dl.persistent_workers == (dl.num_workers > 0) and dl.pin_memory == torch.cuda.is_available()
     bad = tmp_path / 'train' / 'b' / '9.jpg'
     bad.write_bytes((tmp_path / 'train' / 'b' / '0.JPEG').read_bytes()[:300])      # a JPEG cut short
-    dls = DataLoaders.from_folder(tmp_path, size=8, batch_size=4, num_workers=2, persistent_workers=False)
-    n = sum(len(y) for _, y in dls.valid)                                            # workers decode fine
+    # one worker: after a worker error, torch's DataLoader takes ~5 s per worker to shut its workers down
+    dls = DataLoaders.from_folder(tmp_path, size=8, batch_size=4, num_workers=1, persistent_workers=False)
+    n = sum(len(y) for _, y in dls.valid)                                            # a worker decodes fine
     assert n == 8
     with pytest.raises(ImageDecodeError, match=rf'cannot decode image {bad}'):        # raised in a worker, re-raised here
         for _ in dls.train: pass
@@ -437,3 +438,19 @@ def test_from_folder_pixels_exact_and_contiguous(tmp_path):
     grey = Image.fromarray(pix[dls.valid.dataset.files[0]][..., 0])
     assert torch.equal(hf_ds_collate_fn([{'i': grey}], flatten=False)[0][0, 0] * 255,
                        torch.from_numpy(np.array(grey)).float())
+
+
+def test_from_folder_trains_a_learner_with_workers(tmp_path):
+    from nntrain.learner import Learner
+    import torch.nn.functional as F
+    make_tree(tmp_path, n=3)
+    dls = DataLoaders.from_folder(tmp_path, size=8, batch_size=4, num_workers=2, persistent_workers=True)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 3))
+    learn = Learner(model, dls, F.cross_entropy, torch.optim.SGD, lr=0.1)
+    learn.fit(1)
+    learn.fit(1)                                            # persistent workers serve a second fit
+    assert learn.global_step == 2 * len(dls.train) == 6
+    preds = learn.get_preds()
+    preds = preds[0] if isinstance(preds, tuple) else preds
+    assert preds.shape == (6, 3)
