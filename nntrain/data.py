@@ -221,14 +221,17 @@ def hf_ds_collate_fn(data: list[dict], flatten: bool = True) -> tuple[torch.Tens
 def _hf_split_tensors(ds, flatten: bool) -> tuple[torch.Tensor, ...] | None:
     "Every column of `ds` as one tensor, images as `hf_ds_collate_fn` makes them; None when a column will not convert."
     from datasets import Image as HFImage
-    cols = ds.with_format('torch')[:]
+    # NumPy format: images come as (N, H, W[, C]) uint8 in every `datasets` version (torch format changed layout)
+    cols = ds.with_format('numpy')[:]
     out = []
     for name, feature in ds.features.items():
-        t = cols[name]
-        if not isinstance(t, torch.Tensor): return None                   # strings, ragged lists
+        a = cols[name]
+        if not isinstance(a, np.ndarray) or a.dtype.kind not in 'biuf': return None   # strings, ragged, mixed sizes
+        t = torch.from_numpy(a)
         if isinstance(feature, HFImage):
-            if t.dtype != torch.uint8 or t.ndim != 4: return None      # mixed sizes or modes come back as lists
-            t = t.float().div_(255)
+            if a.dtype != np.uint8 or a.ndim not in (3, 4): return None
+            t = t.unsqueeze(1) if t.ndim == 3 else t.permute(0, 3, 1, 2)
+            t = t.to(torch.float32, memory_format=torch.contiguous_format).div_(255)
             if flatten: t = t.view(len(t), -1)
         out.append(t)
     return tuple(out)
