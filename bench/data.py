@@ -10,7 +10,7 @@ epoch then views), to pick the fastest.
 Image folder: N generated 160-px JPEGs in class folders, DataLoaders.from_folder with 0 and 2 workers.
 
 Repetitions are interleaved (a, b, c, b, c, a, ...: rotated) so drifting machine load hits every method alike;
-medians are reported. Run:  python bench/data.py  [--n 60000 --bs 256 --reps 5 --images 2000 --device cpu]
+medians are reported. Run:  python bench/data.py  [--n 60000 --bs 256 --reps 9 --images 2000 --device cpu]
 """
 import argparse
 import statistics
