@@ -34,6 +34,7 @@ class TensorLoader:
         self.n, self.batch_size, self.shuffle, self.drop_last = lengths[0], batch_size, shuffle, drop_last
         # Seeded from torch's global RNG when no seed is given, so `set_seed` makes the order reproducible.
         self.generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())) if seed is None else seed)
+        self._epoch_state = None   # generator state this epoch's order was drawn from, while an epoch runs
 
     def __len__(self) -> int:
         return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
@@ -43,19 +44,21 @@ class TensorLoader:
         if not self.shuffle:
             for i in range(n_batches): yield tuple(t[i*bs:(i+1)*bs] for t in self.tensors)
             return
+        self._epoch_state = self.generator.get_state()
         idx = torch.randperm(self.n, generator=self.generator).to(self.tensors[0].device)
         # index_select per batch: measured (bench/data.py) faster than advanced indexing `t[j]`, and than
         # permuting the whole dataset once per epoch, which also doubles its memory
         for i in range(n_batches):
             j = idx[i*bs:(i+1)*bs]
             yield tuple(t.index_select(0, j) for t in self.tensors)
+        self._epoch_state = None
 
     @property
     def device(self) -> torch.device: return self.tensors[0].device
 
     def state_dict(self) -> dict:
-        "The shuffling state, so a resumed run draws the same batches."
-        return {'generator': self.generator.get_state()}
+        "The shuffling state: mid-epoch, the one this epoch's order was drawn from (a resume replays it); else the next."
+        return {'generator': self.generator.get_state() if self._epoch_state is None else self._epoch_state}
 
     def load_state_dict(self, state: dict) -> None:
         "Restore the shuffling state saved by `state_dict`."
@@ -65,7 +68,7 @@ class TensorLoader:
         shapes = ', '.join(str(tuple(t.shape)) for t in self.tensors)
         return f'TensorLoader({shapes}, batch_size={self.batch_size}, shuffle={self.shuffle}, device={self.device})'
 
-# %% ../nbs/01_data.ipynb #8513003d
+# %% ../nbs/01_data.ipynb #e150d0d5
 class DataLoaders:
     "A training loader and a validation loader; any iterable of batches with a `len` works as either."
     def __init__(self, train, valid, vocab: list | None = None):
@@ -86,7 +89,7 @@ class DataLoaders:
 
     def __repr__(self): return f'DataLoaders(train={self.train!r}, valid={self.valid!r})'
 
-# %% ../nbs/01_data.ipynb #0349d495
+# %% ../nbs/01_data.ipynb #c13cbc48
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 
 class ImageDecodeError(OSError):
@@ -149,7 +152,7 @@ def collate_images(items: list) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.stack([x.permute(1, 2, 0) for x in xs]).permute(0, 3, 1, 2), torch.tensor(ys)
     return torch.stack(xs), torch.tensor(ys)
 
-# %% ../nbs/01_data.ipynb #106da043
+# %% ../nbs/01_data.ipynb #461ade79
 class MappedLoader:
     "Wrap a loader: batches become tuples, move to `device`, `uint8` images become floats in [0, 1], then `batch_tfms`."
     def __init__(self, dl, batch_tfms=None, device=None, to_float: bool = True):
@@ -208,7 +211,7 @@ def from_folder(cls: DataLoaders, path: str | Path, train: str = 'train', valid:
     wrap = partial(MappedLoader, batch_tfms=batch_tfms, device=device)
     return cls(wrap(train_dl), wrap(valid_dl), vocab=vocab)
 
-# %% ../nbs/01_data.ipynb #bf491271
+# %% ../nbs/01_data.ipynb #f23fba92
 def hf_ds_collate_fn(data: list[dict], flatten: bool = True) -> tuple[torch.Tensor, ...]:
     "Collate Hugging Face rows into one tensor per column; PIL images become float tensors in [0, 1] (flattened)."
     def to_tensor(v):

@@ -5,7 +5,11 @@
 # %% ../nbs/03_learner.ipynb #3aa00625
 from __future__ import annotations
 
+import signal
+import sys
+import threading
 import traceback
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -91,6 +95,7 @@ class Learner:
         self._resume_rng = None
         self._checks = set()
         self._predicting = False
+        self._interrupt = False
         self.add_subs(*subs)
 
     # -- subscribers -------------------------------------------------------------------------------------------
@@ -217,6 +222,9 @@ class Learner:
             if self._resume_rng is not None: set_rng_state(self._resume_rng); self._resume_rng = None
             if self.training: self.pct_train = (self.epoch + self.iter / self.n_iter) / self.n_epochs
             self._stage('batch', self._one_batch)
+            if self._interrupt:   # a deferred Ctrl-C: every subscriber has finished this batch
+                self._interrupt = False
+                raise KeyboardInterrupt(f'stopped by Ctrl-C after batch {self.iter} of epoch {self.epoch}')
         if self.training: self.pct_train = (self.epoch + 1) / self.n_epochs
 
     def _one_epoch(self, dl, training: bool, skip: int = 0) -> None:
@@ -246,7 +254,8 @@ class Learner:
         modules = list(self.model.modules())
         modes, grad = [m.training for m in modules], torch.is_grad_enabled()
         try:
-            if self._stage('fit', self._epochs, phases) and self.opt is not None: self.opt.zero_grad()
+            with self._ctrl_c_after_batch():
+                if self._stage('fit', self._epochs, phases) and self.opt is not None: self.opt.zero_grad()
         except BaseException as e:
             self._after_error(e)
             raise
@@ -254,6 +263,23 @@ class Learner:
             torch.set_grad_enabled(grad)
             for m, mode in zip(modules, modes): m.training = mode
             self._checks, self._start, self._resume_rng = set(), (0, True, 0), None
+
+    @contextmanager
+    def _ctrl_c_after_batch(self):
+        "A first Ctrl-C stops the fit after the current batch (a consistent state); a second one stops it at once."
+        previous = signal.getsignal(signal.SIGINT)
+        if threading.current_thread() is not threading.main_thread() or not callable(previous):
+            yield   # signals can only be handled on the main thread; leave foreign handlers alone
+            return
+        def request_stop(signum, frame):
+            self._interrupt = True
+            signal.signal(signal.SIGINT, previous)
+            print('nntrain: Ctrl-C: stopping after this batch; press it again to stop now', file=sys.stderr)
+        signal.signal(signal.SIGINT, request_stop)
+        try: yield
+        finally:
+            self._interrupt = False
+            if signal.getsignal(signal.SIGINT) is request_stop: signal.signal(signal.SIGINT, previous)
 
     def _after_error(self, e: BaseException) -> None:
         "Say where `e` happened, and drop what would keep a graph (or, on Ctrl-C, a batch) alive."
