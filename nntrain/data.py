@@ -61,8 +61,9 @@ class TensorLoader:
         return {'generator': self.generator.get_state() if self._epoch_state is None else self._epoch_state}
 
     def load_state_dict(self, state: dict) -> None:
-        "Restore the shuffling state saved by `state_dict`."
+        "Restore the shuffling state saved by `state_dict`: the next epoch draws its order from it."
         self.generator.set_state(state['generator'])
+        self._epoch_state = None
 
     def __repr__(self):
         shapes = ', '.join(str(tuple(t.shape)) for t in self.tensors)
