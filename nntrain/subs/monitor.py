@@ -212,7 +212,7 @@ class _Recorder:
         self.on, self.hooks = False, Hooks()
 
     def attach(self) -> _Recorder:
-        self.total, self.missing, self.batch_size, self.calls, self.open = 0, [], None, [], {}
+        self.total, self.missing, self.batch_size, self.calls, self.open, self.entered = 0, [], None, [], {}, 0
         try:
             self.hooks.add([self.model], self._root, pre=True, with_kwargs=True)
             self.hooks.add(self.leaves, self._count, with_kwargs=True)   # before the row hooks: rows read the total
@@ -236,7 +236,9 @@ class _Recorder:
         else: self.total += macs
 
     def _start(self, i, m, args):
-        if self.on: self.open.setdefault(i, []).append((len(self.calls), self.total, len(self.missing)))
+        if not self.on: return
+        self.open.setdefault(i, []).append((self.entered, self.total, len(self.missing)))
+        self.entered += 1
 
     def _end(self, i, m, args, kwargs, output):
         if not self.on or not self.open.get(i): return
@@ -299,41 +301,43 @@ def _learner_summary(self: Learner, batch=None, modules=None) -> ModelSummary:
     "Shapes, parameters and per-item MACs of the model's layers on one batch (default: the first training batch)."
     return summary(self, batch, modules)
 
-# %% ../../nbs/19_monitor.ipynb #05280b98
+# %% ../../nbs/19_monitor.ipynb #46b1dde3
 class ModelMonitorS(Subscriber):
-    "Record shapes, parameters and MACs on the first training batch, show the table, then cancel the fit."
+    "Record shapes, parameters and MACs on the first training batch and show the table; by default, then cancel the fit."
     order = Order.PROGRESS
     in_predict = in_lr_find = False
 
-    def __init__(self, modules=None, show: bool = True):
-        self.modules, self.show, self.summary = modules, show, None
+    def __init__(self, modules=None, show: bool = True, cancel: bool = True):
+        self.modules, self.show, self.cancel, self.summary = modules, show, cancel, None
+        self._rec = self._modes = self._dl_state = None
 
     def before_fit(self, learn):
-        self._modes, self._rec = None, None
         dl = learn.dls.train
-        self._dl_state = dl.state_dict() if hasattr(dl, 'state_dict') else None
+        if self.cancel: self._dl_state = dl.state_dict() if hasattr(dl, 'state_dict') else None
         self._rec = _Recorder(learn.model, self.modules).attach()
 
     def before_batch(self, learn):
-        if not learn.training: return
-        if self._modes is None: self._modes = [(m, m.training) for m in learn.model.modules()]
-        learn.model.eval()   # measure only: batch-norm running statistics must not move
+        if not learn.training or self._rec is None: return
+        if self.cancel:
+            if self._modes is None: self._modes = [(m, m.training) for m in learn.model.modules()]
+            learn.model.eval()   # measure only: batch-norm running statistics must not move
         self._rec.on = True
 
     def after_predict(self, learn):
-        if not learn.training: return
-        self._rec.on = False
+        if not learn.training or self._rec is None: return
         self.summary = self._rec.result()
+        self._rec.remove()   # one batch is enough: no hook cost for the rest of the fit
+        self._rec = None
         if self.show: print(self.summary)
-        raise CancelFitException()
+        if self.cancel: raise CancelFitException()
 
     def cleanup_fit(self, learn):
         if self._rec is not None: self._rec.remove()
         for m, mode in self._modes or (): m.training = mode
         if self._dl_state is not None: learn.dls.train.load_state_dict(self._dl_state)
-        self._modes = self._rec = None
+        self._rec = self._modes = self._dl_state = None
 
-# %% ../../nbs/19_monitor.ipynb #914fda28
+# %% ../../nbs/19_monitor.ipynb #13cf7cf5
 def activation_stats(x: torch.Tensor, bins: int = 40, hist_range: tuple[float, float] = (-10., 10.),
                      dead_threshold: float = 1e-6) -> dict[str, torch.Tensor]:
     "Mean, std, histogram and dead fraction (overall and per channel, dim 1) of activations `x`, on `x`'s device."
@@ -348,7 +352,7 @@ def _default_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     if isinstance(model, nn.Sequential): return list(model.named_children())
     return [(n, m) for n, m in leaf_modules(model) if next(m.parameters(recurse=False), None) is not None]
 
-# %% ../../nbs/19_monitor.ipynb #13cf7cf5
+# %% ../../nbs/19_monitor.ipynb #28dee719
 _KEYS = ('mean', 'std', 'hist', 'dead', 'dead_units')
 
 class ActivationStatsS(Subscriber):
@@ -418,8 +422,8 @@ class ActivationStatsS(Subscriber):
         "Mean and standard deviation of each module's activations over the recorded batches."
         fig, (ax0, ax1) = plt.subplots(1, 2, figsize=figsize)
         for name, st in self.stats.items():
-            ax0.plot(st['mean'], label=name)
-            ax1.plot(st['std'], label=name)
+            ax0.plot(st['mean'].numpy(), label=name)
+            ax1.plot(st['std'].numpy(), label=name)
         for ax, title in ((ax0, 'mean'), (ax1, 'std')): ax.set(title=title, xlabel='recorded batch')
         ax1.legend(fontsize='small')
         return fig
@@ -429,7 +433,7 @@ class ActivationStatsS(Subscriber):
         stats, (lo, hi) = self.stats, self.hist_range
         fig, axs = _grid(len(stats), figsize, ncols)
         for ax, (name, st) in zip(axs, stats.items()):
-            ax.imshow(st['hist'].T.log1p(), origin='lower', aspect='auto', extent=(0, len(st['hist']), lo, hi))
+            ax.imshow(st['hist'].T.log1p().numpy(), origin='lower', aspect='auto', extent=(0, len(st['hist']), lo, hi))
             ax.set_title(name)
         fig.tight_layout()
         return fig
@@ -440,9 +444,11 @@ class ActivationStatsS(Subscriber):
         fig, axs = _grid(len(stats), figsize, ncols)
         for ax, (name, st) in zip(axs, stats.items()):
             if per_unit and st['dead_units'] is not None:
-                ax.imshow(st['dead_units'].T, origin='lower', aspect='auto', cmap='Greys', vmin=0, vmax=1)
+                ax.imshow(st['dead_units'].T.numpy(), origin='lower', aspect='auto', cmap='Greys', vmin=0, vmax=1)
                 ax.set_ylabel('channel')
-            else: ax.plot(st['dead']); ax.set_ylim(0, 1)
+            else:
+                ax.plot(st['dead'].numpy())
+                ax.set_ylim(0, 1)
             ax.set_title(name)
         fig.tight_layout()
         return fig
