@@ -234,6 +234,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                       'nntrain.subs.monitor._first_tensor': ('monitor.html#_first_tensor', 'nntrain/subs/monitor.py'),
                                       'nntrain.subs.monitor._fmt': ('monitor.html#_fmt', 'nntrain/subs/monitor.py'),
                                       'nntrain.subs.monitor._grid': ('monitor.html#_grid', 'nntrain/subs/monitor.py'),
+                                      'nntrain.subs.monitor._histc': ('monitor.html#_histc', 'nntrain/subs/monitor.py'),
                                       'nntrain.subs.monitor._is_zero_mac': ('monitor.html#_is_zero_mac', 'nntrain/subs/monitor.py'),
                                       'nntrain.subs.monitor._n_params': ('monitor.html#_n_params', 'nntrain/subs/monitor.py'),
                                       'nntrain.subs.monitor._resolve': ('monitor.html#_resolve', 'nntrain/subs/monitor.py'),
