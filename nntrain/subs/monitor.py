@@ -343,11 +343,11 @@ def activation_stats(x: torch.Tensor, bins: int = 40, hist_range: tuple[float, f
                      dead_threshold: float = 1e-6) -> dict[str, torch.Tensor]:
     "Mean, std, histogram and dead fraction (overall and per channel, dim 1) of activations `x`, on `x`'s device."
     x = x.detach().float()
-    std, mean = torch.std_mean(x)
-    dead = x.abs() <= dead_threshold
-    per_channel = dead.transpose(0, 1).reshape(x.shape[1], -1) if x.ndim > 1 else dead.reshape(1, -1)
-    return dict(mean=mean, std=std, hist=_histc(x, bins, *hist_range), dead=dead.float().mean(),
-                dead_units=per_channel.float().mean(1))
+    mean, std = x.mean(), x.std()   # on a CPU, several times faster than torch.std_mean
+    dead = (x.abs() <= dead_threshold).float()
+    units = dead.mean([d for d in range(x.ndim) if d != 1]) if x.ndim > 1 else dead.reshape(1, -1).mean(1)
+    # Every channel holds as many activations, so the overall fraction is the mean over channels.
+    return dict(mean=mean, std=std, hist=_histc(x, bins, *hist_range), dead=units.mean(), dead_units=units)
 
 def _histc(x: torch.Tensor, bins: int, lo: float, hi: float) -> torch.Tensor:
     "`torch.histc`, also under `torch.use_deterministic_algorithms(True)`, which forbids it on CUDA."
