@@ -386,3 +386,15 @@ def test_activation_stats_make_no_host_sync_per_batch(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, guarded(name, getattr(torch.Tensor, name)))
     learn.fit(2, subs=[acts, Window()])
     assert len(acts.stats['0']['mean']) == 2 * len(learn.dls.train)
+
+
+def test_summary_text_and_markdown_tables():
+    s = summary(simple_cnn(), torch.randn(2, 1, 28, 28))
+    lines = str(s).splitlines()
+    table = lines[:2 + len(s.layers)]
+    assert table[0].split() == ['module', 'type', 'input', 'output', 'params', 'trainable', 'MACs']
+    assert len({len(l) for l in table}) == 1                      # numbers right-aligned to one column edge
+    assert table[2].endswith(f'{s.layers[0].macs:,}') and f'{s.macs:,} MACs per item' in str(s)
+    md = s._repr_markdown_().splitlines()
+    assert md[0].startswith('| module |') and md[1].endswith('---:|')
+    assert len([l for l in md if l.startswith('| ')]) == 1 + len(s.layers)
