@@ -287,8 +287,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                   'nntrain/subs/lr_find.py'),
                                       'nntrain.subs.lr_find._loader_states': ('lr_find.html#_loader_states', 'nntrain/subs/lr_find.py'),
                                       'nntrain.subs.lr_find._named_tensors': ('lr_find.html#_named_tensors', 'nntrain/subs/lr_find.py'),
-                                      'nntrain.subs.lr_find._rng_state': ('lr_find.html#_rng_state', 'nntrain/subs/lr_find.py'),
-                                      'nntrain.subs.lr_find._set_rng_state': ('lr_find.html#_set_rng_state', 'nntrain/subs/lr_find.py'),
                                       'nntrain.subs.lr_find.minimum_lr': ('lr_find.html#minimum_lr', 'nntrain/subs/lr_find.py'),
                                       'nntrain.subs.lr_find.steep_lr': ('lr_find.html#steep_lr', 'nntrain/subs/lr_find.py'),
                                       'nntrain.subs.lr_find.valley_lr': ('lr_find.html#valley_lr', 'nntrain/subs/lr_find.py')},

@@ -156,7 +156,7 @@ def set_seed(seed: int, deterministic: bool = False) -> None:
 
 # %% ../nbs/00_core.ipynb #a78c99a4
 def rng_state() -> dict:
-    "The state of Python's, NumPy's and torch's (CPU and initialised CUDA) random number generators."
+    "The state of Python's, NumPy's and torch's (CPU, initialised CUDA, MPS) random number generators."
     state = {'python': random.getstate(), 'torch': torch.get_rng_state()}
     try:
         import numpy as np
@@ -165,6 +165,8 @@ def rng_state() -> dict:
                           'has_gauss': int(has_gauss), 'cached': float(cached)}
     except ImportError: pass
     if torch.cuda.is_available() and torch.cuda.is_initialized(): state['cuda'] = torch.cuda.get_rng_state_all()
+    mps = getattr(torch.backends, 'mps', None)
+    if mps is not None and mps.is_available(): state['mps'] = torch.mps.get_rng_state()
     return state
 
 def set_rng_state(state: dict) -> None:
@@ -176,6 +178,7 @@ def set_rng_state(state: dict) -> None:
         n = state['numpy']
         np.random.set_state((n['kind'], n['keys'].numpy().astype('uint32'), n['pos'], n['has_gauss'], n['cached']))
     if 'cuda' in state and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state['cuda'])
+    if 'mps' in state and torch.backends.mps.is_available(): torch.mps.set_rng_state(state['mps'])
 
 def atomic_save(obj, path: str | os.PathLike) -> Path:
     "`torch.save` to `path` through a temporary file in the same folder, fsync'd, then renamed: never a partial file."

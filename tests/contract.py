@@ -34,15 +34,14 @@ def snapshot(learn: Learner) -> dict:
                 subs=list(learn.subs))
 
 
-class Fail(Subscriber):
-    "Raise `RuntimeError` at `event` on training batch `at` (an error, not a cancel)."
-    order = 1000
-    def __init__(self, event: str = 'after_loss', at: int = 1): self.event, self.at = event, at
-    def after_loss(self, learn):
-        if learn.training and learn.iter == self.at: raise RuntimeError('injected failure')
+def failing(event: str = 'after_loss', at: int = 1) -> Subscriber:
+    "A subscriber raising `RuntimeError` at `event` of training batch `at` (an error, not a cancel), after the others."
+    def handler(self, learn):
+        if learn.training and learn.iter == at: raise RuntimeError('injected failure')
+    return type('Fail', (Subscriber,), {'order': 1000, event: handler})()
 
 
-def check_contract(factory, make_learner=tiny_classifier) -> None:
+def check_contract(factory, make_learner=tiny_classifier, fail_event: str = 'after_loss', fail_at: int = 1) -> None:
     "Build with defaults, survive two fits, survive an exception mid-fit, and leave no trace behind."
     sub = factory()
     learn = make_learner()
@@ -51,7 +50,7 @@ def check_contract(factory, make_learner=tiny_classifier) -> None:
     learn.fit(1, subs=[sub])
     assert snapshot(learn) == before, f'{type(sub).__name__} changed the learner: {_diff(before, snapshot(learn))}'
     try:
-        learn.fit(1, subs=[sub, Fail()])
+        learn.fit(1, subs=[sub, failing(fail_event, fail_at)])
         raise AssertionError('the injected failure did not propagate')
     except RuntimeError as e:
         assert str(e) == 'injected failure', f'the original exception was replaced: {e!r}'

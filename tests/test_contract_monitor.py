@@ -39,3 +39,8 @@ def test_contract_model_monitor_cancelling():
     assert learn.preds is None and learn.loss is None
     assert all(torch.equal(a, b) for a, b in zip(weights, learn.model.state_dict().values()))
     learn.fit(1, subs=[sub])
+
+
+def test_shared_contract_model_monitor_cancelling():
+    "The shared contract, with its failure injected before the first batch's forward (the monitor cancels after it)."
+    check_contract(lambda: ModelMonitorS(show=False), fail_event='before_batch', fail_at=0)

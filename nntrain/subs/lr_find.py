@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import copy
 import math
-import random
 from typing import NamedTuple
 
 import matplotlib.pyplot as plt
-import numpy as np
 import torch
 from fastcore.basics import patch
 
-from ..core import CancelFitException, Order, Subscriber
+from ..core import CancelFitException, Order, Subscriber, rng_state, set_rng_state
 from ..learner import Learner
 from .schedule import sched_exp, sched_lin
 
@@ -119,21 +117,7 @@ class LRFindS(Subscriber):
 
 # %% ../../nbs/15_lr_find.ipynb #c0f0c1e4
 _LEARNER_ATTRS = ('model', 'dls', 'loss_func', 'opt_func', 'lr', 'opt', 'n_epochs', 'epoch', 'n_iter', 'iter',
-                  'global_step', 'pct_train', 'training', 'dl', 'batch', 'preds', 'loss')
-
-def _rng_state() -> dict:
-    state = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state()}
-    if torch.cuda.is_available(): state['cuda'] = torch.cuda.get_rng_state_all()
-    mps = getattr(torch.backends, 'mps', None)
-    if mps is not None and mps.is_available(): state['mps'] = torch.mps.get_rng_state()
-    return state
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state['python'])
-    np.random.set_state(state['numpy'])
-    torch.set_rng_state(state['torch'])
-    if 'cuda' in state: torch.cuda.set_rng_state_all(state['cuda'])
-    if 'mps' in state: torch.mps.set_rng_state(state['mps'])
+                  'global_step', 'pct_train', 'training', 'dl', 'batch', 'preds', 'loss', 'scaler', '_pos', '_resume_rng')
 
 def _loader_states(dls) -> list:
     "(restore function, saved state) for each loader's shuffling state."
@@ -164,7 +148,7 @@ class _Snapshot:
                       for k, p in learn.model.named_parameters()}
         stateful = [s for s in subs if all(callable(getattr(s, m, None)) for m in ('state_dict', 'load_state_dict'))]
         self.sub_states = [(s, copy.deepcopy(s.state_dict())) for s in stateful]
-        self.rng, self.loaders = _rng_state(), _loader_states(learn.dls)
+        self.rng, self.loaders = rng_state(), _loader_states(learn.dls)
 
     @torch.no_grad()
     def restore(self, learn: Learner) -> None:
@@ -178,7 +162,7 @@ class _Snapshot:
             p.grad = None if self.grads[k] is None else self.grads[k].to(p.device)
         for s, state in self.sub_states: s.load_state_dict(state)
         for load, state in self.loaders: load(state)
-        _set_rng_state(self.rng)
+        set_rng_state(self.rng)
 
 # %% ../../nbs/15_lr_find.ipynb #01cb290d
 @patch
