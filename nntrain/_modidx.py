@@ -84,6 +84,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                   'nntrain/learner.py'),
                                  'nntrain.learner.Learner._epochs': ('learner.html#learner._epochs', 'nntrain/learner.py'),
                                  'nntrain.learner.Learner._evaluate': ('learner.html#learner._evaluate', 'nntrain/learner.py'),
+                                 'nntrain.learner.Learner._first_batch': ('learner.html#learner._first_batch', 'nntrain/learner.py'),
                                  'nntrain.learner.Learner._make_opt': ('learner.html#learner._make_opt', 'nntrain/learner.py'),
                                  'nntrain.learner.Learner._one_batch': ('learner.html#learner._one_batch', 'nntrain/learner.py'),
                                  'nntrain.learner.Learner._one_epoch': ('learner.html#learner._one_epoch', 'nntrain/learner.py'),

@@ -199,13 +199,18 @@ class Learner:
         if check:
             self._checks.discard(self.training)
             if 'predict' not in self._providers: check_batch(self.batch, self.model, not self._predicting)
-        self._do_predict(); self.callback('after_predict')
+        if check: self._first_batch(self._do_predict, 'the model', lambda: f'inputs: {_describe(self.batch[0])}')
+        else: self._do_predict()
+        self.callback('after_predict')
         if self._predicting: return
         if check and isinstance(self.batch, (tuple, list)) and len(self.batch) > 1:
             # An in-memory loader holds every target: check them all at once, not just this batch's.
             tensors = getattr(self.dl, 'tensors', ())
             check_preds(self.preds, self.batch[1], all_targets=tensors[1] if len(tensors) == 2 else None)
-        self._do_get_loss(); self.callback('after_loss')
+        if check: self._first_batch(self._do_get_loss, 'the loss function', lambda: (
+            f'predictions: {_describe(self.preds)}, targets: {_describe(self.batch[1])}'))
+        else: self._do_get_loss()
+        self.callback('after_loss')
         if not self.training: return
         try:
             self._do_backward(); self.callback('after_backward')
@@ -215,6 +220,16 @@ class Learner:
             self.callback('after_step')
             self._do_zero_grad()
         except CancelStepException: pass
+
+    def _first_batch(self, step: Callable, what: str, describe: Callable) -> None:
+        "Run `step`; if it fails on a phase's first batch, say what it was given (torch's message often does not)."
+        try: step()
+        except Exception as e:
+            param = next(self.model.parameters(), None)
+            model = f'; model parameters: {param.dtype} on {param.device}' if param is not None else ''
+            add_note(e, f'nntrain: {what} failed on the first {"training" if self.training else "validation"} '
+                        f'batch; {describe()}{model}')
+            raise
 
     def _all_batches(self, skip: int) -> None:
         for self.iter, self.batch in enumerate(self.dl):

@@ -257,3 +257,18 @@ def test_get_preds_reductions_and_mode_restored():
     assert torch.allclose(losses.mean(), F.cross_entropy(preds, targets), atol=1e-6)
     assert learn.predict(torch.randn(5, 8)).shape == (5, 3)
     assert learn.global_step == 0
+
+
+def test_first_batch_failures_say_what_went_in():
+    x8 = torch.randint(0, 256, (8, 2), dtype=torch.uint8)
+    learn = Learner(nn.Linear(2, 3), DataLoaders.from_tensors(x8, torch.zeros(8, dtype=torch.long), x8,
+                                                               torch.zeros(8, dtype=torch.long), batch_size=4), lr=0.1)
+    with pytest.raises(RuntimeError) as info:
+        learn.fit(1)
+    assert any('the model failed on the first training batch' in n and 'torch.uint8' in n for n in info.value.__notes__)
+    x = torch.randn(8, 2)
+    learn = Learner(nn.Linear(2, 3), DataLoaders.from_tensors(x, torch.zeros(8, 3), x, torch.zeros(8, 3), batch_size=4),
+                    lambda p, t: F.nll_loss(p, t), lr=0.1)   # nll_loss wants class indices, not (N, 3) floats
+    with pytest.raises(RuntimeError) as info:
+        learn.fit(1)
+    assert any('the loss function failed' in n and 'targets: tensor of shape (4, 3)' in n for n in info.value.__notes__)
