@@ -189,7 +189,7 @@ def adam_step(p, lr, mom, sqr_mom, step, grad_avg, sqr_avg, eps, **kw) -> None:
     denom = (sqr_avg.sqrt() / math.sqrt(1 - sqr_mom ** step)).add_(eps)
     p.addcdiv_(grad_avg, denom, value=-lr / (1 - mom ** step))
 
-class StatsOptimizer(torch.optim.Optimizer):
+class StatsOptimizer(PerParamOptimizer):
     "An optimizer composed of `stats` (update per-parameter state) and `steppers` (update the parameter), in order."
     def __init__(self, params, steppers: Iterable[Callable], stats: Iterable[Callable] = (), **hypers):
         self.steppers, self.stats = list(steppers), list(stats)
@@ -200,20 +200,11 @@ class StatsOptimizer(torch.optim.Optimizer):
         defaults = {'lr': 1e-3, **defaults, **hypers}
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure: Callable | None = None):
-        "Update every stat, then apply every stepper, for each parameter with a gradient."
-        loss = None
-        if closure is not None:
-            with torch.enable_grad(): loss = closure()
-        for group in self.param_groups:
-            hypers = {k: v for k, v in group.items() if k != 'params'}
-            for p in group['params']:
-                if p.grad is None: continue
-                state = self.state[p]
-                for stat in self.stats: state.update(stat(p, **hypers, **state))
-                for stepper in self.steppers: stepper(p, **hypers, **state)
-        return loss
+    def _update(self, p, grad, group, state):
+        "Update every stat, then apply every stepper, to one parameter."
+        hypers = {k: v for k, v in group.items() if k != 'params'}
+        for stat in self.stats: state.update(stat(p, **hypers, **state))
+        for stepper in self.steppers: stepper(p, **hypers, **state)
 
     def __repr__(self):
         names = lambda fs: ', '.join(f.__name__ for f in fs)
