@@ -17,8 +17,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 # %% auto #0
-__all__ = ['IMAGE_EXTENSIONS', 'TensorLoader', 'DataLoaders', 'ImageDecodeError', 'image_files', 'folder_items', 'pil_to_tensor',
-           'ImageFolderDataset', 'collate_images', 'MappedLoader', 'hf_ds_collate_fn']
+__all__ = ['IMAGE_EXTENSIONS', 'TensorLoader', 'loader_state', 'set_loader_state', 'DataLoaders', 'ImageDecodeError',
+           'image_files', 'folder_items', 'pil_to_tensor', 'ImageFolderDataset', 'collate_images', 'MappedLoader',
+           'hf_ds_collate_fn']
 
 # %% ../nbs/01_data.ipynb #386003bc
 class TensorLoader:
@@ -50,8 +51,8 @@ class TensorLoader:
         # permuting the whole dataset once per epoch, which also doubles its memory
         for i in range(n_batches):
             j = idx[i*bs:(i+1)*bs]
+            if i == n_batches - 1: self._epoch_state = None   # the whole order is handed out: the next state is next
             yield tuple(t.index_select(0, j) for t in self.tensors)
-        self._epoch_state = None
 
     @property
     def device(self) -> torch.device: return self.tensors[0].device
@@ -69,7 +70,27 @@ class TensorLoader:
         shapes = ', '.join(str(tuple(t.shape)) for t in self.tensors)
         return f'TensorLoader({shapes}, batch_size={self.batch_size}, shuffle={self.shuffle}, device={self.device})'
 
-# %% ../nbs/01_data.ipynb #e150d0d5
+# %% ../nbs/01_data.ipynb #0349d495
+def _torch_generator(dl) -> torch.Generator | None:
+    for obj in (dl, getattr(dl, 'sampler', None)):
+        gen = getattr(obj, 'generator', None)
+        if isinstance(gen, torch.Generator): return gen
+    return None
+
+def loader_state(dl) -> dict | None:
+    "A loader's shuffling state: its own `state_dict()`, else its `torch.Generator`'s; None if it has neither."
+    if callable(getattr(dl, 'state_dict', None)): return dl.state_dict()
+    gen = _torch_generator(dl)
+    return None if gen is None else {'generator': gen.get_state()}
+
+def set_loader_state(dl, state: dict | None) -> None:
+    "Restore a state read by `loader_state`."
+    if state is None: return
+    if callable(getattr(dl, 'load_state_dict', None)): return dl.load_state_dict(state)
+    gen = _torch_generator(dl)
+    if gen is not None: gen.set_state(state['generator'])
+
+# %% ../nbs/01_data.ipynb #42c55a59
 class DataLoaders:
     "A training loader and a validation loader; any iterable of batches with a `len` works as either."
     def __init__(self, train, valid, vocab: list | None = None):
@@ -90,7 +111,7 @@ class DataLoaders:
 
     def __repr__(self): return f'DataLoaders(train={self.train!r}, valid={self.valid!r})'
 
-# %% ../nbs/01_data.ipynb #c13cbc48
+# %% ../nbs/01_data.ipynb #99fc82c8
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 
 class ImageDecodeError(OSError):
@@ -153,7 +174,7 @@ def collate_images(items: list) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.stack([x.permute(1, 2, 0) for x in xs]).permute(0, 3, 1, 2), torch.tensor(ys)
     return torch.stack(xs), torch.tensor(ys)
 
-# %% ../nbs/01_data.ipynb #461ade79
+# %% ../nbs/01_data.ipynb #bf491271
 class MappedLoader:
     "Wrap a loader: batches become tuples, move to `device`, `uint8` images become floats in [0, 1], then `batch_tfms`."
     def __init__(self, dl, batch_tfms=None, device=None, to_float: bool = True):
@@ -172,6 +193,14 @@ class MappedLoader:
 
     @property
     def dataset(self): return self.dl.dataset
+
+    def state_dict(self) -> dict | None:
+        "The wrapped loader's shuffling state (see `loader_state`)."
+        return loader_state(self.dl)
+
+    def load_state_dict(self, state: dict | None) -> None:
+        "Restore the wrapped loader's shuffling state."
+        set_loader_state(self.dl, state)
 
     def __repr__(self):
         dl = self.dl
@@ -212,7 +241,7 @@ def from_folder(cls: DataLoaders, path: str | Path, train: str = 'train', valid:
     wrap = partial(MappedLoader, batch_tfms=batch_tfms, device=device)
     return cls(wrap(train_dl), wrap(valid_dl), vocab=vocab)
 
-# %% ../nbs/01_data.ipynb #f23fba92
+# %% ../nbs/01_data.ipynb #ed945941
 def hf_ds_collate_fn(data: list[dict], flatten: bool = True) -> tuple[torch.Tensor, ...]:
     "Collate Hugging Face rows into one tensor per column; PIL images become float tensors in [0, 1] (flattened)."
     def to_tensor(v):

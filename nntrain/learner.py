@@ -21,7 +21,7 @@ from torch import nn
 from .core import (CANCELS, EVENTS, STEPS, CancelBatchException, CancelEpochException, CancelFitException,
                           CancelStepException, Order, Subscriber, add_note, atomic_save, build_table, note_origin,
                           rng_state, set_rng_state)
-from .data import DataLoaders
+from .data import DataLoaders, loader_state, set_loader_state
 
 # %% auto #0
 __all__ = ['check_batch', 'check_preds', 'per_item_loss', 'Learner', 'synth_dls']
@@ -232,15 +232,21 @@ class Learner:
             raise
 
     def _all_batches(self, skip: int) -> None:
+        if skip >= self.n_iter: return   # resuming after this pass's last batch: starting the loader would draw an order
         for self.iter, self.batch in enumerate(self.dl):
+            # A deferred Ctrl-C stops between batches, once the loader has moved on as it would have anyway (torch's
+            # samplers draw again when asked past their last batch, so stopping earlier would shift the next epoch).
+            if self._interrupt: self._stop(f'before batch {self.iter} of epoch {self.epoch}')
             if self.iter < skip: continue   # resuming: these batches were done before the checkpoint
             if self._resume_rng is not None: set_rng_state(self._resume_rng); self._resume_rng = None
             if self.training: self.pct_train = (self.epoch + self.iter / self.n_iter) / self.n_epochs
             self._stage('batch', self._one_batch)
-            if self._interrupt:   # a deferred Ctrl-C: every subscriber has finished this batch
-                self._interrupt = False
-                raise KeyboardInterrupt(f'stopped by Ctrl-C after batch {self.iter} of epoch {self.epoch}')
+        if self._interrupt: self._stop(f'after the last batch of epoch {self.epoch}')
         if self.training: self.pct_train = (self.epoch + 1) / self.n_epochs
+
+    def _stop(self, where: str):
+        self._interrupt, self.batch = False, None   # the batch fetched after the stop was asked for never ran
+        raise KeyboardInterrupt(f'stopped by Ctrl-C {where}')
 
     def _one_epoch(self, dl, training: bool, skip: int = 0) -> None:
         self.dl, self.training, self.n_iter, self.iter = dl, training, len(dl), 0
@@ -338,8 +344,7 @@ class Learner:
 
     def state_dict(self) -> dict:
         "Everything needed to continue this run exactly: weights, optimizer, counters, history, RNG, loaders, subscribers."
-        loaders = {n: dl.state_dict() for n, dl in (('train', self.dls.train), ('valid', self.dls.valid))
-                   if callable(getattr(dl, 'state_dict', None))}
+        loaders = {n: loader_state(dl) for n, dl in (('train', self.dls.train), ('valid', self.dls.valid))}
         return {'model': self.model.state_dict(),
                 'opt': None if self.opt is None else self.opt.state_dict(),
                 'counters': {'global_step': self.global_step, 'n_epochs': self.n_epochs, 'position': list(self._pos)},
@@ -358,8 +363,7 @@ class Learner:
         self.global_step, self.n_epochs, self._pos = counters['global_step'], counters['n_epochs'], tuple(counters['position'])
         self.history = [dict(row) for row in state['history']]
         for name, dl in (('train', self.dls.train), ('valid', self.dls.valid)):
-            if name in state['loaders'] and callable(getattr(dl, 'load_state_dict', None)):
-                dl.load_state_dict(state['loaders'][name])
+            set_loader_state(dl, state['loaders'].get(name))
         keys = dict(self._sub_keys())
         missing = [k for k in state['subs'] if k not in keys]
         if missing: raise ValueError(f'the checkpoint has state for subscribers this learner lacks: {missing}')

@@ -168,7 +168,7 @@ def test_ctrl_c_finishes_the_batch_and_a_second_stops_at_once():
         def after_batch(self, learn): seen.append((learn.iter, learn.training))
     learn = make_learner()
     handler = signal.getsignal(signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt, match='after batch 2'):
+    with pytest.raises(KeyboardInterrupt, match='before batch 3'):
         learn.fit(2, subs=[Press(1)])
     assert seen[-1] == (2, True) and learn.global_step == 3     # batch 2 completed, then the fit stopped
     assert signal.getsignal(signal.SIGINT) is handler           # the previous handler is back
@@ -178,3 +178,21 @@ def test_ctrl_c_finishes_the_batch_and_a_second_stops_at_once():
         learn.fit(2, subs=[Press(2)])
     assert seen == [(0, True), (1, True)] and learn.global_step == 2   # stopped inside batch 2: no step
     learn.fit(1)                                                          # and usable again
+
+
+def test_resume_at_an_epoch_boundary_is_exact_with_a_torch_dataloader(tmp_path):
+    from torch.utils.data import DataLoader, TensorDataset
+    def make(*subs):
+        learn = make_learner(*subs)
+        train = learn.dls.train.tensors
+        learn.dls.train = DataLoader(TensorDataset(*train), batch_size=8, shuffle=True,
+                                     generator=torch.Generator().manual_seed(0))
+        return learn
+    reference = make()
+    reference.fit(3)
+    first = make(CheckpointS(tmp_path, every='epoch'))
+    with pytest.raises(KeyboardInterrupt):
+        first.fit(3, subs=[Crash(16)])        # 8 batches per epoch: the end of epoch 1
+    resumed = make(CheckpointS(tmp_path, every='epoch')).load(latest_checkpoint(tmp_path))
+    resumed.fit(3, resume=True)
+    assert same_weights(resumed, reference)

@@ -14,6 +14,7 @@ import torch
 from fastcore.basics import patch
 
 from ..core import CancelFitException, Order, Subscriber, rng_state, set_rng_state
+from ..data import loader_state, set_loader_state
 from ..learner import Learner
 from .schedule import sched_exp, sched_lin
 
@@ -120,17 +121,9 @@ _LEARNER_ATTRS = ('model', 'dls', 'loss_func', 'opt_func', 'lr', 'opt', 'n_epoch
                   'global_step', 'pct_train', 'training', 'dl', 'batch', 'preds', 'loss', 'scaler', '_pos', '_resume_rng')
 
 def _loader_states(dls) -> list:
-    "(restore function, saved state) for each loader's shuffling state."
-    out, seen = [], set()
-    for dl in dls:
-        if id(dl) in seen: continue
-        seen.add(id(dl))
-        if callable(getattr(dl, 'state_dict', None)) and callable(getattr(dl, 'load_state_dict', None)):
-            out.append((dl.load_state_dict, copy.deepcopy(dl.state_dict())))
-            continue
-        for gen in (getattr(dl, 'generator', None), getattr(getattr(dl, 'sampler', None), 'generator', None)):
-            if isinstance(gen, torch.Generator): out.append((gen.set_state, gen.get_state()))
-    return out
+    "(loader, saved shuffling state) for each distinct loader."
+    unique = {id(dl): dl for dl in dls}.values()
+    return [(dl, copy.deepcopy(loader_state(dl))) for dl in unique]
 
 def _named_tensors(model) -> dict:
     return {**{f'p:{k}': v for k, v in model.named_parameters()}, **{f'b:{k}': v for k, v in model.named_buffers()}}
@@ -161,7 +154,7 @@ class _Snapshot:
         for k, p in learn.model.named_parameters():
             p.grad = None if self.grads[k] is None else self.grads[k].to(p.device)
         for s, state in self.sub_states: s.load_state_dict(state)
-        for load, state in self.loaders: load(state)
+        for dl, state in self.loaders: set_loader_state(dl, state)
         set_rng_state(self.rng)
 
 # %% ../../nbs/15_lr_find.ipynb #01cb290d
