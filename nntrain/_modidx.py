@@ -174,6 +174,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'nntrain.optim.StatsOptimizer.__init__': ('optim.html#statsoptimizer.__init__', 'nntrain/optim.py'),
                                'nntrain.optim.StatsOptimizer.__repr__': ('optim.html#statsoptimizer.__repr__', 'nntrain/optim.py'),
                                'nntrain.optim.StatsOptimizer._update': ('optim.html#statsoptimizer._update', 'nntrain/optim.py'),
+                               'nntrain.optim._adam_moments': ('optim.html#_adam_moments', 'nntrain/optim.py'),
                                'nntrain.optim._check_hypers': ('optim.html#_check_hypers', 'nntrain/optim.py'),
                                'nntrain.optim._decay': ('optim.html#_decay', 'nntrain/optim.py'),
                                'nntrain.optim._with_defaults': ('optim.html#_with_defaults', 'nntrain/optim.py'),

@@ -88,6 +88,14 @@ class RMSProp(PerParamOptimizer):
         sqr_avg = state['sqr_avg'].mul_(group['alpha']).addcmul_(grad, grad, value=1 - group['alpha'])
         p.addcdiv_(grad, sqr_avg.sqrt().add_(group['eps']), value=-group['lr'])
 
+def _adam_moments(p, grad, state: dict, b1: float, b2: float) -> tuple[float, float]:
+    "Update Adam's running averages of the gradient and its square in `state`; return the bias corrections."
+    if not state: state.update(step=0, grad_avg=torch.zeros_like(p), sqr_avg=torch.zeros_like(p))
+    state['step'] += 1
+    state['grad_avg'].lerp_(grad, 1 - b1)
+    state['sqr_avg'].mul_(b2).addcmul_(grad, grad, value=1 - b2)
+    return 1 - b1 ** state['step'], 1 - b2 ** state['step']
+
 class Adam(PerParamOptimizer):
     "Adam (Kingma & Ba) with bias-corrected moments; `weight_decay` is an L2 penalty added to the gradient."
     decoupled = False
@@ -100,12 +108,7 @@ class Adam(PerParamOptimizer):
         lr, (b1, b2), wd = group['lr'], group['betas'], group['weight_decay']
         if self.decoupled: _decay(p, lr, wd)
         elif wd: grad = grad.add(p, alpha=wd)
-        if not state:
-            state.update(step=0, grad_avg=torch.zeros_like(p), sqr_avg=torch.zeros_like(p))
-        state['step'] += 1
-        bias1, bias2 = 1 - b1 ** state['step'], 1 - b2 ** state['step']
-        state['grad_avg'].lerp_(grad, 1 - b1)
-        state['sqr_avg'].mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        bias1, bias2 = _adam_moments(p, grad, state, b1, b2)
         denom = (state['sqr_avg'].sqrt() / math.sqrt(bias2)).add_(group['eps'])
         p.addcdiv_(state['grad_avg'], denom, value=-lr / bias1)
 
@@ -126,12 +129,7 @@ class LAMB(PerParamOptimizer):
 
     def _update(self, p, grad, group, state):
         lr, (b1, b2) = group['lr'], group['betas']
-        if not state:
-            state.update(step=0, grad_avg=torch.zeros_like(p), sqr_avg=torch.zeros_like(p))
-        state['step'] += 1
-        bias1, bias2 = 1 - b1 ** state['step'], 1 - b2 ** state['step']
-        state['grad_avg'].lerp_(grad, 1 - b1)
-        state['sqr_avg'].mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        bias1, bias2 = _adam_moments(p, grad, state, b1, b2)
         u = (state['grad_avg'] / bias1) / ((state['sqr_avg'] / bias2).sqrt() + group['eps'])
         if group['weight_decay']: u.add_(p, alpha=group['weight_decay'])
         w_norm, u_norm = p.norm(), u.norm()
