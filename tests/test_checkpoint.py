@@ -196,3 +196,11 @@ def test_resume_at_an_epoch_boundary_is_exact_with_a_torch_dataloader(tmp_path):
     resumed = make(CheckpointS(tmp_path, every='epoch')).load(latest_checkpoint(tmp_path))
     resumed.fit(3, resume=True)
     assert same_weights(resumed, reference)
+
+
+def test_epoch_checkpoints_in_a_training_only_fit(tmp_path):
+    learn = make_learner(CheckpointS(tmp_path, every='epoch', keep=5))
+    learn.fit(3, valid=False)
+    assert [p.name for p in checkpoints(tmp_path)] == ['step-8.pt', 'step-16.pt', 'step-24.pt']
+    state = torch.load(tmp_path / 'step-16.pt', weights_only=True)
+    assert state['counters']['position'] == [2, True, 0]     # resumes at the start of the next epoch

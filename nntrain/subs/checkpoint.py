@@ -51,21 +51,33 @@ class CheckpointS(Subscriber):
         self._save(learn, f'step-{learn.global_step}.pt')
         for old in checkpoints(self.folder)[:-self.keep] if self.keep else []: old.unlink()
 
-    def before_fit(self, learn): self._finished = False
+    def before_fit(self, learn): self._finished, self._epoch_unsaved = False, False
+
+    def before_epoch(self, learn):
+        # A training pass not followed by validation ended its epoch: the state now is that epoch's end.
+        if learn.training and self._epoch_unsaved: self._epoch_done(learn)
 
     def after_step(self, learn):
         if self.every != 'epoch' and learn.global_step % self.every == 0: self._rotate(learn)
 
+    def _epoch_done(self, learn) -> None:
+        self._epoch_unsaved = False
+        if self.every == 'epoch': self._rotate(learn)
+
     def after_epoch(self, learn):
-        last_phase = not learn.training or learn.dl is not learn.dls.train or learn.dls.valid is None
-        if not learn.training and self.monitor is not None and learn.history:
+        if learn.training:   # whether validation follows is known only when the next pass starts
+            self._epoch_unsaved = True
+            return
+        if self.monitor is not None and learn.history:
             value = learn.history[-1].get(self.monitor)
             if value is not None and (value < self.best if self.mode == 'min' else value > self.best):
                 self.best = value
                 self._save(learn, 'best.pt')
-        if self.every == 'epoch' and last_phase: self._rotate(learn)
+        self._epoch_done(learn)
 
-    def after_fit(self, learn): self._finished = True
+    def after_fit(self, learn):
+        if self._epoch_unsaved: self._epoch_done(learn)
+        self._finished = True
 
     def cleanup_fit(self, learn):
         # Reached only through an error or a cancel when after_fit did not run: keep what was learned so far.
