@@ -6,9 +6,11 @@
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import random
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from functools import partial
 from typing import Any, Callable, Iterable
@@ -16,9 +18,10 @@ from typing import Any, Callable, Iterable
 import torch
 
 # %% auto #0
-__all__ = ['EVENTS', 'STEPS', 'CANCELS', 'CancelFitException', 'CancelEpochException', 'CancelBatchException',
+__all__ = ['EVENTS', 'STEPS', 'CANCELS', 'RUNS', 'CancelFitException', 'CancelEpochException', 'CancelBatchException',
            'CancelStepException', 'Order', 'Subscriber', 'check_subscriber', 'sort_subs', 'build_table', 'add_note',
-           'note_origin', 'default_device', 'to_device', 'set_seed', 'rng_state', 'set_rng_state', 'atomic_save']
+           'note_origin', 'default_device', 'to_device', 'preserve_modes', 'set_seed', 'check_int', 'check_number',
+           'check_choice', 'check_bool', 'rng_state', 'set_rng_state', 'atomic_save']
 
 # %% ../nbs/00_core.ipynb #d0b81b93
 EVENTS = ('before_fit', 'before_epoch', 'before_batch',
@@ -47,28 +50,36 @@ CANCELS = (CancelFitException, CancelEpochException, CancelBatchException, Cance
 
 # %% ../nbs/00_core.ipynb #e80c32f9
 class Order:
-    "Reference `order` values for subscribers; lower runs first at every event."
+    "Reference `order` values for subscribers; lower runs first at every event. Every shipped subscriber uses one."
     DEVICE = -30      # batches must be on the device before anything touches them
     NORMALIZE = -20
     AUGMENT = -10
     DEFAULT = 0
     MIXUP = 10        # after augmentation: mixes the final inputs and rewrites the loss
+    NAN_GUARD = 12    # sees the final loss (after mixing) and each batch's gradients before accumulation averages them
+    ACCUMULATE = 15   # cancels the step before precision unscales and clipping clips
     PRECISION = 20
-    GUARD = 30        # inspects loss and gradients after the transforms above
+    GUARD = 30        # inspects loss and gradients after the transforms above (clipping)
     SCHEDULE = 40
+    EMA = 45          # averages after the step's other after_step work; swaps weights before metrics and saves
     METRICS = 80      # reads preds/loss once every transform is done
     LOG = 85
     PROGRESS = 90     # displays what metrics produced
     CHECKPOINT = 95   # saves once everything else has updated its state
     STOP = 98         # early stopping: last, so the final epoch is shown and saved before the fit ends
+    TTA = 99          # test-time augmentation: blends predictions after every other predict-time subscriber
+    COLLECT = 100     # `get_preds` gathers the final predictions
+
+RUNS = ('fit', 'validate', 'predict', 'lr_find')
+"The kinds of run: `fit`, `validate`, `predict` (`get_preds`, `infer`, `tta`, `summary`) and `lr_find` (the LR search)."
 
 class Subscriber:
     "Base class for subscribers: define methods named after `EVENTS` (or `STEPS`); each receives the learner."
     order: int = Order.DEFAULT
-    in_predict: bool = True   # runs during `get_preds`/`predict`; metrics and display subscribers set False
-    in_lr_find: bool = True   # runs during the LR finder's search; metrics, display, logging, checkpoints set False
+    runs: tuple = RUNS   # the kinds of run it takes part in; e.g. ('fit',) for checkpoints, ('fit', 'validate') for metrics
 
     def __repr__(self): return f'{type(self).__name__}(order={self.order})'
+
 
 # %% ../nbs/00_core.ipynb #43c3ee4e
 _PREFIXES = ('before_', 'after_', 'cleanup_')
@@ -78,35 +89,52 @@ def _suspicious(name: str) -> bool:
     if name in EVENTS or name.startswith('_'): return False
     return name.startswith(_PREFIXES) or bool(difflib.get_close_matches(name, EVENTS, n=1, cutoff=0.85))
 
+def _did_you_mean(name: str, options) -> str:
+    hint = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    return f' Did you mean {hint[0]!r}?' if hint else ''
+
 def check_subscriber(sub) -> None:
-    "Raise if `sub` has a method that looks like an event but is not one, or a non-integer `order`."
+    "Raise if `sub` is not a usable subscriber: a class, a non-integer `order`, unknown `runs`, a misspelt event."
+    name = type(sub).__name__
+    if isinstance(sub, type):
+        raise TypeError(f'{sub.__name__} is a class, not a subscriber: pass an instance, {sub.__name__}()')
     order = getattr(sub, 'order', 0)
-    if not isinstance(order, int): raise TypeError(f'{type(sub).__name__}.order must be an int, got {order!r}')
-    for name in dir(type(sub)):
-        if _suspicious(name) and callable(getattr(sub, name, None)):
-            hint = difflib.get_close_matches(name, EVENTS, n=1, cutoff=0.6)
-            hint = f' Did you mean {hint[0]!r}?' if hint else ''
-            raise ValueError(f'{type(sub).__name__}.{name} looks like an event handler but {name!r} is not an event.'
-                             f'{hint} Events: {", ".join(EVENTS)}.')
+    if not isinstance(order, int) or isinstance(order, bool): raise TypeError(f'{name}.order must be an int, got {order!r}')
+    runs = getattr(sub, 'runs', RUNS)
+    if isinstance(runs, str) or not all(r in RUNS for r in runs):
+        bad = [runs] if isinstance(runs, str) else [r for r in runs if r not in RUNS]
+        raise ValueError(f'{name}.runs must be a tuple of kinds of run from {RUNS}, got {runs!r}'
+                         f'{_did_you_mean(str(bad[0]), RUNS)}')
+    for old in ('in_predict', 'in_lr_find'):
+        if hasattr(sub, old):
+            raise TypeError(f'{name}.{old} is no longer read: declare the kinds of run instead, e.g. '
+                            f"runs = ('fit', 'validate'); kinds: {RUNS}")
+    for attr in dir(type(sub)):
+        if _suspicious(attr) and callable(getattr(sub, attr, None)):
+            raise ValueError(f'{name}.{attr} looks like an event handler but {attr!r} is not an event.'
+                             f'{_did_you_mean(attr, EVENTS)} Events: {", ".join(EVENTS)}.')
 
 def sort_subs(subs: Iterable) -> list:
     "Subscribers sorted by `order`; ties keep their given order."
     return sorted(subs, key=lambda s: getattr(s, 'order', 0))
 
-def build_table(subs: Iterable) -> tuple[dict, dict]:
-    "Check `subs` and return (event → tuple of bound methods, step → the one subscriber providing it)."
+def build_table(subs: Iterable, run: str = 'fit') -> tuple[dict, dict]:
+    "Check `subs`; for those taking part in `run`: (event → tuple of bound methods, step → the subscriber providing it)."
+    if run not in RUNS: raise ValueError(f'unknown kind of run {run!r}; kinds: {RUNS}')
     subs = sort_subs(subs)
     for s in subs: check_subscriber(s)
+    subs = [s for s in subs if run in getattr(s, 'runs', RUNS)]
     table = {e: tuple(getattr(s, e) for s in subs if callable(getattr(s, e, None))) for e in EVENTS}
     steps = {}
     for s in subs:
-        for name in STEPS:
-            if not callable(getattr(s, name, None)): continue
-            if name in steps:
-                raise ValueError(f'both {type(steps[name]).__name__} and {type(s).__name__} provide the {name!r} step;'
+        for step in STEPS:
+            if not callable(getattr(s, step, None)): continue
+            if step in steps:
+                raise ValueError(f'both {type(steps[step]).__name__} and {type(s).__name__} provide the {step!r} step;'
                                  ' at most one subscriber may replace each step.')
-            steps[name] = s
+            steps[step] = s
     return table, steps
+
 
 # %% ../nbs/00_core.ipynb #8db32a1c
 def add_note(e: BaseException, note: str) -> None:
@@ -138,6 +166,15 @@ def to_device(obj: Any, device: torch.device | str, non_blocking: bool = False) 
     if isinstance(obj, (list, tuple)): return type(obj)(map(move, obj))
     return obj
 
+# %% ../nbs/00_core.ipynb #6359fa30
+@contextmanager
+def preserve_modes(model):
+    "Put back the train/eval flag of every module of `model` on leaving, whatever happened inside."
+    modes = [(m, m.training) for m in model.modules()]
+    try: yield model
+    finally:
+        for m, mode in modes: m.training = mode
+
 # %% ../nbs/00_core.ipynb #e5e40208
 def set_seed(seed: int, deterministic: bool = False) -> None:
     "Seed Python, NumPy and torch (all devices); with `deterministic`, also ask torch for deterministic kernels."
@@ -153,6 +190,39 @@ def set_seed(seed: int, deterministic: bool = False) -> None:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
+
+# %% ../nbs/00_core.ipynb #5727d17b
+def _is_number(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+def check_int(name: str, value, min_value: int | None = 1, allow_none: bool = False) -> None:
+    "Raise unless `value` is an int (not a bool) at least `min_value` (or None, when allowed)."
+    if value is None and allow_none: return
+    if not isinstance(value, int) or isinstance(value, bool) or (min_value is not None and value < min_value):
+        what = 'an int' + (f' >= {min_value}' if min_value is not None else '') + (' or None' if allow_none else '')
+        raise ValueError(f'{name} must be {what}, got {value!r}')
+
+def check_number(name: str, value, low: float | None = None, high: float | None = None, low_open: bool = False,
+                 high_open: bool = False, allow_none: bool = False) -> None:
+    "Raise unless `value` is a finite real number in the given range (or None, when allowed)."
+    if value is None and allow_none: return
+    ok = _is_number(value) and math.isfinite(value)
+    ok = ok and (low is None or (value > low if low_open else value >= low))
+    ok = ok and (high is None or (value < high if high_open else value <= high))
+    if not ok:
+        lo = '' if low is None else ('(' if low_open else '[') + f'{low}, '
+        hi = '' if high is None else f'{high}' + (')' if high_open else ']')
+        rng = f' in {lo or "(-inf, "}{hi or "inf)"}' if low is not None or high is not None else ''
+        raise ValueError(f'{name} must be a finite number{rng}{" or None" if allow_none else ""}, got {value!r}')
+
+def check_choice(name: str, value, choices) -> None:
+    "Raise unless `value` is one of `choices`, suggesting the closest."
+    if value not in choices:
+        hint = _did_you_mean(value, [c for c in choices if isinstance(c, str)]) if isinstance(value, str) else ''
+        raise ValueError(f'{name} must be one of {", ".join(map(repr, choices))}, got {value!r}.{hint}'.rstrip('.'))
+
+def check_bool(name: str, value) -> None:
+    "Raise unless `value` is a bool."
+    if not isinstance(value, bool): raise TypeError(f'{name} must be True or False, got {value!r}')
 
 # %% ../nbs/00_core.ipynb #a78c99a4
 def rng_state() -> dict:

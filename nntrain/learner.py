@@ -5,6 +5,9 @@
 # %% ../nbs/03_learner.ipynb #3aa00625
 from __future__ import annotations
 
+import copy
+import itertools
+import pickle
 import signal
 import sys
 import threading
@@ -12,25 +15,32 @@ import traceback
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from fastcore.basics import patch
 from torch import nn
 
-from .core import (CANCELS, EVENTS, STEPS, CancelBatchException, CancelEpochException, CancelFitException,
-                          CancelStepException, Order, Subscriber, add_note, atomic_save, build_table, note_origin,
-                          rng_state, set_rng_state)
+from .core import (CANCELS, EVENTS, RUNS, STEPS, CancelBatchException, CancelEpochException, CancelFitException,
+                          CancelStepException, Order, Subscriber, add_note, atomic_save, build_table, check_bool,
+                          check_int, check_number, note_origin, preserve_modes, rng_state, set_rng_state)
 from .data import DataLoaders, loader_state, set_loader_state
 
 # %% auto #0
-__all__ = ['check_batch', 'check_preds', 'per_item_loss', 'Learner', 'synth_dls']
+__all__ = ['batch_targets', 'check_batch', 'check_preds', 'check_loss', 'per_item_loss', 'loader_targets', 'peek_targets',
+           'first_batch_step', 'Position', 'DeferredInterrupt', 'WeightedMean', 'lr_for_groups', 'check_lr', 'Learner',
+           'weight_problems', 'read_checkpoint', 'MomentumLearner']
 
 # %% ../nbs/03_learner.ipynb #02763b97
 def _describe(o) -> str:
     if isinstance(o, torch.Tensor): return f'tensor of shape {tuple(o.shape)} ({o.dtype})'
     if isinstance(o, dict): return f'dict with keys {list(o)}'
     return type(o).__name__
+
+def batch_targets(batch):
+    "The targets of `batch`: the last element of an `(x, y)` pair; None for a batch of inputs only."
+    return batch[-1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
 
 def check_batch(batch, model: nn.Module | None = None, targets: bool = True) -> None:
     "Raise a clear error if `batch` is not an `(x, y)` pair (or `(x,)` when not `targets`) the model can use."
@@ -40,30 +50,44 @@ def check_batch(batch, model: nn.Module | None = None, targets: bool = True) -> 
                         f'{_describe(batch)}. A subscriber providing `predict`/`get_loss` can handle other shapes.')
     x, y = batch[0], batch[-1]
     if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.ndim and y.ndim and len(x) != len(y):
-        raise ValueError(f'inputs and targets disagree on batch size: inputs {tuple(x.shape)}, targets {tuple(y.shape)}')
+        raise ValueError(f'inputs and targets disagree on batch size: inputs {tuple(x.shape)}, '
+                         f'targets {tuple(y.shape)}')
     param = next(model.parameters(), None) if model is not None else None
     if isinstance(x, torch.Tensor) and param is not None and x.device.type != param.device.type:
         raise RuntimeError(f'inputs are on {x.device} but the model is on {param.device}: add DeviceS() to the '
                            'subscribers, or build the loaders on the model\'s device')
 
-def check_preds(preds, y, ignore_index: int = -100, all_targets: torch.Tensor | None = None) -> None:
+def _is_labels(preds: torch.Tensor, y: torch.Tensor) -> bool:
+    "Are `y` class indices for the scores `preds` (N, C, ...)?"
+    return not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool) and preds.ndim == y.ndim + 1
+
+def check_preds(preds, y, ignore_index: int = -100, all_targets: torch.Tensor | None = None,
+                where: str = 'this batch has') -> None:
     "Raise a clear error if `y` (or `all_targets`, when known) cannot be a target for `preds`: label range, broadcasting."
     if not (isinstance(preds, torch.Tensor) and isinstance(y, torch.Tensor)) or not preds.is_floating_point(): return
     if preds.ndim and y.ndim and len(preds) != len(y):
         raise ValueError(f'model output has batch size {len(preds)} but targets have {len(y)}: '
                          f'output {tuple(preds.shape)}, targets {tuple(y.shape)}')
-    if not y.is_floating_point() and not y.is_complex() and y.dtype != torch.bool and preds.ndim == y.ndim + 1:
+    if _is_labels(preds, y):
         labels = y if all_targets is None or all_targets.dtype != y.dtype else all_targets
         n_classes, valid = preds.shape[1], labels[labels != ignore_index]
         if valid.numel():
             lo, hi = valid.min().item(), valid.max().item()   # the one host sync, first batch only
             if lo < 0 or hi >= n_classes:
-                where = 'this batch has' if labels is y else 'the targets have'
+                where = where if labels is y else 'the targets have'
                 raise ValueError(f'labels must be in [0, {n_classes}) for a model with {n_classes} outputs, '
                                  f'but {where} labels in [{lo}, {hi}]')
     elif y.is_floating_point() and preds.shape != y.shape:
         raise ValueError(f'model output {tuple(preds.shape)} and targets {tuple(y.shape)} differ in shape; a loss '
                          'would broadcast them silently. Reshape one (e.g. `preds.squeeze(-1)` or `y.view(-1, 1)`).')
+
+def check_loss(loss) -> None:
+    "Raise a clear error unless `loss` is one number (a scalar tensor): a loss per item cannot be averaged silently."
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f'the loss function must return a tensor, got {_describe(loss)}')
+    if loss.numel() != 1:
+        raise ValueError(f'the loss function returned {_describe(loss)}, not one number: reduce it to its mean '
+                         "(e.g. `reduction='mean'`); nntrain weights each batch's mean loss by its size itself")
 
 # %% ../nbs/03_learner.ipynb #419af52d
 def per_item_loss(loss_func: Callable, preds: torch.Tensor, *targets) -> torch.Tensor:
@@ -74,54 +98,210 @@ def per_item_loss(loss_func: Callable, preds: torch.Tensor, *targets) -> torch.T
         finally: loss_func.reduction = old
     return loss_func(preds, *targets, reduction='none')
 
+# %% ../nbs/03_learner.ipynb #cf09e07f
+def loader_targets(dl) -> torch.Tensor | None:
+    "Every target of an in-memory loader (the last of a `TensorLoader`'s two tensors), else None."
+    tensors = getattr(dl, 'tensors', ())
+    return tensors[-1] if isinstance(tensors, tuple) and len(tensors) == 2 else None
+
+def peek_targets(dl):
+    "The targets of `dl`'s first batch, leaving every random generator and the loader's shuffling state as they were."
+    state, rng = loader_state(dl), rng_state()
+    try: return batch_targets(next(iter(dl), None))
+    finally:
+        set_loader_state(dl, state)
+        set_rng_state(rng)
+
+def _note_failure(learn, e: Exception, what: str, given: str) -> None:
+    param = next(learn.model.parameters(), None)
+    model = f'; model parameters: {param.dtype} on {param.device}' if param is not None else ''
+    add_note(e, f'nntrain: {what} failed on the first {"training" if learn.training else "validation"} batch; '
+                f'{given}{model}')
+
+def first_batch_step(learn, name: str, step: Callable) -> None:
+    "Run step `name` of a phase's first batch with the checks around it; a failing model or loss says what it got."
+    if name == 'predict':
+        if not learn.provides('predict'): check_batch(learn.batch, learn.model, targets=learn.run_kind != 'predict')
+        try: step()
+        except Exception as e:
+            _note_failure(learn, e, 'the model', f'inputs: {_describe(learn.batch[0])}')
+            raise
+    elif name == 'get_loss':   # after `after_predict`: the predictions the loss will see
+        y = batch_targets(learn.batch)
+        if y is not None:
+            check_preds(learn.preds, y, all_targets=loader_targets(learn.dl))
+            if learn.training: _check_other_loaders(learn, y)
+        try: step()
+        except Exception as e:
+            _note_failure(learn, e, 'the loss function',
+                          f'predictions: {_describe(learn.preds)}, targets: {_describe(batch_targets(learn.batch))}')
+            raise
+        check_loss(learn.loss)
+    else: step()
+
+def _check_other_loaders(learn, y) -> None:
+    "Before the first step: the validation labels must fit the model too (in-memory: all of them; else a first batch)."
+    dl = learn.dls.valid
+    if dl is None or dl is learn.dl or not (isinstance(y, torch.Tensor) and _is_labels(learn.preds, y)): return
+    targets = loader_targets(dl)
+    if targets is None: targets = peek_targets(dl)
+    if isinstance(targets, torch.Tensor) and targets.dtype == y.dtype:
+        check_preds(learn.preds[:1].expand(len(targets), *learn.preds.shape[1:]), targets,
+                    where='the validation set has')
+
+# %% ../nbs/03_learner.ipynb #6aa72df8
+class Position(NamedTuple):
+    "Where a run stands, as a resume would restart it: the epoch, which phase, and how many of its batches are done."
+    epoch: int = 0
+    training: bool = True
+    done: int = 0
+
+class DeferredInterrupt:
+    "A first Ctrl-C inside sets `requested` (the loop stops between batches: a consistent state); a second stops at once."
+    def __init__(self): self.requested, self._previous, self._handler = False, None, None
+
+    def __enter__(self) -> DeferredInterrupt:
+        self.requested, previous = False, signal.getsignal(signal.SIGINT)
+        # Signals are handled on the main thread only; a foreign (non-callable) handler is left alone.
+        if threading.current_thread() is threading.main_thread() and callable(previous):
+            self._previous, self._handler = previous, self._request
+            signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _request(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous)
+        print('nntrain: Ctrl-C: stopping after this batch; press it again to stop now', file=sys.stderr)
+
+    def __exit__(self, *exc) -> None:
+        self.requested = False
+        if self._handler is not None and signal.getsignal(signal.SIGINT) is self._handler:
+            signal.signal(signal.SIGINT, self._previous)
+        self._previous = self._handler = None
+
+class WeightedMean:
+    "The mean of per-batch values weighted by batch size, accumulated on the device: no host sync until read."
+    def __init__(self): self.values, self.sizes = [], []
+    def add(self, value: torch.Tensor, n: int) -> None: self.values.append(value.detach()); self.sizes.append(n)
+    def __len__(self) -> int: return len(self.values)
+
+    def totals(self) -> tuple[torch.Tensor, torch.Tensor]:
+        "(weighted sum, count) as float tensors on the values' device (what a distributed sum adds up)."
+        v = torch.stack(self.values).float()
+        n = torch.tensor(self.sizes, dtype=v.dtype, device=v.device)
+        return (v * n).sum(), n.sum()
+
+    def value(self) -> torch.Tensor:
+        "The weighted mean, as a tensor."
+        total, count = self.totals()
+        return total / count
+
+def lr_for_groups(lr: float | slice | list, n_groups: int) -> list[float]:
+    "One learning rate per param group: a number for all; `slice(hi)`: `hi/10` below the last; `slice(lo, hi)`: geometric."
+    if isinstance(lr, (list, tuple)):
+        if len(lr) != n_groups: raise ValueError(f'{len(lr)} learning rates for {n_groups} param groups')
+        return [float(v) for v in lr]
+    if not isinstance(lr, slice): return [lr] * n_groups
+    lo, hi = lr.start, lr.stop
+    if lo is None: return [hi / 10] * (n_groups - 1) + [hi]
+    if n_groups == 1: return [hi]
+    return [lo * (hi / lo) ** (i / (n_groups - 1)) for i in range(n_groups)]
+
+def check_lr(name: str, lr, allow_none: bool = False) -> None:
+    "Raise unless `lr` is a positive finite number, a `slice` of them, or a list of them (or None when allowed)."
+    if lr is None and allow_none: return
+    if isinstance(lr, slice):
+        if lr.step is not None: raise ValueError(f'{name}: a slice of learning rates takes no step, got {lr!r}')
+        for v in (lr.start, lr.stop):
+            if v is not None: check_number(f'{name} (in {lr!r})', v, 0, low_open=True)
+        if lr.stop is None: raise ValueError(f'{name}: a slice of learning rates needs its upper end, got {lr!r}')
+        return
+    for v in (lr if isinstance(lr, (list, tuple)) else [lr]): check_number(name, v, 0, low_open=True)
+
+# %% ../nbs/03_learner.ipynb #cccd4023
+def _check_learner_args(model, dls, loss_func, opt_func, lr, subs, splitter) -> None:
+    "Refuse a learner that cannot train, naming the argument, before anything is built."
+    if not isinstance(model, nn.Module): raise TypeError(f'model must be a torch.nn.Module, got {_describe(model)}')
+    if not isinstance(dls, DataLoaders) and not (isinstance(dls, (tuple, list)) and len(dls) == 2):
+        raise TypeError(f'dls must be DataLoaders or a (train, valid) pair of loaders, got {_describe(dls)}')
+    if isinstance(opt_func, torch.optim.Optimizer):
+        raise TypeError('opt_func must make an optimizer from (params, lr), e.g. torch.optim.AdamW; got an optimizer '
+                        f'already built ({type(opt_func).__name__}): pass its class instead')
+    for name, f in (('loss_func', loss_func), ('opt_func', opt_func), ('splitter', splitter)):
+        if f is None and name == 'splitter': continue
+        if isinstance(f, type) and issubclass(f, nn.Module):
+            raise TypeError(f'{name} is the class {f.__name__}: pass an instance, {f.__name__}()')
+        if not callable(f): raise TypeError(f'{name} must be callable, got {f!r}')
+    check_lr('lr', lr)
+    if isinstance(subs, (str, bytes)) or not hasattr(subs, '__iter__'):
+        raise TypeError(f'subs must be a list of subscribers, got {subs!r}')
+
+def _check_loaders(phases: list) -> None:
+    "Refuse a missing, unsized or empty loader before the run starts."
+    for dl, training in phases:
+        what = 'training' if training else 'validation'
+        if dl is None: raise ValueError(f'there is no {what} loader (it is None)')
+        if not hasattr(dl, '__len__'): raise TypeError(f'the {what} loader has no len(); wrap it or give it one')
+        if len(dl) == 0: raise ValueError(f'the {what} loader is empty (len 0): nothing to iterate')
+
 # %% ../nbs/03_learner.ipynb #de792fc6
 _STAGE_CANCEL = {'fit': CancelFitException, 'epoch': CancelEpochException, 'batch': CancelBatchException}
 
 class Learner:
     "Train `model` on `dls` with `loss_func` and an optimizer from `opt_func`; `subs` act at named events."
     def __init__(self, model: nn.Module, dls, loss_func: Callable = F.cross_entropy,
-                 opt_func: Callable = torch.optim.SGD, lr: float = 1e-2, subs=()):
-        self.model = model
+                 opt_func: Callable = torch.optim.SGD, lr: float | slice = 1e-2, subs=(),
+                 splitter: Callable | None = None):  # model -> list of parameter groups (for discriminative rates)
+        _check_learner_args(model, dls, loss_func, opt_func, lr, subs, splitter)
+        self.model, self.loss_func, self.opt_func, self.lr, self.splitter = model, loss_func, opt_func, lr, splitter
         self.dls = dls if isinstance(dls, DataLoaders) else DataLoaders(*dls)
-        self.loss_func, self.opt_func, self.lr = loss_func, opt_func, lr
-        self.opt = None
+        self.opt = self.scaler = None
         self.n_epochs, self.epoch, self.n_iter, self.iter = 0, 0, 0, 0
         self.global_step, self.pct_train, self.training = 0, 0., False
         self.dl = self.batch = self.preds = self.loss = None
-        self.history = []
-        self.scaler = None
-        self.subs = []
-        self._pos = self._start = (0, True, 0)   # (epoch, training phase?, batches done): where a resume restarts
-        self._resume_rng = None
-        self._checks = set()
-        self._predicting = False
-        self._interrupt = False
+        self.history, self.subs, self.run_kind = [], [], None
+        self._pos = self._start = Position()   # where a checkpoint taken now would restart, and where this run starts
+        self._resume_rng, self._in_loop, self._unchecked, self._n_batches = None, False, set(), None
+        self._ctrl_c = DeferredInterrupt()
         self.add_subs(*subs)
 
     # -- subscribers -------------------------------------------------------------------------------------------
     def add_subs(self, *subs) -> Learner:
-        "Add subscribers; the dispatch table is checked and rebuilt once."
+        "Add subscribers; the dispatch tables are checked and rebuilt once."
         for s in subs:
             if any(s is t for t in self.subs): raise ValueError(f'{s!r} is already subscribed to this learner')
         self._set_subs(self.subs + list(subs))
         return self
 
     def remove_subs(self, *subs) -> Learner:
-        "Remove subscribers (by identity) and rebuild the dispatch table."
+        "Remove subscribers (by identity) and rebuild the dispatch tables."
         self._set_subs([t for t in self.subs if not any(t is s for s in subs)])
         return self
 
     def _set_subs(self, subs: list) -> None:
-        table, providers = build_table(subs)   # raises before anything changes
+        tables = {kind: build_table(subs, kind) for kind in RUNS}   # raises before anything changes
         self.subs = sorted(subs, key=lambda s: getattr(s, 'order', 0))
-        self._table, self._providers = table, providers
-        # Each step is the subscriber's method if one provides it, else the learner's own (possibly overridden).
-        for name in STEPS:
-            sub = providers.get(name)
-            setattr(self, f'_do_{name}', getattr(self, name) if sub is None else partial(getattr(sub, name), self))
+        wrappers = [s.instrument for s in self.subs if callable(getattr(s, 'instrument', None))]
+        self._tables = {kind: self._dispatch(table, providers, wrappers) for kind, (table, providers) in tables.items()}
+        self._use(self.run_kind or 'fit')
 
-    def callback(self, event: str) -> None:
-        "Call every subscriber listening to `event`, in order."
+    def _dispatch(self, table: dict, providers: dict, wrappers: list) -> tuple[dict, dict, dict]:
+        "(event → handlers, step name → callable, step name → provider): a provider's step, else the learner's own."
+        steps = {n: partial(getattr(providers[n], n), self) if n in providers else getattr(self, n) for n in STEPS}
+        for wrap in wrappers:   # instruments (tracing, sync audits) see every handler and step; none: no cost
+            table = {e: tuple(wrap(f, e, f.__self__) for f in fs) for e, fs in table.items()}
+            steps = {n: wrap(f, n, providers.get(n, self)) for n, f in steps.items()}
+        return table, steps, providers
+
+    def _use(self, kind: str) -> None:
+        self._table, self._steps, self._providers = self._tables[kind]
+
+    def provides(self, step: str) -> bool:
+        "Does a subscriber provide `step` in the current kind of run (instead of the learner's own method)?"
+        return step in self._providers
+
+    def publish(self, event: str) -> None:
+        "Call every subscriber listening to `event` in this kind of run, in order."
         try: fns = self._table[event]
         except KeyError: raise ValueError(f'unknown event {event!r}; events are: {", ".join(EVENTS)}') from None
         for f in fns:
@@ -143,24 +323,14 @@ class Learner:
         if exc is None: raise errors[0]
         for e in errors: add_note(exc, f'nntrain: while cleaning up, {e._nntrain_origin} also raised {e!r}')
 
-    def show_training_loop(self) -> None:
-        "Print, for each event, the subscribers that run there in order, and who provides each step."
-        name = lambda f: type(f.__self__).__name__
-        for e in EVENTS:
-            if self._table[e]: print(f'{e:<15} {", ".join(name(f) for f in self._table[e])}')
-        for s in STEPS:
-            sub = self._providers.get(s)
-            print(f'{s + "()":<15} {type(sub).__name__ if sub is not None else type(self).__name__}')
-
     # -- the replaceable steps ---------------------------------------------------------------------------------
     def run_step(self, name: str) -> None:
         "Run the batch step `name` as the loop does: the subscriber that provides it, else the learner's own."
         if name not in STEPS: raise ValueError(f'unknown step {name!r}; steps are: {", ".join(STEPS)}')
-        getattr(self, f'_do_{name}')()
+        self._steps[name]()
 
-    def predict(self, x=None):
-        "With `x`, return the model's output for that batch of inputs; without, the loop's step: set `preds`."
-        if x is not None: return self.get_preds([(x,)])[0]
+    def predict(self) -> None:
+        "Run the model on the batch's inputs: sets `preds`. (For a model's output on inputs `x`, see `infer`.)"
         self.preds = self.model(self.batch[0])
 
     def get_loss(self) -> None:
@@ -180,13 +350,45 @@ class Learner:
         self.opt.zero_grad()
 
     # -- the loop ----------------------------------------------------------------------------------------------
+    def fit(self, n_epochs: int = 1, lr: float | slice | None = None, subs=(), train: bool = True,
+            valid: bool = True, reset_opt: bool = False, resume: bool = False, n_batches: int | None = None) -> None:
+        "Train for `n_epochs` (each a train pass, then a valid pass); `subs` are added for this fit only."
+        self._check_fit_args(n_epochs, lr, subs, train, valid, reset_opt, resume, n_batches)
+        if resume: self._prepare_resume(n_epochs, lr, reset_opt)
+        subs = list(subs)
+        self.add_subs(*subs)
+        try:
+            if train: self._make_opt(lr, reset_opt)
+            phases = [(dl, t) for dl, t, on in ((self.dls.train, True, train), (self.dls.valid, False, valid)) if on]
+            self._run(n_epochs, phases, n_batches)
+        finally: self.remove_subs(*subs)
+
+    def _run(self, n_epochs: int, phases: list, n_batches: int | None = None) -> None:
+        "Run the loop over `phases` ((loader, training?) pairs) as the current kind of run (a fit unless inside one)."
+        _check_loaders(phases)
+        kind, self.run_kind = self.run_kind, self.run_kind or 'fit'
+        self._use(self.run_kind)
+        self.n_epochs, self.epoch, self.iter, self.pct_train = n_epochs, 0, 0, 0.
+        self._unchecked, self._n_batches, self._in_loop = {t for _, t in phases}, n_batches, True
+        grad = torch.is_grad_enabled()
+        try:
+            with preserve_modes(self.model), self._ctrl_c:
+                if self._stage('fit', self._epochs, phases) and self.opt is not None: self.opt.zero_grad()
+        except BaseException as e:
+            self._after_error(e)
+            raise
+        finally:
+            torch.set_grad_enabled(grad)
+            self.run_kind, self._in_loop, self._unchecked = kind, False, set()
+            self._start, self._resume_rng, self._n_batches = Position(), None, None
+
     def _stage(self, name: str, body: Callable, *args) -> bool:
         "Run `body` between `before_{name}` and `after_{name}`; always `cleanup_{name}`. True if it was cancelled."
         cancelled = False
         try:
-            self.callback(f'before_{name}')
+            self.publish(f'before_{name}')
             body(*args)
-            self.callback(f'after_{name}')
+            self.publish(f'after_{name}')
         except _STAGE_CANCEL[name]: cancelled = True
         except BaseException as e:
             self._cleanup(f'cleanup_{name}', e)
@@ -194,113 +396,57 @@ class Learner:
         self._cleanup(f'cleanup_{name}')
         return cancelled
 
-    def _one_batch(self) -> None:
-        check = self.training in self._checks   # the first batch of each phase in a fit
-        if check:
-            self._checks.discard(self.training)
-            if 'predict' not in self._providers: check_batch(self.batch, self.model, not self._predicting)
-        if check: self._first_batch(self._do_predict, 'the model', lambda: f'inputs: {_describe(self.batch[0])}')
-        else: self._do_predict()
-        self.callback('after_predict')
-        if self._predicting: return
-        if check and isinstance(self.batch, (tuple, list)) and len(self.batch) > 1:
-            # An in-memory loader holds every target: check them all at once, not just this batch's.
-            tensors = getattr(self.dl, 'tensors', ())
-            check_preds(self.preds, self.batch[1], all_targets=tensors[1] if len(tensors) == 2 else None)
-        if check: self._first_batch(self._do_get_loss, 'the loss function', lambda: (
-            f'predictions: {_describe(self.preds)}, targets: {_describe(self.batch[1])}'))
-        else: self._do_get_loss()
-        self.callback('after_loss')
-        if not self.training: return
-        try:
-            self._do_backward(); self.callback('after_backward')
-            self._do_step()
-            self.global_step += 1
-            self._pos = (self.epoch, True, self.iter + 1)
-            self.callback('after_step')
-            self._do_zero_grad()
-        except CancelStepException: pass
-
-    def _first_batch(self, step: Callable, what: str, describe: Callable) -> None:
-        "Run `step`; if it fails on a phase's first batch, say what it was given (torch's message often does not)."
-        try: step()
-        except Exception as e:
-            param = next(self.model.parameters(), None)
-            model = f'; model parameters: {param.dtype} on {param.device}' if param is not None else ''
-            add_note(e, f'nntrain: {what} failed on the first {"training" if self.training else "validation"} '
-                        f'batch; {describe()}{model}')
-            raise
-
-    def _all_batches(self, skip: int) -> None:
-        if skip >= self.n_iter: return   # resuming after this pass's last batch: starting the loader would draw an order
-        for self.iter, self.batch in enumerate(self.dl):
-            # A deferred Ctrl-C stops between batches, once the loader has moved on as it would have anyway (torch's
-            # samplers draw again when asked past their last batch, so stopping earlier would shift the next epoch).
-            if self._interrupt: self._stop(f'before batch {self.iter} of epoch {self.epoch}')
-            if self.iter < skip: continue   # resuming: these batches were done before the checkpoint
-            if self._resume_rng is not None: set_rng_state(self._resume_rng); self._resume_rng = None
-            if self.training: self.pct_train = (self.epoch + self.iter / self.n_iter) / self.n_epochs
-            self._stage('batch', self._one_batch)
-        if self._interrupt: self._stop(f'after the last batch of epoch {self.epoch}')
-        if self.training: self.pct_train = (self.epoch + 1) / self.n_epochs
-
-    def _stop(self, where: str):
-        self._interrupt, self.batch = False, None   # the batch fetched after the stop was asked for never ran
-        raise KeyboardInterrupt(f'stopped by Ctrl-C {where}')
+    def _epochs(self, phases: list) -> None:
+        start = self._start
+        for self.epoch in range(start.epoch, self.n_epochs):
+            for i, (dl, training) in enumerate(phases):
+                resuming = self.epoch == start.epoch
+                if resuming and training and not start.training: continue   # resume in the valid pass
+                self._one_epoch(dl, training, start.done if resuming and training == start.training else 0)
+                # where a checkpoint taken now would restart: the next phase
+                self._pos = Position(self.epoch, False) if i + 1 < len(phases) else Position(self.epoch + 1)
 
     def _one_epoch(self, dl, training: bool, skip: int = 0) -> None:
-        self.dl, self.training, self.n_iter, self.iter = dl, training, len(dl), 0
-        self._pos = (self.epoch, training, skip)
+        self.dl, self.training, self.iter = dl, training, 0
+        self.n_iter = len(dl) if self._n_batches is None else min(len(dl), self._n_batches)
+        self._pos = Position(self.epoch, training, skip)
         self.model.train(training)
         with torch.set_grad_enabled(training):
             self._stage('epoch', self._all_batches, skip)
 
-    def _epochs(self, phases) -> None:
-        start_epoch, start_training, skip = self._start
-        for self.epoch in range(start_epoch, self.n_epochs):
-            for i, (dl, training) in enumerate(phases):
-                resuming = self.epoch == start_epoch
-                if resuming and start_training != training and training: continue   # resume in the valid pass
-                self._one_epoch(dl, training, skip if resuming and training == start_training else 0)
-                # where a checkpoint taken now would restart: the next phase
-                self._pos = (self.epoch, False, 0) if i + 1 < len(phases) else (self.epoch + 1, True, 0)
+    def _all_batches(self, skip: int) -> None:
+        if skip >= self.n_iter: return   # resuming after this pass's last batch: starting the loader would draw an order
+        batches = self.dl if self._n_batches is None else itertools.islice(self.dl, self.n_iter)
+        for self.iter, self.batch in enumerate(batches):
+            # A deferred Ctrl-C stops between batches, once the loader has moved on as it would have anyway (torch's
+            # samplers draw again when asked past their last batch, so stopping earlier would shift the next epoch).
+            if self._ctrl_c.requested: self._stop(f'before batch {self.iter} of epoch {self.epoch}')
+            if self.iter < skip: continue   # resuming: these batches were done before the checkpoint
+            if self._resume_rng is not None: set_rng_state(self._resume_rng); self._resume_rng = None
+            if self.training: self.pct_train = (self.epoch + self.iter / self.n_iter) / self.n_epochs
+            self._stage('batch', self._one_batch)
+        if self._ctrl_c.requested: self._stop(f'after the last batch of epoch {self.epoch}')
+        if self.training: self.pct_train = (self.epoch + 1) / self.n_epochs
 
-    def _run(self, n_epochs: int, phases) -> None:
-        for dl, training in phases:
-            what = 'training' if training else 'validation'
-            if not hasattr(dl, '__len__'): raise TypeError(f'the {what} loader has no len(); wrap it or give it one')
-            if len(dl) == 0: raise ValueError(f'the {what} loader is empty (len 0): nothing to iterate')
-        self.n_epochs, self.epoch, self.iter, self.pct_train = n_epochs, 0, 0, 0.
-        self._checks = {training for _, training in phases}
-        modules = list(self.model.modules())
-        modes, grad = [m.training for m in modules], torch.is_grad_enabled()
+    def _one_batch(self) -> None:
+        first = self.training in self._unchecked   # each phase's first batch runs its steps with checks around them
+        self._unchecked.discard(self.training)
+        run = partial(first_batch_step, self) if first else lambda name, step: step()
+        run('predict', self._steps['predict']); self.publish('after_predict')
+        if self.run_kind == 'predict': return
+        run('get_loss', self._steps['get_loss']); self.publish('after_loss')
+        if not self.training: return
         try:
-            with self._ctrl_c_after_batch():
-                if self._stage('fit', self._epochs, phases) and self.opt is not None: self.opt.zero_grad()
-        except BaseException as e:
-            self._after_error(e)
-            raise
-        finally:
-            torch.set_grad_enabled(grad)
-            for m, mode in zip(modules, modes): m.training = mode
-            self._checks, self._start, self._resume_rng = set(), (0, True, 0), None
+            self._steps['backward'](); self.publish('after_backward')
+            self._steps['step']()
+            self.global_step, self._pos = self.global_step + 1, Position(self.epoch, True, self.iter + 1)
+            self.publish('after_step')
+            self._steps['zero_grad']()
+        except CancelStepException: pass
 
-    @contextmanager
-    def _ctrl_c_after_batch(self):
-        "A first Ctrl-C stops the fit after the current batch (a consistent state); a second one stops it at once."
-        previous = signal.getsignal(signal.SIGINT)
-        if threading.current_thread() is not threading.main_thread() or not callable(previous):
-            yield   # signals can only be handled on the main thread; leave foreign handlers alone
-            return
-        def request_stop(signum, frame):
-            self._interrupt = True
-            signal.signal(signal.SIGINT, previous)
-            print('nntrain: Ctrl-C: stopping after this batch; press it again to stop now', file=sys.stderr)
-        signal.signal(signal.SIGINT, request_stop)
-        try: yield
-        finally:
-            self._interrupt = False
-            if signal.getsignal(signal.SIGINT) is request_stop: signal.signal(signal.SIGINT, previous)
+    def _stop(self, where: str):
+        self.batch = None   # the batch fetched after the stop was asked for never ran
+        raise KeyboardInterrupt(f'stopped by Ctrl-C {where}')
 
     def _after_error(self, e: BaseException) -> None:
         "Say where `e` happened, and drop what would keep a graph (or, on Ctrl-C, a batch) alive."
@@ -314,130 +460,97 @@ class Learner:
             self.batch = None
             traceback.clear_frames(e.__traceback__)     # the frames' locals hold batches and graphs
 
-    def _make_opt(self, lr: float | None, reset_opt: bool) -> None:
+    def param_groups(self) -> list:
+        "The model's parameters in groups: `splitter(model)` when given, else one group."
+        if self.splitter is None: return [list(self.model.parameters())]
+        groups = [list(g) for g in self.splitter(self.model)]
+        if not groups or not all(groups): raise ValueError('the splitter returned an empty parameter group')
+        return groups
+
+    def _new_opt(self, lr) -> torch.optim.Optimizer:
+        groups = self.param_groups()
+        lrs = lr_for_groups(lr, len(groups))
+        return self.opt_func([{'params': g, 'lr': r} for g, r in zip(groups, lrs)], lrs[-1])
+
+    def _make_opt(self, lr, reset_opt: bool) -> None:
         if lr is not None: self.lr = lr
-        if self.opt is None or reset_opt: self.opt = self.opt_func(self.model.parameters(), self.lr)
+        if self.opt is None or reset_opt: self.opt = self._new_opt(self.lr)
         elif lr is not None:
-            for g in self.opt.param_groups: g['lr'] = lr
+            for g, r in zip(self.opt.param_groups, lr_for_groups(lr, len(self.opt.param_groups))): g['lr'] = r
 
-    def fit(self, n_epochs: int = 1, lr: float | None = None, subs=(), train: bool = True, valid: bool = True,
-            reset_opt: bool = False, resume: bool = False) -> None:
-        "Train for `n_epochs` (each a train pass, then a valid pass); `subs` are added for this fit only."
-        if resume: self._prepare_resume(n_epochs, lr, reset_opt)
-        subs = list(subs)
-        self.add_subs(*subs)
-        try:
-            if train: self._make_opt(lr, reset_opt)
-            phases = [(dl, t) for dl, t, on in ((self.dls.train, True, train), (self.dls.valid, False, valid)) if on]
-            self._run(n_epochs, phases)
-        finally: self.remove_subs(*subs)
+    def _check_fit_args(self, n_epochs, lr, subs, train, valid, reset_opt, resume, n_batches) -> None:
+        "Refuse a fit that cannot run, before anything changes."
+        if self._in_loop:
+            raise RuntimeError(f'learn.fit() was called during a {self.run_kind} (from a subscriber?): a fit cannot '
+                               'run inside another run. Validate or predict from subscribers instead, or fit after it.')
+        check_int('n_epochs', n_epochs)
+        check_lr('lr', lr, allow_none=True)
+        for name, v in (('train', train), ('valid', valid), ('reset_opt', reset_opt), ('resume', resume)): check_bool(name, v)
+        if not (train or valid): raise ValueError('fit(train=False, valid=False) has nothing to do')
+        check_int('n_batches', n_batches, allow_none=True)
+        if isinstance(subs, (str, bytes)) or not hasattr(subs, '__iter__'):
+            raise TypeError(f'subs must be a list of subscribers, got {subs!r}')
 
-    # -- saving and resuming ------------------------------------------------------------------------------------
-    def _sub_keys(self) -> list[tuple[str, object]]:
-        "A stable key per subscriber: its class name, numbered when a class appears more than once."
-        seen, keys = {}, []
-        for s in self.subs:
-            name = type(s).__name__
-            seen[name] = seen.get(name, 0) + 1
-            keys.append((name if seen[name] == 1 else f'{name}#{seen[name]}', s))
-        return keys
+# %% ../nbs/03_learner.ipynb #80dba994
+_RUN_STATE = ('run_kind', 'model', 'loss_func', 'opt', 'lr', 'scaler', 'global_step', 'n_epochs', 'epoch', 'n_iter',
+              'iter', 'pct_train', 'training', 'dl', 'batch', 'preds', 'loss', 'history', '_pos', '_start',
+              '_resume_rng', '_in_loop', '_unchecked', '_n_batches')
 
-    def state_dict(self) -> dict:
-        "Everything needed to continue this run exactly: weights, optimizer, counters, history, RNG, loaders, subscribers."
-        loaders = {n: loader_state(dl) for n, dl in (('train', self.dls.train), ('valid', self.dls.valid))}
-        return {'model': self.model.state_dict(),
-                'opt': None if self.opt is None else self.opt.state_dict(),
-                'counters': {'global_step': self.global_step, 'n_epochs': self.n_epochs, 'position': list(self._pos)},
-                'history': [dict(row) for row in self.history],
-                'rng': rng_state(),
-                'loaders': loaders,
-                'subs': {k: s.state_dict() for k, s in self._sub_keys() if callable(getattr(s, 'state_dict', None))}}
+@patch
+@contextmanager
+def separate_run(self: Learner, kind: str, subs=()):
+    "Inside: a `validate`, `predict` or `lr_find` run with extra `subs`; on leaving, the learner's state is as before."
+    if kind not in RUNS or kind == 'fit': raise ValueError(f"kind must be one of {RUNS[1:]}, got {kind!r}")
+    if kind == 'lr_find' and self._in_loop: raise RuntimeError(f'lr_find cannot run during a {self.run_kind}')
+    saved, old_subs = {n: getattr(self, n) for n in _RUN_STATE}, self.subs
+    self._set_subs(old_subs + list(subs))
+    self.run_kind, self._in_loop, self.history = kind, False, []   # rows made in here are returned, not kept
+    self._start, self._resume_rng = Position(), None
+    try: yield self
+    finally:
+        for n, v in saved.items(): setattr(self, n, v)
+        self._set_subs(old_subs)
 
-    def load_state_dict(self, state: dict) -> None:
-        "Restore a `state_dict`; a following `fit(n_epochs, resume=True)` continues exactly where it was taken."
-        self.model.load_state_dict(state['model'])
-        if state['opt'] is not None:
-            if self.opt is None: self.opt = self.opt_func(self.model.parameters(), self.lr)
-            self.opt.load_state_dict(state['opt'])
-        counters = state['counters']
-        self.global_step, self.n_epochs, self._pos = counters['global_step'], counters['n_epochs'], tuple(counters['position'])
-        self.history = [dict(row) for row in state['history']]
-        for name, dl in (('train', self.dls.train), ('valid', self.dls.valid)):
-            set_loader_state(dl, state['loaders'].get(name))
-        keys = dict(self._sub_keys())
-        missing = [k for k in state['subs'] if k not in keys]
-        if missing: raise ValueError(f'the checkpoint has state for subscribers this learner lacks: {missing}')
-        for k, sub_state in state['subs'].items(): keys[k].load_state_dict(sub_state)
-        self._resume_rng = state['rng']
-
-    def save(self, path) -> Path:
-        "Write `state_dict()` to `path` atomically (temporary file, fsync, rename)."
-        return atomic_save(self.state_dict(), path)
-
-    def load(self, path) -> Learner:
-        "Load a file written by `save` (with `weights_only=True`: no pickled code runs)."
-        self.load_state_dict(torch.load(path, map_location='cpu', weights_only=True))
-        return self
-
-    def _prepare_resume(self, n_epochs: int, lr, reset_opt: bool) -> None:
-        if self._resume_rng is None: raise ValueError('fit(resume=True) needs a state loaded with load() first')
-        if n_epochs != self.n_epochs:
-            raise ValueError(f'the checkpoint was taken in a fit of {self.n_epochs} epochs; resume it with '
-                             f'fit({self.n_epochs}, resume=True): schedules depend on the length of the fit')
-        if lr is not None or reset_opt: raise ValueError('fit(resume=True) continues the saved optimizer: no lr or reset_opt')
-        self._start = self._pos
-
-    # -- evaluation and prediction -----------------------------------------------------------------------------
-    def _evaluate(self, dl, subs: list) -> None:
-        "One validation pass over `dl` with `subs`; the counters of the last fit are left as they were."
-        names = ('n_epochs', 'epoch', 'n_iter', 'iter', 'pct_train', 'training', 'dl', '_pos', '_resume_rng')
-        saved, old_subs = {n: getattr(self, n) for n in names}, self.subs
-        self._set_subs(subs)
-        try: self._run(1, [(dl if dl is not None else self.dls.valid, False)])
-        finally:
-            self._set_subs(old_subs)
-            for n, v in saved.items(): setattr(self, n, v)
-
-    def validate(self, dl=None) -> dict:
-        "One validation pass over `dl` (default: the valid loader) with every subscriber; returns its results."
-        avg, n_rows = _AverageLoss(), len(self.history)
-        self._evaluate(dl, self.subs + [avg])
-        return self.history[-1] if len(self.history) > n_rows else {'loss': avg.value()}
-
-    def get_preds(self, dl=None, act: Callable | None = None, reduce: str | Callable | None = None,
-                  with_loss: bool = False):
-        "Predictions and targets for `dl` (default: the valid loader), gathered on the CPU; the model mode is restored."
-        collect = _Collect(act, reduce, with_loss)
-        self._predicting = True
-        try: self._evaluate(dl, [s for s in self.subs if getattr(s, 'in_predict', True)] + [collect])
-        finally: self._predicting = False
-        return collect.result()
-
-# %% ../nbs/03_learner.ipynb #6df78c1e
 class _AverageLoss(Subscriber):
-    "Batch-size-weighted mean loss of one pass, accumulated on the device."
-    order = Order.METRICS
-    def __init__(self): self.total, self.count = 0., 0
-    def after_batch(self, learn):
-        n = len(learn.batch[1]) if isinstance(learn.batch, (tuple, list)) and len(learn.batch) > 1 else 1
-        self.total, self.count = self.total + learn.loss.detach() * n, self.count + n
-    def value(self) -> float: return float(self.total / max(self.count, 1))
+    "Batch-size-weighted mean loss of one validation pass, for `validate` when no metrics subscriber keeps one."
+    order, runs = Order.METRICS, ('validate',)
+    def __init__(self): self.mean = WeightedMean()
+    def after_batch(self, learn): self.mean.add(learn.loss, len(batch_targets(learn.batch)))
 
+@patch
+def validate(self: Learner, dl=None) -> dict:
+    "One validation pass over `dl` (default: the valid loader); returns its results and leaves `history` alone."
+    avg = _AverageLoss()
+    with self.separate_run('validate', [avg]):
+        self._run(1, [(self.dls.valid if dl is None else dl, False)])
+        rows = self.history
+    return dict(rows[-1]) if rows else {'loss': avg.mean.value().item()}
+
+# %% ../nbs/03_learner.ipynb #103ee9e9
+@patch
+def show_training_loop(self: Learner, kind: str = 'fit') -> None:
+    "Print, for each event of a `kind` run, the subscribers that run there in order, and who provides each step."
+    if kind not in RUNS: raise ValueError(f'kind must be one of {RUNS}, got {kind!r}')
+    table, _, providers = self._tables[kind]
+    name = lambda f: type(getattr(f, '__self__', f)).__name__
+    for e in EVENTS:
+        if table[e]: print(f'{e:<15} {", ".join(name(f) for f in table[e])}')
+    for s in STEPS: print(f'{s + "()":<15} {type(providers.get(s, self)).__name__}')
+
+# %% ../nbs/03_learner.ipynb #8bf2aa83
 class _Collect(Subscriber):
     "Gathers (reduced) predictions, targets and per-item losses batch by batch, so logits never pile up."
-    order = Order.PROGRESS + 10
+    order, runs = Order.COLLECT, ('predict',)
     def __init__(self, act, reduce, with_loss):
         self.act, self.reduce, self.with_loss = act, reduce, with_loss
         self.preds, self.targets, self.losses = [], [], []
 
     def after_batch(self, learn):
-        preds = learn.preds.detach()
-        y = learn.batch[1] if isinstance(learn.batch, (tuple, list)) and len(learn.batch) > 1 else None
+        preds, y = learn.preds.detach(), batch_targets(learn.batch)
         if self.with_loss and y is not None: self.losses.append(per_item_loss(learn.loss_func, preds, y).float().cpu())
         if self.act is not None: preds = self.act(preds)
         if self.reduce == 'argmax': preds = preds.argmax(dim=1)
         elif callable(self.reduce): preds = self.reduce(preds)
-        elif self.reduce is not None: raise ValueError(f"reduce must be None, 'argmax' or a callable, got {self.reduce!r}")
         self.preds.append(preds.cpu())
         if y is not None: self.targets.append(y.detach().cpu())
 
@@ -446,11 +559,226 @@ class _Collect(Subscriber):
         res = (cat(self.preds), cat(self.targets))
         return res + (cat(self.losses),) if self.with_loss else res
 
-# %% ../nbs/03_learner.ipynb #7c364ddf
-def synth_dls(n_train: int = 64, n_valid: int = 32, batch_size: int = 16, a: float = 2., b: float = 1.,
-              seed: int = 0) -> DataLoaders:
-    "Loaders for `y = a*x + b + noise` with one feature: a regression that trains in milliseconds."
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n_train + n_valid, 1, generator=g)
-    y = a * x + b + 0.1 * torch.randn(n_train + n_valid, 1, generator=g)
-    return DataLoaders.from_tensors(x[:n_train], y[:n_train], x[n_train:], y[n_train:], batch_size=batch_size, seed=seed)
+@patch
+def get_preds(self: Learner, dl=None, act: Callable | None = None, reduce: str | Callable | None = None,
+              with_loss: bool = False):
+    "Predictions and targets for `dl` (default: the valid loader), gathered on the CPU; `with_loss`: per-item losses."
+    if reduce is not None and reduce != 'argmax' and not callable(reduce):
+        raise ValueError(f"reduce must be None, 'argmax' or a callable, got {reduce!r}")
+    if act is not None and not callable(act): raise TypeError(f'act must be callable, got {act!r}')
+    collect = _Collect(act, reduce, with_loss)
+    with self.separate_run('predict', [collect]): self._run(1, [(self.dls.valid if dl is None else dl, False)])
+    return collect.result()
+
+@patch
+def infer(self: Learner, x) -> torch.Tensor:
+    "The model's output for a batch of inputs `x`, through the input subscribers (device, normalization, ...), on the CPU."
+    return self.get_preds([(x,)])[0]
+
+# %% ../nbs/03_learner.ipynb #16a62bb1
+class _TTAViews(Subscriber):
+    "During a `tta` pass: after each plain prediction, predict `n` augmented views and blend them in."
+    order, runs = Order.TTA, ('predict',)
+
+    def __init__(self, transform: Callable, n: int, beta: float, act: Callable | None):
+        self.transform, self.n, self.beta, self.act = transform, n, beta, act or (lambda p: p)
+
+    def after_predict(self, learn):
+        batch, plain, total = learn.batch, self.act(learn.preds), 0.
+        try:
+            for _ in range(self.n):
+                learn.batch = (self.transform(batch[0]), *batch[1:])
+                learn.run_step('predict')   # the predict step, or the subscriber providing it
+                total = total + self.act(learn.preds)
+        finally: learn.batch = batch
+        learn.preds = torch.lerp(total / self.n, plain, self.beta) if self.n else plain
+
+def _compose(fs: list) -> Callable:
+    def apply(x):
+        for f in fs: x = f(x)
+        return x
+    return apply
+
+@patch
+def tta(self: Learner, dl=None, n: int = 4, beta: float = 0.25, transform: Callable | None = None,
+        act: Callable | None = None, reduce: str | Callable | None = None):
+    "Predictions for `dl` blended over `n` augmented views: `(1 - beta) * mean(augmented) + beta * plain`."
+    check_int('n', n, 0)
+    check_number('beta', beta, 0, 1)
+    if transform is None:   # the transforms of the subscribers that augment training batches (e.g. AugmentS)
+        tfms = [t for s in self.subs if (t := getattr(s, 'tta_transform', None)) is not None]
+        if not tfms: raise ValueError('tta needs a `transform`, or an AugmentS subscriber whose transform it reuses')
+        transform = tfms[0] if len(tfms) == 1 else _compose(tfms)
+    views = _TTAViews(transform, n, beta, act)
+    self.add_subs(views)
+    try: return self.get_preds(dl, reduce=reduce)
+    finally: self.remove_subs(views)
+
+# %% ../nbs/03_learner.ipynb #2689330b
+_FORMAT = 1   # the layout of `Learner.state_dict`; raise it when the layout changes
+_OPT_FLAGS = {'foreach', 'fused', 'differentiable', 'capturable', 'maximize', 'decoupled_weight_decay'}  # vary by torch
+
+@patch
+def _sub_keys(self: Learner) -> list[tuple[str, object]]:
+    "A stable key per subscriber: its class name, numbered when a class appears more than once."
+    seen, keys = {}, []
+    for s in self.subs:
+        name = type(s).__name__
+        seen[name] = seen.get(name, 0) + 1
+        keys.append((name if seen[name] == 1 else f'{name}#{seen[name]}', s))
+    return keys
+
+@patch
+def state_dict(self: Learner) -> dict:
+    "Everything needed to continue this run exactly: weights, optimizer, counters, history, RNG, loaders, subscribers."
+    loaders = {n: loader_state(dl) for n, dl in (('train', self.dls.train), ('valid', self.dls.valid))}
+    return {'format': _FORMAT,
+            'model': self.model.state_dict(),
+            'opt': None if self.opt is None else self.opt.state_dict(),
+            'opt_type': None if self.opt is None else type(self.opt).__name__,
+            'counters': {'global_step': self.global_step, 'n_epochs': self.n_epochs, 'position': list(self._pos)},
+            'history': [dict(row) for row in self.history],
+            'rng': rng_state(),
+            'loaders': loaders,
+            'subs': {k: s.state_dict() for k, s in self._sub_keys() if callable(getattr(s, 'state_dict', None))}}
+
+def weight_problems(model: nn.Module, weights: dict) -> list[str]:
+    "What stops `weights` from loading into `model`: missing and unexpected keys, different shapes (empty: it loads)."
+    mine = model.state_dict()
+    missing = [k for k in mine if k not in weights]
+    extra = [k for k in weights if k not in mine]
+    shapes = [f'{k} {tuple(weights[k].shape)} vs {tuple(v.shape)}' for k, v in mine.items()
+              if k in weights and isinstance(weights[k], torch.Tensor) and weights[k].shape != v.shape]
+    out = []
+    for what, keys in (('missing from the checkpoint', missing), ('not in this model', extra),
+                       ('of another shape (checkpoint vs model)', shapes)):
+        if keys: out.append(f'weights {what}: {", ".join(keys[:3])}{", ..." if len(keys) > 3 else ""}')
+    return out
+
+@patch
+def _opt_problems(self: Learner, saved: dict, saved_type: str | None) -> list[str]:
+    "What stops a saved optimizer state from loading into this learner's optimizer."
+    opt = self.opt if self.opt is not None else self._new_opt(self.lr)   # a probe, thrown away
+    if saved_type is not None and saved_type != type(opt).__name__:
+        return [f'the optimizer state is from {saved_type}, but this learner uses {type(opt).__name__}']
+    groups = saved.get('param_groups', [])
+    if [len(g['params']) for g in groups] != [len(g['params']) for g in opt.param_groups]:
+        return [f'the optimizer state has param groups of sizes {[len(g["params"]) for g in groups]}, this optimizer '
+                f'{[len(g["params"]) for g in opt.param_groups]}']
+    lacking = set(opt.param_groups[0]) - set(groups[0]) - _OPT_FLAGS - {'params'} if groups else set()
+    if lacking: return [f'the optimizer state lacks hyper-parameters {sorted(lacking)}: another kind of optimizer']
+    return []
+
+@patch
+def _state_problems(self: Learner, state, with_opt: bool) -> list[str]:
+    "Everything that differs between `state` and this learner, checked before anything is changed."
+    if not isinstance(state, dict) or not {'model', 'counters'} <= set(state):
+        keys = list(state)[:5] if isinstance(state, dict) else type(state).__name__
+        return [f'this is not a learner state (it has {keys}); weights alone load with learn.load_weights(path)']
+    if state.get('format', 1) > _FORMAT:
+        return [f'written by a newer nntrain (format {state["format"]}); this one reads format {_FORMAT} or older']
+    problems = weight_problems(self.model, state['model'])
+    if with_opt and state.get('opt') is not None: problems += self._opt_problems(state['opt'], state.get('opt_type'))
+    keys = dict(self._sub_keys())
+    missing = [k for k in state.get('subs', {}) if k not in keys]
+    if missing: problems.append(f'the checkpoint has state for subscribers this learner lacks: {missing}')
+    return problems
+
+@patch
+def load_state_dict(self: Learner, state: dict, with_opt: bool = True) -> None:
+    "Restore a `state_dict` (all of it or, on any mismatch, nothing); `fit(n_epochs, resume=True)` then continues it."
+    problems = self._state_problems(state, with_opt)
+    if problems:
+        hint = (' Nothing was changed. To start from its weights only: learn.load_weights(path); without its '
+                'optimizer state: learn.load(path, with_opt=False).')
+        raise ValueError('cannot load this checkpoint into this learner: ' + '; '.join(problems) + '.' + hint)
+    backup = copy.deepcopy({k: v for k, v in self.state_dict().items() if k != 'rng'})
+    opt = self.opt
+    try: self._apply_state(state, with_opt)
+    except BaseException as e:   # a subscriber refused its state: put back what was already applied
+        self.opt = opt
+        self._apply_state(backup, with_opt=opt is not None, resume=False)
+        add_note(e, 'nntrain: the load failed part way; the learner was put back as it was')
+        raise
+
+@patch
+def _apply_state(self: Learner, state: dict, with_opt: bool, resume: bool = True) -> None:
+    self.model.load_state_dict(state['model'])
+    if with_opt and state.get('opt') is not None:
+        if self.opt is None: self._make_opt(None, reset_opt=True)
+        self.opt.load_state_dict(state['opt'])
+    counters = state['counters']
+    self.global_step, self.n_epochs = counters['global_step'], counters['n_epochs']
+    self._pos = Position(*counters['position'])
+    self.history = [dict(row) for row in state['history']]
+    for name, dl in (('train', self.dls.train), ('valid', self.dls.valid)):
+        set_loader_state(dl, state['loaders'].get(name))
+    keys = dict(self._sub_keys())
+    for k, sub_state in state['subs'].items(): keys[k].load_state_dict(sub_state)
+    if resume: self._resume_rng = state['rng']
+
+@patch
+def save(self: Learner, path) -> Path:
+    "Write `state_dict()` to `path` atomically (temporary file, fsync, rename)."
+    return atomic_save(self.state_dict(), path)
+
+def read_checkpoint(path) -> dict:
+    "Load a checkpoint file with `weights_only=True`; a file that is not one gets an error saying what it is."
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f'no checkpoint file at {path}')
+    try: return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        if 'Unsupported global' not in str(e): raise ValueError(f'{path} is not a readable checkpoint (truncated, or another program\'s file)') from e
+        raise ValueError(f'{path} holds Python objects other than tensors and containers, so it was not written by '
+                         'nntrain and is not loaded (loading it could run code). If you trust its source: '
+                         'torch.load(path, weights_only=False), then load what you need yourself.') from e
+    except Exception as e:
+        raise ValueError(f'{path} is not a readable checkpoint (truncated, or another program\'s file): '
+                         f'{type(e).__name__}: {e}') from e
+
+def _is_weights(state) -> bool:
+    return isinstance(state, dict) and bool(state) and all(isinstance(v, torch.Tensor) for v in state.values())
+
+@patch
+def load(self: Learner, path, with_opt: bool = True) -> Learner:
+    "Load a file written by `save` (no pickled code runs); a bare model `state_dict` file loads as weights."
+    state = read_checkpoint(path)
+    if _is_weights(state): return self.load_weights(path, state)
+    self.load_state_dict(state, with_opt)
+    return self
+
+@patch
+def load_weights(self: Learner, path, state: dict | None = None) -> Learner:
+    "Load only the model's weights from a checkpoint or a bare `state_dict` file; nothing else changes."
+    state = read_checkpoint(path) if state is None else state
+    weights = state['model'] if isinstance(state, dict) and 'model' in state and 'counters' in state else state
+    if not _is_weights(weights): raise ValueError(f'{path} holds no model weights')
+    problems = weight_problems(self.model, weights)
+    if problems: raise ValueError(f'cannot load {path} into this model: ' + '; '.join(problems) + '. Nothing was changed.')
+    self.model.load_state_dict(weights)
+    return self
+
+@patch
+def _prepare_resume(self: Learner, n_epochs: int, lr, reset_opt: bool) -> None:
+    if self._resume_rng is None: raise ValueError('fit(resume=True) needs a state loaded with load() first')
+    if n_epochs != self.n_epochs:
+        raise ValueError(f'the checkpoint was taken in a fit of {self.n_epochs} epochs; resume it with '
+                         f'fit({self.n_epochs}, resume=True): schedules depend on the length of the fit')
+    if lr is not None or reset_opt:
+        raise ValueError('fit(resume=True) continues the saved optimizer: no lr or reset_opt')
+    self._start = self._pos
+
+# %% ../nbs/03_learner.ipynb #72815d88
+class MomentumLearner(Learner):
+    "A `Learner` whose `zero_grad` decays the gradients by `mom` instead of zeroing them (momentum for any optimizer)."
+    def __init__(self, model: nn.Module, dls, loss_func: Callable = F.cross_entropy,
+                 opt_func: Callable = torch.optim.SGD, lr: float = 1e-2, subs=(), mom: float = 0.85):
+        check_number('mom', mom, 0, 1, high_open=True)
+        self.mom = mom
+        super().__init__(model, dls, loss_func, opt_func, lr, subs)
+
+    def zero_grad(self) -> None:
+        "Decay the gradients by `mom`."
+        with torch.no_grad():
+            for p in self.model.parameters():
+                if p.grad is not None: p.grad.mul_(self.mom)

@@ -52,7 +52,7 @@ def test_augment_applies_on_train_only():
     for training, clean, seen, *_ in rec.rows:
         if training: torch.testing.assert_close(seen[0], clean[0] + 1.)
         else: assert seen is clean                                   # validation batches are the loader's own
-    learn.validate(); learn.get_preds(); learn.predict(learn.dls.valid.tensors[0][:2])
+    learn.validate(); learn.get_preds(); learn.infer(learn.dls.valid.tensors[0][:2])
     assert len(calls) == 8                                           # never on validation or prediction
 
 

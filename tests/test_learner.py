@@ -7,7 +7,8 @@ from torch import nn
 from nntrain.core import (EVENTS, CancelBatchException, CancelEpochException, CancelFitException,
                           CancelStepException, Subscriber)
 from nntrain.data import DataLoaders
-from nntrain.learner import Learner, synth_dls
+from nntrain.learner import Learner
+from nntrain.testing import synth_dls
 from tests.contract import tiny_classifier
 
 
@@ -146,7 +147,7 @@ def test_unknown_event_like_method_is_rejected_with_suggestion():
     with pytest.raises(ValueError, match="Did you mean 'before_epoch'"):
         two_by_two(Typo())
     with pytest.raises(ValueError, match='unknown event'):
-        two_by_two().callback('after_everything')
+        two_by_two().publish('after_everything')
 
 
 def test_two_step_providers_conflict():
@@ -255,7 +256,7 @@ def test_get_preds_reductions_and_mode_restored():
     assert torch.equal(labels, preds.argmax(1))
     assert losses.shape == targets.shape
     assert torch.allclose(losses.mean(), F.cross_entropy(preds, targets), atol=1e-6)
-    assert learn.predict(torch.randn(5, 8)).shape == (5, 3)
+    assert learn.infer(torch.randn(5, 8)).shape == (5, 3)
     assert learn.global_step == 0
 
 

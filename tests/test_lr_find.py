@@ -35,7 +35,9 @@ class Flaky(nn.Module):
 
 class Count(Subscriber):
     "Counts training batches; has a state_dict, so the finder must restore it when it runs during the search."
-    def __init__(self, in_lr_find=True): self.in_lr_find, self.n = in_lr_find, 0
+    def __init__(self, in_lr_find=True):
+        self.n = 0
+        if not in_lr_find: self.runs = ('fit', 'validate', 'predict')
     def after_batch(self, learn): self.n += learn.training
     def state_dict(self): return {'n': self.n}
     def load_state_dict(self, sd): self.n = sd['n']
@@ -217,7 +219,7 @@ def test_only_in_lr_find_subscribers_run_during_the_search():
     inside, outside = Count(in_lr_find=True), Count(in_lr_find=False)
 
     class Seen(Subscriber):
-        in_lr_find = False
+        runs = ('fit',)
         order = Order.METRICS
         def __init__(self): self.events = 0
         def before_batch(self, learn): self.events += 1
@@ -226,13 +228,13 @@ def test_only_in_lr_find_subscribers_run_during_the_search():
     subs = list(learn.subs)
 
     class Peek(Subscriber):
-        "Runs during the search (in_lr_find=True): records the subscriber set the search runs with."
-        def before_fit(self, learn): self.subs = list(learn.subs)
+        "Runs during the search (runs everywhere by default): records the run's kind and subscriber set."
+        def before_fit(self, learn): self.kind, self.subs = learn.run_kind, list(learn.subs)
     peek = Peek()
     learn.add_subs(peek)
     learn.lr_find(num_it=10)
-    assert seen.events == 0 and outside.n == 0
-    assert inside in peek.subs and outside not in peek.subs and seen not in peek.subs
+    assert seen.events == 0 and outside.n == 0 and inside.n == 0   # inside's count is restored after the search
+    assert peek.kind == 'lr_find' and inside in peek.subs
     assert any(isinstance(s, LRFindS) for s in peek.subs)
     assert learn.subs == sorted(subs + [peek], key=lambda s: s.order)
 

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nntrain.learner import Learner, synth_dls
-from nntrain.optim import (LAMB, SGD, Adam, AdamW, Momentum, MomentumLearner, RMSProp, StatsOptimizer,
+from nntrain.learner import Learner, MomentumLearner
+from nntrain.testing import synth_dls
+from nntrain.optim import (LAMB, SGD, Adam, AdamW, Momentum, RMSProp, StatsOptimizer,
                            adam_opt, average_grad, rmsprop_opt, sgd_opt, sgd_step, step_stat)
 
 N_STEPS = 5

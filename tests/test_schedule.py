@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nntrain.core import CancelStepException, Order, Subscriber
-from nntrain.learner import Learner, synth_dls
+from nntrain.learner import Learner
+from nntrain.testing import synth_dls
 from nntrain.optim import SGD, AdamW, adam_opt
 from nntrain.subs.schedule import (ParamSchedulerS, SchedulerS, combine_scheds, cos_1cycle_anneal, get_hyper,
                                    one_cycle_scheds, sched_cos, sched_exp, sched_lin, sched_no)

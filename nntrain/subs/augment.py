@@ -9,10 +9,9 @@ import math
 from typing import Callable
 
 import torch
-from fastcore.basics import patch
 
-from ..core import Order, Subscriber
-from ..learner import Learner, per_item_loss
+from ..core import Order, Subscriber, check_bool
+from ..learner import per_item_loss
 
 # %% auto #0
 __all__ = ['AugmentS', 'per_sample', 'mixup', 'rand_box', 'cutmix', 'MixUpS', 'CutMixS']
@@ -20,10 +19,18 @@ __all__ = ['AugmentS', 'per_sample', 'mixup', 'rand_box', 'cutmix', 'MixUpS', 'C
 # %% ../../nbs/16_augment.ipynb #b39ff2d1
 class AugmentS(Subscriber):
     "Apply `transform` to the inputs of each training batch (and validation batches with `on_valid`), on the device."
-    order, in_predict = Order.AUGMENT, False
+    order = Order.AUGMENT
+    runs = ('fit', 'validate')   # validate: only with `on_valid`, as in a fit's valid pass
 
     def __init__(self, transform: Callable, on_train: bool = True, on_valid: bool = False):
+        if not callable(transform): raise TypeError(f'transform must be callable, got {transform!r}')
+        check_bool('on_train', on_train); check_bool('on_valid', on_valid)
         self.transform, self.on_train, self.on_valid = transform, on_train, on_valid
+
+    @property
+    def tta_transform(self) -> Callable:
+        "The transform `Learner.tta` reuses by default."
+        return self.transform
 
     def before_batch(self, learn):
         if not (self.on_train if learn.training else self.on_valid): return
@@ -84,7 +91,8 @@ class _MixedLoss:
 
 class _MixS(Subscriber):
     "Shared mechanics of MixUp and CutMix: draws, the loss swap, the dominant target, cleanup."
-    order, in_predict = Order.MIXUP, False
+    order = Order.MIXUP
+    runs = ('fit',)
 
     def __init__(self, alpha: float, seed: int | None = None):
         if alpha <= 0: raise ValueError(f'alpha must be positive, got {alpha}')
@@ -136,41 +144,3 @@ class CutMixS(_MixS):
     "CutMix on training batches: paste a box from a partner image; the loss weighs the targets by area kept."
     def __init__(self, alpha: float = 1.0, seed: int | None = None): super().__init__(alpha, seed)
     def _mix(self, x, y, lam, perm): return cutmix(x, y, lam, perm, generator=self.generator)
-
-# %% ../../nbs/16_augment.ipynb #7d3d6db0
-class _TTAViews(Subscriber):
-    "During a `get_preds` pass: after each plain prediction, predict `n` augmented views and blend them in."
-    order = Order.PROGRESS   # after every other predict-time subscriber, before `get_preds` collects
-
-    def __init__(self, transform: Callable, n: int, beta: float, act: Callable | None):
-        self.transform, self.n, self.beta, self.act = transform, n, beta, act or (lambda p: p)
-
-    def after_predict(self, learn):
-        batch, plain, total = learn.batch, self.act(learn.preds), 0.
-        try:
-            for _ in range(self.n):
-                learn.batch = (self.transform(batch[0]), *batch[1:])
-                learn.run_step('predict')   # the predict step, or the subscriber providing it
-                total = total + self.act(learn.preds)
-        finally: learn.batch = batch
-        learn.preds = torch.lerp(total / self.n, plain, self.beta) if self.n else plain
-
-def _compose(fs: list) -> Callable:
-    def apply(x):
-        for f in fs: x = f(x)
-        return x
-    return apply
-
-@patch
-def tta(self: Learner, dl=None, n: int = 4, beta: float = 0.25, transform: Callable | None = None,
-        act: Callable | None = None, reduce: str | Callable | None = None):
-    "Predictions for `dl` blended over `n` augmented views: `(1 - beta) * mean(augmented) + beta * plain`."
-    if not 0. <= beta <= 1.: raise ValueError(f'beta must be in [0, 1], got {beta}')
-    if transform is None:
-        tfms = [s.transform for s in self.subs if isinstance(s, AugmentS)]
-        if not tfms: raise ValueError('tta needs a `transform`, or an AugmentS subscriber whose transform it reuses')
-        transform = tfms[0] if len(tfms) == 1 else _compose(tfms)
-    views = _TTAViews(transform, n, beta, act)
-    self.add_subs(views)
-    try: return self.get_preds(dl, reduce=reduce)
-    finally: self.remove_subs(views)

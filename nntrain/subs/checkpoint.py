@@ -34,7 +34,7 @@ def latest_checkpoint(folder) -> Path | None:
 class CheckpointS(Subscriber):
     "Save `learn.state_dict()` every epoch or every `every` optimizer steps, keep the last `keep`, and the best model."
     order = Order.CHECKPOINT
-    in_predict = in_lr_find = False
+    runs = ('fit',)
 
     def __init__(self, folder='checkpoints', every: int | str = 'epoch', keep: int = 3, monitor: str | None = 'loss',
                  mode: str = 'min', save_on_interrupt: bool = True):

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from typing import NamedTuple
 
 import matplotlib.pyplot as plt
 import torch
 from fastcore.basics import patch
 
-from ..core import CancelFitException, Order, Subscriber, rng_state, set_rng_state
+from ..core import RUNS, CancelFitException, Order, Subscriber, rng_state, set_rng_state
 from ..data import loader_state, set_loader_state
 from ..learner import Learner
 from .schedule import sched_exp, sched_lin
@@ -74,7 +75,7 @@ class LRFindResult(NamedTuple):
 class LRFindS(Subscriber):
     "The range test: ramp the learning rate per batch, record the smoothed loss, stop on divergence."
     order = Order.SCHEDULE
-    in_predict = False
+    runs = ('fit', 'lr_find')   # `learn.lr_find()`, or passed to a fit as in the earlier nntrain
 
     def __init__(self, start_lr: float = 1e-7, end_lr: float = 10., num_it: int = 100, mode: str = 'exp',
                  stop_div: bool = True, div_factor: float = 4., beta: float = 0.98):
@@ -116,10 +117,11 @@ class LRFindS(Subscriber):
         return LRFindResult(valley_lr(lrs, losses), steep_lr(lrs, losses), minimum_lr(lrs, losses),
                             list(self.lrs), list(self.losses))
 
-# %% ../../nbs/15_lr_find.ipynb #c0f0c1e4
-_LEARNER_ATTRS = ('model', 'dls', 'loss_func', 'opt_func', 'lr', 'opt', 'n_epochs', 'epoch', 'n_iter', 'iter',
-                  'global_step', 'pct_train', 'training', 'dl', 'batch', 'preds', 'loss', 'scaler', '_pos', '_resume_rng')
+    def plot(self, ax=None):
+        "Smoothed loss against the learning rate, with the suggestions marked (as `result().plot()`)."
+        return self.result().plot(ax)
 
+# %% ../../nbs/15_lr_find.ipynb #c0f0c1e4
 def _loader_states(dls) -> list:
     "(loader, saved shuffling state) for each distinct loader."
     unique = {id(dl): dl for dl in dls}.values()
@@ -129,26 +131,20 @@ def _named_tensors(model) -> dict:
     return {**{f'p:{k}': v for k, v in model.named_parameters()}, **{f'b:{k}': v for k, v in model.named_buffers()}}
 
 class _Snapshot:
-    "Everything `lr_find` may change, held in memory."
-    def __init__(self, learn: Learner, subs: list):
-        self.attrs = {k: getattr(learn, k) for k in _LEARNER_ATTRS}
-        self.history, self.history_rows = learn.history, list(learn.history)
-        self.subs = learn.subs
+    "What the search changes beyond the learner's per-run state (which `separate_run` restores): tensors, RNG, subs."
+    def __init__(self, learn: Learner):
         # Copies go to the CPU: no second copy of the model in accelerator memory. They are restored by name, into
         # whatever tensors the model holds then (moving a module to a device replaces its buffer objects).
         self.tensors = {k: t.detach().to('cpu', copy=True) for k, t in _named_tensors(learn.model).items()}
         self.grads = {k: None if p.grad is None else p.grad.detach().to('cpu', copy=True)
                       for k, p in learn.model.named_parameters()}
-        stateful = [s for s in subs if all(callable(getattr(s, m, None)) for m in ('state_dict', 'load_state_dict'))]
+        stateful = [s for s in learn.subs if 'lr_find' in getattr(s, 'runs', RUNS)
+                    and all(callable(getattr(s, m, None)) for m in ('state_dict', 'load_state_dict'))]
         self.sub_states = [(s, copy.deepcopy(s.state_dict())) for s in stateful]
         self.rng, self.loaders = rng_state(), _loader_states(learn.dls)
 
     @torch.no_grad()
     def restore(self, learn: Learner) -> None:
-        learn._set_subs(self.subs)
-        for k, v in self.attrs.items(): setattr(learn, k, v)
-        self.history[:] = self.history_rows
-        learn.history = self.history
         current = _named_tensors(learn.model)
         for k, saved in self.tensors.items(): current[k].copy_(saved)
         for k, p in learn.model.named_parameters():
@@ -158,18 +154,22 @@ class _Snapshot:
         set_rng_state(self.rng)
 
 # %% ../../nbs/15_lr_find.ipynb #01cb290d
+def _in_notebook() -> bool:
+    "Is this running in a Jupyter kernel (where a figure left at the end of a cell is shown)?"
+    shell = getattr(sys.modules.get('IPython'), 'get_ipython', lambda: None)()
+    return shell is not None and type(shell).__name__ == 'ZMQInteractiveShell'
+
 @patch
 def lr_find(self: Learner, start_lr: float = 1e-7, end_lr: float = 10., num_it: int = 100, mode: str = 'exp',
-            stop_div: bool = True, div_factor: float = 4., show_plot: bool = False) -> LRFindResult:
+            stop_div: bool = True, div_factor: float = 4., show_plot: bool | None = None) -> LRFindResult:
     "Run the LR range test on a fresh optimizer and restore everything afterwards; returns the suggestions."
     finder = LRFindS(start_lr, end_lr, num_it, mode, stop_div, div_factor)
-    kept = [s for s in self.subs if getattr(s, 'in_lr_find', True)]
-    snap = _Snapshot(self, kept)
+    snap = _Snapshot(self)
     try:
-        self._set_subs(kept + [finder])
-        self.opt = self.opt_func(self.model.parameters(), start_lr)
-        self.fit(math.ceil(num_it / max(len(self.dls.train), 1)), valid=False)
+        with self.separate_run('lr_find', [finder]):   # counters, history, optimizer and subscribers come back
+            self.opt = self.opt_func([{'params': g} for g in self.param_groups()], start_lr)
+            self.fit(math.ceil(num_it / max(len(self.dls.train), 1)), valid=False)
     finally: snap.restore(self)
     res = finder.result()
-    if show_plot: res.plot()
+    if show_plot or (show_plot is None and _in_notebook()): res.plot()   # in a notebook, the curve shows by default
     return res

@@ -10,7 +10,8 @@ import time
 
 import torch
 
-from ..core import Order, Subscriber
+from ..core import Order, Subscriber, check_int
+from ..learner import WeightedMean, batch_targets
 
 # %% auto #0
 __all__ = ['MetricsS']
@@ -27,21 +28,25 @@ def _value(t: torch.Tensor):
 class MetricsS(Subscriber):
     "Batch-size-weighted loss and torcheval metrics per phase, accumulated on the device; rows go to `learn.history`."
     order = Order.METRICS
-    in_predict = in_lr_find = False
+    runs = ('fit', 'validate')
 
     def __init__(self, *metrics, flush_every: int = 2**24, **named_metrics):
         self.metrics = {**{_snake(type(m).__name__): m for m in metrics}, **named_metrics}
+        for name, m in self.metrics.items():
+            if isinstance(m, type) or not all(callable(getattr(m, f, None)) for f in ('update', 'compute', 'reset')):
+                raise TypeError(f'metric {name!r} must be a torcheval metric instance (update/compute/reset), got {m!r}'
+                                + (f': pass {m.__name__}()' if isinstance(m, type) else ''))
+        check_int('flush_every', flush_every)
         self.flush_every = flush_every   # buffered prediction elements before a metric update
 
     def before_epoch(self, learn):
-        self._losses, self._sizes, self._preds, self._targets, self._buffered = [], [], [], [], 0
+        self._loss, self._preds, self._targets, self._buffered = WeightedMean(), [], [], 0
         for m in self.metrics.values(): m.reset()
         self._start = time.perf_counter()
 
     def after_batch(self, learn):
-        y = learn.batch[1]
-        self._losses.append(learn.loss.detach())
-        self._sizes.append(len(y))
+        y = batch_targets(learn.batch)
+        self._loss.add(learn.loss, len(y))
         if not self.metrics: return
         self._preds.append(learn.preds.detach())
         self._targets.append(y.detach())
@@ -57,15 +62,12 @@ class MetricsS(Subscriber):
             m.update(preds, targets)
 
     def after_epoch(self, learn):
-        if not self._losses: return
+        if not len(self._loss): return
         self._flush()
-        losses = torch.stack(self._losses).float()
-        sizes = torch.tensor(self._sizes, dtype=losses.dtype, device=losses.device)
-        row = {'epoch': learn.epoch, 'phase': 'train' if learn.training else 'valid',
-               'loss': _value((losses * sizes).sum() / sizes.sum())}
+        row = {'epoch': learn.epoch, 'phase': 'train' if learn.training else 'valid', 'loss': _value(self._loss.value())}
         row.update({name: _value(m.compute()) for name, m in self.metrics.items()})
         row['time'] = time.perf_counter() - self._start
         learn.history.append(row)
 
     def cleanup_epoch(self, learn):
-        self._losses, self._preds, self._targets = [], [], []   # release device memory, even after an error
+        self._loss, self._preds, self._targets = WeightedMean(), [], []   # release device memory, even after an error

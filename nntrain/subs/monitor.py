@@ -306,7 +306,7 @@ def _learner_summary(self: Learner, batch=None, modules=None) -> ModelSummary:
 class ModelMonitorS(Subscriber):
     "Record shapes, parameters and MACs on the first training batch, show the table and (by default) cancel the fit."
     order = Order.PROGRESS
-    in_predict = in_lr_find = False
+    runs = ('fit',)
 
     def __init__(self, modules=None, show: bool = True, cancel: bool = True):
         self.modules, self.show, self.cancel, self.summary = modules, show, cancel, None
@@ -368,7 +368,7 @@ _KEYS = ('mean', 'std', 'hist', 'dead', 'dead_units')
 class ActivationStatsS(Subscriber):
     "Per-module activation mean, std, histogram and dead fraction on training batches, kept on the device until read."
     order = Order.METRICS
-    in_predict = in_lr_find = False
+    runs = ('fit',)
 
     def __init__(self, modules=None, every: int = 1, dead_threshold: float = 1e-6, bins: int = 40,
                  hist_range: tuple[float, float] = (-10., 10.)):

@@ -33,7 +33,7 @@ def plot_losses(train_steps, train_losses, valid_steps, valid_losses, ax=None):
 class ProgressS(Subscriber):
     "Progress bars, the metrics table from `learn.history` and, with `plot=True`, a live loss plot."
     order = Order.PROGRESS
-    in_predict = in_lr_find = False
+    runs = ('fit', 'validate')
 
     def __init__(self, plot: bool = False, comment_every: float = 0.5):
         self.plot, self.comment_every = plot, comment_every

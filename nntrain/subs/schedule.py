@@ -111,7 +111,7 @@ def set_hyper(group: dict, name: str, value) -> None:
 class ParamSchedulerS(Subscriber):
     "Set hyper-parameters of every param group from `learn.pct_train` before each training batch; record them."
     order = Order.SCHEDULE
-    in_predict = in_lr_find = False
+    runs = ('fit',)   # never in an LR search, whose ramp it would fight
 
     def __init__(self, scheds: dict):
         self.scheds = dict(scheds)
@@ -156,7 +156,7 @@ class ParamSchedulerS(Subscriber):
 class SchedulerS(Subscriber):
     "Build a torch lr_scheduler from `scheduler_factory(learn.opt)` and step it per optimizer step or per epoch."
     order = Order.SCHEDULE
-    in_predict = in_lr_find = False
+    runs = ('fit',)   # never in an LR search, whose ramp it would fight
 
     def __init__(self, scheduler_factory: Callable, interval: str = 'step'):
         if interval not in ('step', 'epoch'): raise ValueError(f"interval must be 'step' or 'epoch', got {interval!r}")

@@ -23,7 +23,7 @@ def _last_row(learn, phase: str) -> dict | None:
 class EarlyStoppingS(Subscriber):
     "Stop the fit when `monitor` (a `learn.history` column) has not improved by `min_delta` for `patience` epochs."
     order = Order.STOP
-    in_predict = in_lr_find = False
+    runs = ('fit',)
 
     def __init__(self, monitor: str = 'loss', phase: str = 'valid', mode: str = 'min', patience: int = 3,
                  min_delta: float = 0., restore_best: bool = False):
@@ -79,7 +79,7 @@ class EarlyStoppingS(Subscriber):
 class CSVLoggerS(Subscriber):
     "Append each new `learn.history` row to a CSV file (columns from the first row; lists stored as JSON)."
     order = Order.LOG
-    in_predict = in_lr_find = False
+    runs = ('fit',)
 
     def __init__(self, path='history.csv', append: bool = False):
         self.path, self.append = Path(path), append

@@ -32,6 +32,7 @@ def grad_norm(grads: list[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor
 class GradClipS(Subscriber):
     "Clip gradients between backward and step (by total norm or by value); `last_norm` is the pre-clip total norm."
     order = Order.GUARD   # after GradAccumS has averaged and MixedPrecisionS has unscaled
+    runs = ('fit',)
 
     def __init__(self, max_norm: float = 1.0,  # the largest total norm (mode 'norm') or element (mode 'value')
                  norm_type: float = 2.0,       # the norm that is limited and reported
@@ -52,7 +53,8 @@ class GradClipS(Subscriber):
 # %% ../../nbs/18_training.ipynb #2e2fe355
 class GradAccumS(Subscriber):
     "One optimizer step per `n_acc` training batches, with gradients averaged as for one batch `n_acc` times larger."
-    order = Order.PRECISION - 5   # cancels before MixedPrecisionS unscales and before GradClipS clips
+    order = Order.ACCUMULATE
+    runs = ('fit',)
 
     def __init__(self, n_acc: int):
         if n_acc < 1: raise ValueError(f'n_acc must be at least 1, got {n_acc}')
@@ -99,9 +101,8 @@ def first_nonfinite_module(model: nn.Module, run: Callable[[], Any]) -> str | No
 # %% ../../nbs/18_training.ipynb #d1a06257
 class TerminateOnNaNS(Subscriber):
     "Stop the fit before the optimizer step when a training loss or gradient is non-finite, and say where."
-    order = Order.MIXUP + 2   # sees the final loss (after MixUp) and every batch's gradients (before GradAccumS)
-    in_lr_find = False        # the LR finder diverges on purpose and stops itself
-    in_predict = False        # nothing to guard; `reason` survives a later `get_preds`
+    order = Order.NAN_GUARD
+    runs = ('fit',)   # the LR finder diverges on purpose and stops itself; `reason` survives later runs
 
     def __init__(self, check_every: int = 1):  # check one training batch in `check_every`
         if check_every < 1: raise ValueError(f'check_every must be at least 1, got {check_every}')
@@ -165,8 +166,8 @@ class TerminateOnNaNS(Subscriber):
 # %% ../../nbs/18_training.ipynb #cd1c251e
 class EMAS(Subscriber):
     "A moving average of the weights, updated after each optimizer step, used for validation and predictions."
-    order = Order.SCHEDULE + 5   # updates after the step's other after_step work; swaps before checkpoints save
-    in_lr_find = False           # the LR finder's exploratory steps must not enter the average
+    order = Order.EMA
+    runs = ('fit', 'validate', 'predict')   # the LR finder's exploratory steps must not enter the average
 
     def __init__(self, decay: float = 0.999):
         if not 0. <= decay <= 1.: raise ValueError(f'decay must be in [0, 1], got {decay}')
