@@ -66,7 +66,6 @@ def _as_tensors(named: dict) -> tuple[torch.Tensor, ...]:
         raise ValueError(f'all tensors must have the same length, got lengths {lengths}')
     return tuple(out)
 
-
 # %% ../nbs/01_data.ipynb #386003bc
 class TensorLoader:
     "Batches of in-memory tensors, sliced with a seeded shuffled index: no per-item work, no collate."
@@ -230,7 +229,6 @@ def uint8_to_float(x: torch.Tensor) -> torch.Tensor:
     "`uint8` pixels as contiguous `float32` in [0, 1] (`x / 255`), in one pass whatever `x`'s memory layout."
     if x.dtype != torch.uint8: raise TypeError(f'uint8_to_float expects a uint8 tensor, got {x.dtype}')
     return x.to(torch.float32, memory_format=torch.contiguous_format).div_(255)
-
 
 # %% ../nbs/01_data.ipynb #bf491271
 class MappedLoader:
