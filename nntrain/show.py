@@ -25,20 +25,30 @@ def _as_images(x: torch.Tensor) -> torch.Tensor:
     if x.ndim != 4: raise ValueError(f'expected images shaped (N, C, H, W), (N, H, W) or (N, H*W), got {tuple(x.shape)}')
     return x
 
+def _channel_stat(name: str, v, x: torch.Tensor) -> torch.Tensor:
+    "`v` on `x`'s device and float dtype, shaped to broadcast over `x`: a scalar, or one value per channel (dim 1)."
+    v = torch.as_tensor(v).detach().to(x.device, x.dtype if x.is_floating_point() else torch.float32)
+    if v.numel() == 1: return v.reshape(())
+    if v.squeeze().ndim != 1:
+        raise ValueError(f'{name} must be a scalar or one value per channel, got shape {tuple(v.shape)}')
+    v = v.reshape(-1)          # (C,), and also (1, C, 1, 1) or (C, 1, 1)
+    if x.ndim < 2 or x.shape[1] != len(v):
+        raise ValueError(f'{name} has {len(v)} values, one per channel, but x of shape {tuple(x.shape)} has '
+                         f'{x.shape[1] if x.ndim > 1 else "no"} channels in dimension 1')
+    return v.view((1, len(v)) + (1,) * (x.ndim - 2))
+
 def denormalize(x: torch.Tensor, mean=None, std=None) -> torch.Tensor:
-    "Undo `(x - mean) / std` per channel of (N, C, H, W) images; `mean` and `std` are scalars or one value per channel."
+    "Undo `(x - mean) / std`; `mean` and `std` are scalars or one value per channel (dimension 1 of `x`, any rank)."
     if mean is None and std is None: return x
-    shape = (1, -1, 1, 1)
-    mean = torch.as_tensor(0. if mean is None else mean, dtype=x.dtype).reshape(shape)
-    std = torch.as_tensor(1. if std is None else std, dtype=x.dtype).reshape(shape)
+    mean = _channel_stat('mean', 0. if mean is None else mean, x)
+    std = _channel_stat('std', 1. if std is None else std, x)
     return x * std + mean
 
 def show_images(x, labels=None, ncols: int = 8, vocab=None, mean=None, std=None, norm=None,
                 imsize: float = 1.5, cmap: str | None = None, title: str | None = None):
     "Draw images in a grid of `ncols` columns, each titled with its label; returns the matplotlib figure."
     if norm is not None: mean, std = norm.mean, norm.std
-    x = denormalize(_as_images(x), None if mean is None else torch.as_tensor(mean).detach().cpu().float(),
-                    None if std is None else torch.as_tensor(std).detach().cpu().float())
+    x = denormalize(_as_images(x), mean, std)
     if x.shape[1] not in (1, 3): raise ValueError(f'can show 1 or 3 channels, got {x.shape[1]}')
     if labels is not None:
         labels = labels.tolist() if isinstance(labels, torch.Tensor) else list(labels)

