@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..core import Order, Subscriber
+from ..show import denormalize
 
 # %% auto #0
 __all__ = ['mean_std', 'NormalizationS']
@@ -67,8 +68,7 @@ class NormalizationS(Subscriber):
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         "Undo the normalization (for showing images)."
-        mean, std = self._stats(x)
-        return x * std + mean
+        return denormalize(x, self.mean, self.std)
 
     def before_batch(self, learn):
         learn.batch = (self.encode(learn.batch[0]), *learn.batch[1:])
