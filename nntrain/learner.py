@@ -29,8 +29,8 @@ from .data import DataLoaders, loader_state, set_loader_state
 
 # %% auto #0
 __all__ = ['batch_targets', 'check_batch', 'check_preds', 'check_loss', 'per_item_loss', 'loader_targets', 'peek_targets',
-           'first_batch_step', 'Position', 'DeferredInterrupt', 'WeightedMean', 'lr_for_groups', 'check_lr', 'Learner',
-           'weight_problems', 'read_checkpoint', 'MomentumLearner']
+           'buffers_kept_on_error', 'first_batch_step', 'Position', 'DeferredInterrupt', 'WeightedMean',
+           'lr_for_groups', 'check_lr', 'Learner', 'weight_problems', 'read_checkpoint', 'MomentumLearner']
 
 # %% ../nbs/03_learner.ipynb #02763b97
 def _describe(o) -> str:
@@ -111,6 +111,17 @@ def peek_targets(dl):
     finally:
         set_loader_state(dl, state)
         set_rng_state(rng)
+
+@contextmanager
+def buffers_kept_on_error(model: nn.Module, keep: bool = True):
+    "Inside: if an error (not a cancel) escapes, put back the model's buffers (batch-norm statistics) as they were."
+    saved = [(b, b.detach().clone()) for b in model.buffers()] if keep else []
+    try: yield
+    except CANCELS: raise
+    except BaseException:
+        with torch.no_grad():
+            for b, v in saved: b.copy_(v)
+        raise
 
 def _note_failure(learn, e: Exception, what: str, given: str) -> None:
     param = next(learn.model.parameters(), None)
@@ -245,6 +256,7 @@ def _check_loaders(phases: list) -> None:
         if len(dl) == 0: raise ValueError(f'the {what} loader is empty (len 0): nothing to iterate')
 
 # %% ../nbs/03_learner.ipynb #de792fc6
+_REFUSED_FIT_KEEPS = ('opt', 'n_epochs', 'epoch', 'n_iter', 'iter', 'pct_train', 'training', 'dl', '_pos')
 _STAGE_CANCEL = {'fit': CancelFitException, 'epoch': CancelEpochException, 'batch': CancelBatchException}
 
 class Learner:
@@ -355,12 +367,16 @@ class Learner:
         "Train for `n_epochs` (each a train pass, then a valid pass); `subs` are added for this fit only."
         self._check_fit_args(n_epochs, lr, subs, train, valid, reset_opt, resume, n_batches)
         if resume: self._prepare_resume(n_epochs, lr, reset_opt)
-        subs = list(subs)
+        subs, step, before = list(subs), self.global_step, {n: getattr(self, n) for n in _REFUSED_FIT_KEEPS}
         self.add_subs(*subs)
         try:
             if train: self._make_opt(lr, reset_opt)
             phases = [(dl, t) for dl, t, on in ((self.dls.train, True, train), (self.dls.valid, False, valid)) if on]
             self._run(n_epochs, phases, n_batches)
+        except BaseException:
+            if self.global_step == step:   # refused before any step: optimizer and counters are as they were
+                for n, v in before.items(): setattr(self, n, v)
+            raise
         finally: self.remove_subs(*subs)
 
     def _run(self, n_epochs: int, phases: list, n_batches: int | None = None) -> None:
@@ -372,7 +388,7 @@ class Learner:
         self._unchecked, self._n_batches, self._in_loop = {t for _, t in phases}, n_batches, True
         grad = torch.is_grad_enabled()
         try:
-            with preserve_modes(self.model), self._ctrl_c:
+            with preserve_modes(self.model), DeferredInterrupt() as self._ctrl_c:   # one per run: runs may nest
                 if self._stage('fit', self._epochs, phases) and self.opt is not None: self.opt.zero_grad()
         except BaseException as e:
             self._after_error(e)
@@ -432,9 +448,10 @@ class Learner:
         first = self.training in self._unchecked   # each phase's first batch runs its steps with checks around them
         self._unchecked.discard(self.training)
         run = partial(first_batch_step, self) if first else lambda name, step: step()
-        run('predict', self._steps['predict']); self.publish('after_predict')
-        if self.run_kind == 'predict': return
-        run('get_loss', self._steps['get_loss']); self.publish('after_loss')
+        with buffers_kept_on_error(self.model, first and self.training):   # a refused first batch changes nothing
+            run('predict', self._steps['predict']); self.publish('after_predict')
+            if self.run_kind == 'predict': return
+            run('get_loss', self._steps['get_loss']); self.publish('after_loss')
         if not self.training: return
         try:
             self._steps['backward'](); self.publish('after_backward')
@@ -494,7 +511,7 @@ class Learner:
 # %% ../nbs/03_learner.ipynb #80dba994
 _RUN_STATE = ('run_kind', 'model', 'loss_func', 'opt', 'lr', 'scaler', 'global_step', 'n_epochs', 'epoch', 'n_iter',
               'iter', 'pct_train', 'training', 'dl', 'batch', 'preds', 'loss', 'history', '_pos', '_start',
-              '_resume_rng', '_in_loop', '_unchecked', '_n_batches')
+              '_resume_rng', '_in_loop', '_unchecked', '_n_batches', '_ctrl_c')
 
 @patch
 @contextmanager

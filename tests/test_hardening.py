@@ -1,0 +1,222 @@
+"""Every mistake a user can make with the Learner gets a clear error before anything changes (issue 13).
+
+Each test makes the mistake, checks the message names the problem, and then compares the learner with what it was
+before (weights, optimizer state, counters, history, files on disk) bitwise.
+"""
+import copy
+import signal
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nntrain.core import Subscriber
+from nntrain.data import DataLoaders
+from nntrain.learner import Learner
+from nntrain.testing import synth_dls, synth_learner, tiny_classifier
+
+
+def state_of(learn: Learner) -> dict:
+    "Everything a refusal must leave alone, copied."
+    return {'weights': {k: v.clone() for k, v in learn.model.state_dict().items()},
+            'opt': None if learn.opt is None else copy.deepcopy(learn.opt.state_dict()),
+            'counters': (learn.global_step, learn.n_epochs, learn.epoch, learn.run_kind, learn.lr),
+            'history': copy.deepcopy(learn.history), 'subs': list(learn.subs)}
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a['weights'].keys() == b['weights'].keys()
+    assert all(torch.equal(a['weights'][k], b['weights'][k]) for k in a['weights'])
+    assert _same(a['opt'], b['opt']), 'optimizer state changed'
+    assert a['counters'] == b['counters'] and a['history'] == b['history'] and a['subs'] == b['subs']
+
+
+def _same(x, y) -> bool:
+    if isinstance(x, torch.Tensor): return isinstance(y, torch.Tensor) and torch.equal(x, y)
+    if isinstance(x, dict): return isinstance(y, dict) and x.keys() == y.keys() and all(_same(x[k], y[k]) for k in x)
+    if isinstance(x, (list, tuple)): return type(x) == type(y) and len(x) == len(y) and all(map(_same, x, y))
+    return x == y
+
+
+def trained(opt_func=torch.optim.Adam, model=None, subs=()) -> Learner:
+    torch.manual_seed(0)
+    learn = Learner(model or nn.Linear(1, 1), synth_dls(), F.mse_loss, opt_func, lr=0.05, subs=subs)
+    learn.fit(1)
+    learn.history.append({'epoch': 0, 'phase': 'valid', 'loss': 1.0})
+    return learn
+
+
+class Counter(Subscriber):
+    "A subscriber with state worth saving."
+    def __init__(self): self.n = 0
+    def after_batch(self, learn): self.n += 1
+    def state_dict(self): return {'n': self.n}
+    def load_state_dict(self, state):
+        if 'n' not in state: raise KeyError('n')
+        self.n = state['n']
+
+
+# -- loading ------------------------------------------------------------------------------------------------------
+def test_load_of_another_architecture_changes_nothing(tmp_path):
+    path = trained(model=nn.Sequential(nn.Linear(1, 4), nn.Linear(4, 1))).save(tmp_path / 'big.pt')
+    learn = trained(model=nn.Sequential(nn.Linear(1, 3), nn.Linear(3, 1)))
+    before = state_of(learn)
+    with pytest.raises(ValueError, match=r'of another shape.*0.weight \(4, 1\) vs \(3, 1\).*Nothing was changed'):
+        learn.load(path)
+    assert_same(before, state_of(learn))
+
+
+def test_load_with_state_for_a_missing_subscriber_changes_nothing(tmp_path):
+    path = trained(subs=[Counter()]).save(tmp_path / 'with_counter.pt')
+    learn = trained()
+    before = state_of(learn)
+    with pytest.raises(ValueError, match=r"subscribers this learner lacks: \['Counter'\]"): learn.load(path)
+    assert_same(before, state_of(learn))
+
+
+def test_load_of_another_optimizer_is_refused_and_weights_only_works(tmp_path):
+    source = trained(torch.optim.Adam)
+    path = source.save(tmp_path / 'adam.pt')
+    learn = trained(torch.optim.SGD)
+    before = state_of(learn)
+    with pytest.raises(ValueError, match='optimizer state is from Adam, but this learner uses SGD'): learn.load(path)
+    assert_same(before, state_of(learn))
+    learn.load(path, with_opt=False)
+    assert torch.equal(learn.model.weight, source.model.weight) and isinstance(learn.opt, torch.optim.SGD)
+    learn.fit(1)   # the SGD optimizer still works: no KeyError('momentum')
+
+
+def test_load_from_a_newer_format_is_refused(tmp_path):
+    learn = trained()
+    state = learn.state_dict()
+    state['format'] = 99
+    before = state_of(learn)
+    with pytest.raises(ValueError, match='newer nntrain'): learn.load_state_dict(state)
+    assert_same(before, state_of(learn))
+
+
+def test_a_subscriber_refusing_its_state_rolls_everything_back(tmp_path):
+    counter = Counter()
+    learn = trained(subs=[counter])
+    state = learn.state_dict()
+    state['subs']['Counter'] = {'wrong': 1}
+    for k in state['model']: state['model'][k] = state['model'][k] + 1   # would change the weights
+    state['counters']['global_step'] = 1234
+    before, n = state_of(learn), counter.n
+    with pytest.raises(KeyError) as e: learn.load_state_dict(state)
+    assert any('put back as it was' in n for n in e.value.__notes__)
+    assert_same(before, state_of(learn))
+    assert counter.n == n
+
+
+def test_files_that_are_not_checkpoints_say_what_they_are(tmp_path):
+    learn = trained()
+    good = learn.save(tmp_path / 'good.pt')
+    (tmp_path / 'truncated.pt').write_bytes(good.read_bytes()[:200])
+    (tmp_path / 'text.pt').write_text('hello')
+    torch.save(nn.Linear(1, 1), tmp_path / 'module.pt')   # a pickled module, not a state
+    before = state_of(learn)
+    for name in ('truncated.pt', 'text.pt'):
+        with pytest.raises(ValueError, match='is not a readable checkpoint'): learn.load(tmp_path / name)
+    with pytest.raises(ValueError, match='holds Python objects other than tensors'): learn.load(tmp_path / 'module.pt')
+    with pytest.raises(FileNotFoundError, match='no checkpoint file'): learn.load(tmp_path / 'missing.pt')
+    assert_same(before, state_of(learn))
+    torch.save({'weight': torch.ones(1, 1), 'bias': torch.zeros(1)}, tmp_path / 'weights.pt')
+    learn.load(tmp_path / 'weights.pt')   # a bare state_dict loads as weights
+    assert learn.model.weight.item() == 1. and learn.global_step == before['counters'][0]
+
+
+# -- arguments ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(lr=float('nan')), 'lr must be a finite number in (0, inf), got nan'),
+    (dict(lr=-1e-3), 'got -0.001'),
+    (dict(lr=slice(1e-3, float('inf'))), 'must be a finite number'),
+    (dict(loss_func=nn.CrossEntropyLoss), 'pass an instance, CrossEntropyLoss()'),
+    (dict(loss_func='mse'), 'loss_func must be callable'),
+    (dict(opt_func=torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)), 'pass its class instead'),
+    (dict(subs=[Counter]), 'Counter is a class, not a subscriber: pass an instance, Counter()'),
+    (dict(subs=Counter()), 'subs must be a list of subscribers'),
+    (dict(model='linear'), 'model must be a torch.nn.Module'),
+    (dict(dls=[1, 2, 3]), 'dls must be DataLoaders or a (train, valid) pair'),
+])
+def test_learner_arguments_are_checked(kwargs, message):
+    args = dict(model=nn.Linear(1, 1), dls=synth_dls(), loss_func=F.mse_loss, opt_func=torch.optim.SGD, lr=0.1)
+    with pytest.raises((TypeError, ValueError)) as e: Learner(**{**args, **kwargs})
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(lr=-0.1), 'got -0.1'), (dict(lr=float('inf')), 'got inf'), (dict(n_epochs=0), 'n_epochs must be an int >= 1'),
+    (dict(n_epochs=1.5), 'got 1.5'), (dict(train=False, valid=False), 'nothing to do'), (dict(train='yes'), 'train must be'),
+    (dict(n_batches=0), 'n_batches'), (dict(subs=[Counter]), 'pass an instance'), (dict(resume=True), 'load() first'),
+])
+def test_fit_arguments_are_checked_before_anything_changes(kwargs, message):
+    learn = trained(torch.optim.SGD)
+    before = state_of(learn)
+    lrs = [g['lr'] for g in learn.opt.param_groups]
+    with pytest.raises((TypeError, ValueError)) as e: learn.fit(**{'n_epochs': 1, **kwargs})
+    assert message in str(e.value)
+    assert_same(before, state_of(learn))
+    assert [g['lr'] for g in learn.opt.param_groups] == lrs
+
+
+# -- re-entrancy --------------------------------------------------------------------------------------------------
+def test_a_fit_inside_a_fit_is_refused_and_the_learner_stays_usable():
+    class Nested(Subscriber):
+        def after_step(self, learn): learn.fit(1)
+    learn = synth_learner()
+    with pytest.raises(RuntimeError, match='a fit cannot run inside another run'): learn.fit(2, subs=[Nested()])
+    assert learn.run_kind is None and learn.subs == [] and learn.global_step == 1
+    class Search(Subscriber):
+        def after_epoch(self, learn): learn.lr_find(num_it=3)
+    import nntrain.subs.lr_find   # noqa: F401  (patches lr_find onto Learner)
+    with pytest.raises(RuntimeError, match='lr_find cannot run during a fit'): learn.fit(1, subs=[Search()])
+    learn.fit(1)
+    assert learn.global_step == 1 + 4 + 4
+
+
+def test_validate_inside_a_fit_leaves_the_fit_as_it_was():
+    "A subscriber may validate mid-fit (a separate run): the outer fit's counters, batch and history are untouched."
+    seen = []
+    class Peek(Subscriber):
+        def after_step(self, learn):
+            if learn.iter == 1:
+                state = (learn.epoch, learn.iter, learn.training, learn.n_iter, learn.run_kind, len(learn.history))
+                seen.append(learn.validate()['loss'])
+                assert state == (learn.epoch, learn.iter, learn.training, learn.n_iter, learn.run_kind,
+                                 len(learn.history))
+                assert learn.model.training and torch.is_grad_enabled()
+    a, b = synth_learner(), synth_learner()
+    handler = signal.getsignal(signal.SIGINT)
+    a.fit(2, subs=[Peek()])
+    b.fit(2)
+    assert len(seen) == 2 and torch.equal(a.model.weight, b.model.weight)
+    assert signal.getsignal(signal.SIGINT) is handler   # nested runs put the Ctrl-C handler back in order
+
+
+# -- first-batch checks -------------------------------------------------------------------------------------------
+def test_bad_validation_labels_are_found_before_the_first_step():
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    for valid in (DataLoaders.from_tensors(x, y, x, y + 1, batch_size=8).valid,   # in memory: all labels checked
+                  [(x[:8], y[:8] + 5)]):                                           # any loader: its first batch
+        learn = Learner(nn.Linear(4, 3), (DataLoaders.from_tensors(x, y, x, y, batch_size=8).train, valid), lr=0.1)
+        before = state_of(learn)
+        with pytest.raises(ValueError, match='labels must be in \\[0, 3\\).*labels in'): learn.fit(1)
+        assert_same(before, state_of(learn))
+
+
+def test_a_loss_per_item_is_refused_in_both_phases():
+    per_item = lambda p, t: F.cross_entropy(p, t, reduction='none')
+    learn = tiny_classifier()
+    learn.loss_func = per_item
+    before = state_of(learn)
+    with pytest.raises(ValueError, match='not one number'): learn.validate()
+    with pytest.raises(ValueError, match='not one number'): learn.fit(1)
+    assert_same(before, state_of(learn))
+
+
+def test_a_missing_validation_loader_is_named():
+    learn = Learner(nn.Linear(1, 1), (synth_dls().train, None), F.mse_loss)
+    with pytest.raises(ValueError, match='no validation loader'): learn.fit(1)
+    learn.fit(1, valid=False)
