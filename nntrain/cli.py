@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from pathlib import Path
 
 import matplotlib
+import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
-from torcheval.metrics import MulticlassAccuracy
 
 from .core import set_seed
 from .data import DataLoaders
@@ -22,10 +23,14 @@ from .models import simple_cnn
 from .subs.device import DeviceS
 from .subs.metrics import MetricsS
 from .subs.normalize import NormalizationS
-from .subs.progress import ProgressS
+from .subs.progress import ProgressS, plot_losses
+
+with warnings.catch_warnings():   # torcheval's own import warns about torch.jit.script, which nntrain never uses
+    warnings.filterwarnings('ignore', message='.*torch.jit.script.*', category=FutureWarning)
+    from torcheval.metrics import MulticlassAccuracy
 
 # %% auto #0
-__all__ = ['train_mnist_sample', 'save_results', 'main']
+__all__ = ['train_mnist_sample', 'epoch_table', 'results_figure', 'save_results', 'main']
 
 # %% ../nbs/30_cli.ipynb #595af848
 def train_mnist_sample(epochs: int = 5, batch_size: int = 64, lr: float = 3e-3, seed: int = 42,
@@ -39,15 +44,44 @@ def train_mnist_sample(epochs: int = 5, batch_size: int = 64, lr: float = 3e-3, 
     learn.fit(epochs)
     return learn
 
+def epoch_table(history: list[dict]) -> tuple[list[str], list[list[str]]]:
+    "`history`'s per-phase rows as one row per epoch: (column names, rows of formatted values)."
+    epochs, times = {}, {}
+    for row in history:
+        cells = epochs.setdefault(row['epoch'], {'epoch': str(row['epoch'])})
+        times[row['epoch']] = times.get(row['epoch'], 0.) + row.get('time', 0.)   # train and valid passes together
+        for k, v in row.items():
+            if k not in ('epoch', 'phase', 'time'): cells[f'{row["phase"]}_{k}'] = f'{v:.4f}' if isinstance(v, float) else str(v)
+    for e, cells in epochs.items(): cells['time'] = f'{times[e]:.1f}s'
+    columns = list(dict.fromkeys(k for cells in epochs.values() for k in cells if k != 'time')) + ['time']
+    return columns, [[cells.get(k, '') for k in columns] for cells in epochs.values()]
+
+def results_figure(learn: Learner, progress: ProgressS):
+    "The main job on one image: train and valid loss curves beside the per-epoch results table."
+    fig, (ax, tab) = plt.subplots(1, 2, figsize=(12, 3.6), gridspec_kw={'width_ratios': [1, 1.25]})
+    plot_losses(progress.train_steps, progress.train_losses, progress.valid_steps, progress.valid_losses, ax=ax)
+    ax.set_title('loss')
+    columns, rows = epoch_table(learn.history)
+    tab.axis('off')
+    table = tab.table(cellText=rows, colLabels=columns, loc='center', cellLoc='right')
+    table.auto_set_font_size(False); table.set_fontsize(9); table.scale(1, 1.4)
+    tab.set_title('results per epoch')
+    fig.tight_layout()
+    return fig
+
 def save_results(learn: Learner, out: Path, progress: ProgressS | None = None) -> list[Path]:
-    "Write the history as JSON and, when a progress subscriber kept them, the losses as a PNG plot."
+    "Write the history as JSON and, when a progress subscriber kept the losses, a loss plot and a results image."
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / 'history.json']
     paths[0].write_text(json.dumps(learn.history, indent=1))
     if progress is not None and progress.train_losses:
-        fig = progress.figure()
+        fig = plot_losses(progress.train_steps, progress.train_losses, progress.valid_steps, progress.valid_losses).figure
         fig.savefig(out / 'loss.png', dpi=100, bbox_inches='tight')
-        paths.append(out / 'loss.png')
+        plt.close(fig)
+        fig = results_figure(learn, progress)
+        fig.savefig(out / 'results.png', dpi=100, bbox_inches='tight')
+        plt.close(fig)
+        paths += [out / 'loss.png', out / 'results.png']
     return paths
 
 def main(argv: list[str] | None = None) -> Learner:
