@@ -255,6 +255,19 @@ def _check_loaders(phases: list) -> None:
         if not hasattr(dl, '__len__'): raise TypeError(f'the {what} loader has no len(); wrap it or give it one')
         if len(dl) == 0: raise ValueError(f'the {what} loader is empty (len 0): nothing to iterate')
 
+def _check_fit_args(learn, n_epochs, lr, subs, train, valid, reset_opt, resume, n_batches) -> None:
+    "Refuse a fit that cannot run, before anything changes."
+    if learn._in_loop:
+        raise RuntimeError(f'learn.fit() was called during a {learn.run_kind} (from a subscriber?): a fit cannot '
+                           'run inside another run. Validate or predict from subscribers instead, or fit after it.')
+    check_int('n_epochs', n_epochs)
+    check_lr('lr', lr, allow_none=True)
+    for name, v in (('train', train), ('valid', valid), ('reset_opt', reset_opt), ('resume', resume)): check_bool(name, v)
+    if not (train or valid): raise ValueError('fit(train=False, valid=False) has nothing to do')
+    check_int('n_batches', n_batches, allow_none=True)
+    if isinstance(subs, (str, bytes)) or not hasattr(subs, '__iter__'):
+        raise TypeError(f'subs must be a list of subscribers, got {subs!r}')
+
 # %% ../nbs/03_learner.ipynb #de792fc6
 _REFUSED_FIT_KEEPS = ('opt', 'n_epochs', 'epoch', 'n_iter', 'iter', 'pct_train', 'training', 'dl', '_pos')
 _STAGE_CANCEL = {'fit': CancelFitException, 'epoch': CancelEpochException, 'batch': CancelBatchException}
@@ -365,7 +378,7 @@ class Learner:
     def fit(self, n_epochs: int = 1, lr: float | slice | None = None, subs=(), train: bool = True,
             valid: bool = True, reset_opt: bool = False, resume: bool = False, n_batches: int | None = None) -> None:
         "Train for `n_epochs` (each a train pass, then a valid pass); `subs` are added for this fit only."
-        self._check_fit_args(n_epochs, lr, subs, train, valid, reset_opt, resume, n_batches)
+        _check_fit_args(self, n_epochs, lr, subs, train, valid, reset_opt, resume, n_batches)
         if resume: self._prepare_resume(n_epochs, lr, reset_opt)
         subs, step, before = list(subs), self.global_step, {n: getattr(self, n) for n in _REFUSED_FIT_KEEPS}
         self.add_subs(*subs)
@@ -495,18 +508,6 @@ class Learner:
         elif lr is not None:
             for g, r in zip(self.opt.param_groups, lr_for_groups(lr, len(self.opt.param_groups))): g['lr'] = r
 
-    def _check_fit_args(self, n_epochs, lr, subs, train, valid, reset_opt, resume, n_batches) -> None:
-        "Refuse a fit that cannot run, before anything changes."
-        if self._in_loop:
-            raise RuntimeError(f'learn.fit() was called during a {self.run_kind} (from a subscriber?): a fit cannot '
-                               'run inside another run. Validate or predict from subscribers instead, or fit after it.')
-        check_int('n_epochs', n_epochs)
-        check_lr('lr', lr, allow_none=True)
-        for name, v in (('train', train), ('valid', valid), ('reset_opt', reset_opt), ('resume', resume)): check_bool(name, v)
-        if not (train or valid): raise ValueError('fit(train=False, valid=False) has nothing to do')
-        check_int('n_batches', n_batches, allow_none=True)
-        if isinstance(subs, (str, bytes)) or not hasattr(subs, '__iter__'):
-            raise TypeError(f'subs must be a list of subscribers, got {subs!r}')
 
 # %% ../nbs/03_learner.ipynb #80dba994
 _RUN_STATE = ('run_kind', 'model', 'loss_func', 'opt', 'lr', 'scaler', 'global_step', 'n_epochs', 'epoch', 'n_iter',
