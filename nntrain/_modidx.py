@@ -98,6 +98,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'nntrain.init.LSUVReport._table': ('init.html#lsuvreport._table', 'nntrain/init.py'),
                               'nntrain.init.LayerStats': ('init.html#layerstats', 'nntrain/init.py'),
                               'nntrain.init._Stop': ('init.html#_stop', 'nntrain/init.py'),
+                              'nntrain.init._bias': ('init.html#_bias', 'nntrain/init.py'),
                               'nntrain.init._calibrate': ('init.html#_calibrate', 'nntrain/init.py'),
                               'nntrain.init._forward_order': ('init.html#_forward_order', 'nntrain/init.py'),
                               'nntrain.init._layers': ('init.html#_layers', 'nntrain/init.py'),

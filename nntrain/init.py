@@ -60,6 +60,10 @@ class LSUVReport(list):
 class _Stop(Exception):
     "Raised by a measuring hook to end a forward pass early."
 
+def _bias(m: nn.Module) -> torch.Tensor | None:
+    b = getattr(m, 'bias', None)
+    return b if isinstance(b, torch.Tensor) else None
+
 def _run(model: nn.Module, xb):
     return model(*xb) if isinstance(xb, (tuple, list)) else model(xb)
 
@@ -120,19 +124,20 @@ def lsuv_init(model_or_learn, xb, modules=None, tol: float = 1e-3, max_iter: int
     if not tol > 0: raise ValueError(f'lsuv_init: tol must be positive, got {tol}')
     if int(max_iter) != max_iter or max_iter < 1:
         raise ValueError(f'lsuv_init: max_iter must be a whole number of at least 1, got {max_iter}')
-    if isinstance(model_or_learn, nn.Module): model = model_or_learn
-    elif hasattr(model_or_learn, 'model') and hasattr(model_or_learn, 'dls'):   # a Learner
-        model, xb = model_or_learn.model, _learner_input(model_or_learn, xb)
-    else: raise TypeError(f'lsuv_init needs an nn.Module or a Learner, got {type(model_or_learn).__name__}')
     if not isinstance(xb, (torch.Tensor, tuple, list)):
         raise TypeError(f'lsuv_init: xb must be a tensor (or a tuple of the model\'s inputs), got {type(xb).__name__}')
+    learn = None
+    if isinstance(model_or_learn, nn.Module): model = model_or_learn
+    elif hasattr(model_or_learn, 'model') and hasattr(model_or_learn, 'dls'):   # a Learner
+        learn, model = model_or_learn, model_or_learn.model
+    else: raise TypeError(f'lsuv_init needs an nn.Module or a Learner, got {type(model_or_learn).__name__}')
     named = _layers(model, modules)
     if not named: raise ValueError('lsuv_init: the model has no Conv or Linear layer to calibrate; pass modules=')
-    param = next(model.parameters())
-    xb = to_device(xb, param.device)
+    if learn is not None: xb = _learner_input(learn, xb)
+    xb = to_device(xb, next(model.parameters()).device)
     modes = [(m, m.training) for m in model.modules()]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    saved = [(m, m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone()) for _, m in named]
+    saved = [(m, m.weight.detach().clone(), None if _bias(m) is None else m.bias.detach().clone()) for _, m in named]
     try:
         model.train()   # batch norms normalise with the batch's statistics, as in training
         for m in model.modules():
@@ -156,8 +161,8 @@ def lsuv_init(model_or_learn, xb, modules=None, tol: float = 1e-3, max_iter: int
             for b, v in buffers: b.copy_(v)
     report = LSUVReport([LayerStats(n, *after[i]) for i, (n, _) in enumerate(named)], iters)
     off = [r.name for r, (_, m) in zip(report, named)
-           if not abs(r.std - 1) < tol or (m.bias is not None and not abs(r.mean) < tol)]
-    if off: warnings.warn(f'lsuv_init: not within tol={tol} after max_iter={max_iter}: {", ".join(off)}')
+           if not abs(r.std - 1) < tol or (_bias(m) is not None and not abs(r.mean) < tol)]
+    if off: warnings.warn(f'lsuv_init: not within tol={tol} after max_iter={max_iter}: {", ".join(off)}', stacklevel=2)
     return report
 
 def _calibrate(model: nn.Module, xb, name: str, m: nn.Module, tol: float, max_iter: int) -> int:
@@ -167,7 +172,8 @@ def _calibrate(model: nn.Module, xb, name: str, m: nn.Module, tol: float, max_it
         if not (0 < std < float('inf')) or mean != mean:
             raise ValueError(f'lsuv_init: the output of {name} has mean {mean}, std {std} on this batch; '
                              f'it cannot be scaled to mean 0, std 1')
-        if abs(std - 1) < tol and (m.bias is None or abs(mean) < tol): return i
+        bias = _bias(m)
+        if abs(std - 1) < tol and (bias is None or abs(mean) < tol): return i
         if i == max_iter: return i
-        if m.bias is not None: m.bias.sub_(mean).div_(std)
+        if bias is not None: bias.sub_(mean).div_(std)
         m.weight.div_(std)

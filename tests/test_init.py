@@ -218,3 +218,31 @@ def test_lsuv_on_a_learner_sees_the_batch_as_the_model_does():
     assert count_hooks(learn.model) == 0 and learn.global_step == 0 and learn.history == []
     learn.fit(1)
     assert learn.global_step == len(dls.train)
+
+
+class Scale(nn.Module):
+    "A layer of its own kind: a learned scale, no bias attribute at all."
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor(5.))
+    def forward(self, x): return x * self.weight
+
+
+def test_lsuv_on_any_module_with_a_weight():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), Scale())
+    report = lsuv_init(model, torch.randn(100, 4), modules=[model[1]])
+    assert [r.name for r in report] == ['1'] and abs(report[0].std - 1) < 1e-3
+
+
+def test_lsuv_on_a_learner_checks_modules_before_running_the_learner():
+    xs, ys = torch.rand(8, 1, 16, 16), torch.randint(0, 10, (8,))
+    class Count(NormalizationS):
+        calls = 0
+        def before_batch(self, learn): Count.calls += 1; super().before_batch(learn)
+    learn = Learner(plain_cnn(), DataLoaders.from_tensors(xs, ys, xs, ys, batch_size=4), F.cross_entropy,
+                    subs=[Count(0., 1.)])
+    with pytest.raises(ValueError, match='no module named'): lsuv_init(learn, xs, modules=['nope'])
+    assert Count.calls == 0
+    lsuv_init(learn, xs)
+    assert Count.calls == 1
