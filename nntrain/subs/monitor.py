@@ -17,9 +17,11 @@ from ..core import CancelFitException, Order, Subscriber, to_device
 from ..hooks import Hooks
 from ..learner import Learner
 
+_all_ = ['Hooks']   # Hooks lived here before nntrain.hooks; `from nntrain.subs.monitor import *` still gives it
+
 # %% auto #0
 __all__ = ['conv_macs', 'conv_transpose_macs', 'linear_macs', 'norm_macs', 'mha_macs', 'module_macs', 'leaf_modules', 'LayerInfo',
-           'ModelSummary', 'summary', 'ModelMonitorS', 'activation_stats', 'ActivationStatsS']
+           'ModelSummary', 'summary', 'ModelMonitorS', 'activation_stats', 'ActivationStatsS', 'Hooks']
 
 # %% ../../nbs/19_monitor.ipynb #83113fc4
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
