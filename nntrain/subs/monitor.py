@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import partial
-from typing import Callable, Iterable
 
 import matplotlib.pyplot as plt
 import torch
@@ -16,39 +14,14 @@ from fastcore.basics import patch
 from torch import nn
 
 from ..core import CancelFitException, Order, Subscriber, to_device
+from ..hooks import Hooks
 from ..learner import Learner
 
+_all_ = ['Hooks']   # Hooks lived here before nntrain.hooks; `from nntrain.subs.monitor import *` still gives it
+
 # %% auto #0
-__all__ = ['Hooks', 'conv_macs', 'conv_transpose_macs', 'linear_macs', 'norm_macs', 'mha_macs', 'module_macs', 'leaf_modules',
-           'LayerInfo', 'ModelSummary', 'summary', 'ModelMonitorS', 'activation_stats', 'ActivationStatsS']
-
-# %% ../../nbs/19_monitor.ipynb #da9eec12
-class Hooks:
-    "Forward (or pre-forward) hooks on several modules, removed together by `remove()` or on leaving a `with` block."
-    def __init__(self, modules: Iterable[nn.Module] = (), fn: Callable | None = None, pre: bool = False,
-                 with_kwargs: bool = False):
-        self.handles = []
-        if fn is not None: self.add(modules, fn, pre, with_kwargs)
-
-    def add(self, modules: Iterable[nn.Module], fn: Callable, pre: bool = False, with_kwargs: bool = False) -> Hooks:
-        "Call `fn(i, module, args[, kwargs], output)` (pre: without `output`) after the forward of the i-th module."
-        try:
-            for i, m in enumerate(modules):
-                register = m.register_forward_pre_hook if pre else m.register_forward_hook
-                self.handles.append(register(partial(fn, i), with_kwargs=with_kwargs))
-        except BaseException:
-            self.remove()   # all or nothing
-            raise
-        return self
-
-    def remove(self) -> None:
-        "Remove every hook; safe to call more than once."
-        for h in self.handles: h.remove()
-        self.handles = []
-
-    def __enter__(self) -> Hooks: return self
-    def __exit__(self, *exc) -> None: self.remove()
-    def __len__(self) -> int: return len(self.handles)
+__all__ = ['conv_macs', 'conv_transpose_macs', 'linear_macs', 'norm_macs', 'mha_macs', 'module_macs', 'leaf_modules', 'LayerInfo',
+           'ModelSummary', 'summary', 'ModelMonitorS', 'activation_stats', 'ActivationStatsS', 'Hooks']
 
 # %% ../../nbs/19_monitor.ipynb #83113fc4
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
