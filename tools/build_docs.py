@@ -10,7 +10,7 @@ page, and a notebook that cannot be rendered at all gets a page that says why; t
 """
 from __future__ import annotations
 
-import argparse, ast, base64, html, importlib, inspect, json, re, shutil, sys, traceback, warnings
+import argparse, ast, base64, html, importlib, inspect, json, os, re, shutil, sys, traceback, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,11 +72,13 @@ def execute_nb(info: NbInfo, timeout: int = 600) -> None:
     "Run the notebook's code cells in a fresh kernel (cwd: its folder), storing outputs; errors stay in the cells."
     from nbclient import NotebookClient
     import nbformat
-    nb = nbformat.from_dict(info.nb)
+    nb = nbformat.reads(json.dumps(info.nb), as_version=4)  # joins list sources into strings
     client = NotebookClient(nb, timeout=timeout, kernel_name='python3', allow_errors=True,
                             resources={'metadata': {'path': str(info.path.parent)}})
+    # the kernel imports nntrain from this checkout, not from wherever it is installed
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [str(ROOT), os.environ.get('PYTHONPATH')]))}
     try:
-        with client.setup_kernel():
+        with client.setup_kernel(env=env):
             for i, cell in enumerate(nb.cells):
                 if cell.cell_type != 'code': continue
                 flags, body = directives(cell.source)
@@ -109,7 +111,7 @@ def _is_public_member(cls, k, v) -> bool:
     return inspect.isfunction(fn) and getattr(fn, '__module__', None) == cls.__module__
 
 
-def module_entries(modname: str, classes_seen: dict) -> list[Entry]:
+def module_entries(modname: str, classes_seen: dict, documented: set) -> list[Entry]:
     "API entries for the names in `modname.__all__`; classes carry their public methods and properties."
     with warnings.catch_warnings():  # torcheval (imported by nntrain.cli) warns that torch.jit.script is deprecated
         warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning)
@@ -117,6 +119,10 @@ def module_entries(modname: str, classes_seen: dict) -> list[Entry]:
     out = []
     for name in getattr(mod, '__all__', []):
         obj = getattr(mod, name)
+        # a re-export (nntrain.all: torch, torcheval metrics, names of earlier modules) is documented where defined
+        if name in documented or inspect.ismodule(obj): continue
+        if (inspect.isclass(obj) or callable(obj)) and not getattr(obj, '__module__', PKG).startswith(PKG): continue
+        documented.add(name)
         if inspect.isclass(obj):
             e = Entry(name, 'class', obj, modname)
             for k, v in obj.__dict__.items():
@@ -209,6 +215,9 @@ class Site:
     # -- links
     def link_for(self, name: str) -> str | None:
         name = name.strip().removesuffix('()')
+        stem = Path(name).name.removesuffix('.ipynb')
+        if f'{stem}.html' in self.pages and (name.endswith('.ipynb') or re.fullmatch(r'\d\d_\w+', name)):
+            return f'{stem}.html'
         if name.startswith(PKG + '.'): name = name.split('.')[-1] if name.count('.') > 1 else name
         page = self.where.get(name)
         return f'{page}#{name}' if page else None
@@ -230,7 +239,7 @@ class Site:
         def sub(m):
             url = self.link_for(html.unescape(m.group(1)))
             return f'<a href="{url}">{m.group(0)}</a>' if url else m.group(0)
-        return ''.join(p if i % 2 else re.sub(r'<code>([A-Za-z_][\w.]*(?:\(\))?)</code>', sub, p)
+        return ''.join(p if i % 2 else re.sub(r'<code>([\w/.]+(?:\(\))?)</code>', sub, p)
                        for i, p in enumerate(parts))
 
     # -- markdown
@@ -253,6 +262,8 @@ class Site:
             return f'<a{pre}href="{html.escape(url)}"' if url else f'<a{pre}data-missing="1"'
         h = re.sub(r'<a(\s[^>]*?)?href="([^"]*)"', href, h)
         h = re.sub(r'<a[^>]*data-missing="1"[^>]*>(.*?)</a>', r'<span>\1</span>', h, flags=re.S)
+        h = re.sub(r'<pre><code class="language-(?:python|py)">(.*?)</code></pre>',
+                   lambda m: f'<pre class="hl"><code>{self.code(html.unescape(m.group(1)))}</code></pre>', h, flags=re.S)
         h = self.heading_ids(h)
         return self.autolink(h)
 
@@ -332,14 +343,14 @@ class Site:
             if 'hide_input' in flags or flags.get('echo') == 'false': inp = ''
             else:
                 tag = f'<span class="tag">→ {PKG}.{info.module}</span>' if exported and info.module else ''
-                inp = f'<div class="input">{tag}<pre><code>{self.code(body)}</code></pre></div>' if body else ''
+                inp = f'<div class="input">{tag}<pre class="hl"><code>{self.code(body)}</code></pre></div>' if body else ''
             parts.append(f'<div class="cell code">{inp}{"<div class=outputs>" + outs + "</div>" if outs else ""}</div>')
             if exported:
                 for name in defined_names(body):
                     if name in entries and name not in shown:
                         parts.append(self.api_entry(entries[name])); shown.add(name)
         api = self.entries.get(info.page)
-        if api is not None:
+        if api:
             rows = ''.join(f'<tr><td><a href="#{html.escape(e.name)}"><code>{html.escape(e.name)}</code></a></td>'
                            f'<td>{html.escape(e.short)}</td></tr>' for e in api)
             rest = ''.join(self.api_entry(e) for e in api if e.name not in shown)
@@ -402,7 +413,7 @@ def build(out: Path | str = '_site', nbs_dir: Path | str | None = None, execute:
     out.mkdir(parents=True)
     for f in ASSETS.iterdir():
         if f.is_file(): shutil.copy(f, out / f.name)
-    (out / 'pygments.css').write_text(HtmlFormatter().get_style_defs('.input pre code'), encoding='utf-8')
+    (out / 'pygments.css').write_text(HtmlFormatter().get_style_defs('pre.hl code'), encoding='utf-8')
 
     infos = []
     for p in sorted(nbs_dir.glob('*.ipynb')):
@@ -420,11 +431,11 @@ def build(out: Path | str = '_site', nbs_dir: Path | str | None = None, execute:
                 log(f'executing {info.path.name}'); execute_nb(info)
 
     # API entries: import every module first so methods @patch-ed in later modules are found on their classes
-    classes_seen, mod_err = {}, {}
+    classes_seen, mod_err, documented = {}, {}, set()
     for info in infos:
         if not info.module: continue
         modname = f'{PKG}.{info.module}'
-        try: site.entries[info.page] = module_entries(modname, classes_seen)
+        try: site.entries[info.page] = module_entries(modname, classes_seen, documented)
         except Exception as e:
             mod_err[info.page] = f'Could not import {modname}: {type(e).__name__}: {e}'
             site.entries[info.page] = []
