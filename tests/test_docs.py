@@ -135,8 +135,9 @@ def outputs_nb() -> dict:
     code = lambda src, outs: {'cell_type': 'code', 'metadata': {}, 'source': src, 'outputs': outs, 'execution_count': 1}
     disp = lambda data: {'output_type': 'display_data', 'metadata': {}, 'data': data}
     return {'nbformat': 4, 'nbformat_minor': 5, 'metadata': {}, 'cells': [
-        {'cell_type': 'markdown', 'metadata': {}, 'source': '# Outputs\n\n> Every output kind, rendered.\n\n'
-                                                            'See `Learner` and [the learner](03_learner.ipynb#Learner.fit).'},
+        {'cell_type': 'markdown', 'metadata': {},
+         'source': '# Outputs\n\n> Every output kind, rendered.\n\n'
+                   'See `Learner` and [the learner](03_learner.ipynb#Learner.fit).'},
         code('plt.plot([0, 1, 2])', [disp({'image/png': png, 'text/plain': '<Figure>'})]),
         code('HTML(...)', [disp({'text/html': '<b id="html-out">bold html</b>', 'text/plain': 'HTML'})]),
         code('Markdown(...)', [disp({'text/markdown': '*md* output with `Learner`', 'text/plain': 'Markdown'})]),
@@ -166,7 +167,6 @@ def site(tmp_path_factory):
 def browser():
     if CHROMIUM is None:
         pytest.skip('chromium is not installed (apt-get install -y chromium; .ci/run installs it)')
-    pytest.importorskip('websocket', reason='websocket-client is in the dev extra: pip install -e ".[dev]"')
     b = Browser()
     yield b
     b.close()
@@ -208,7 +208,6 @@ def test_every_public_name_has_an_entry(site):
 
 def test_failing_execution_shows_on_page(tmp_path):
     "A cell that raises under --execute shows its traceback on the page; a broken notebook gets an error page."
-    pytest.importorskip('nbclient'); pytest.importorskip('ipykernel')
     from build_docs import build
     nbs = tmp_path / 'nbs'; nbs.mkdir()
     cell = lambda src: {'cell_type': 'code', 'id': f'c{abs(hash(src))}', 'metadata': {}, 'source': src, 'outputs': [],

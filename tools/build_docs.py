@@ -76,7 +76,8 @@ def execute_nb(info: NbInfo, timeout: int = 600) -> None:
     client = NotebookClient(nb, timeout=timeout, kernel_name='python3', allow_errors=True,
                             resources={'metadata': {'path': str(info.path.parent)}})
     # the kernel imports nntrain from this checkout, not from wherever it is installed
-    env = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [str(ROOT), os.environ.get('PYTHONPATH')]))}
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [str(ROOT), os.environ.get('PYTHONPATH')])),
+           'MPLBACKEND': 'module://matplotlib_inline.backend_inline'}  # plots inline even where MPLBACKEND=Agg
     try:
         with client.setup_kernel(env=env):
             for i, cell in enumerate(nb.cells):
@@ -250,8 +251,8 @@ class Site:
             return f'NNTRAINMATH{len(maths) - 1}X'
         # protect LaTeX (no MathJax offline: it is shown as text) but never inside code
         parts = re.split(r'(```.*?```|`[^`\n]*`)', src, flags=re.S)
-        src = ''.join(p if i % 2 else re.sub(r'\$\$(.+?)\$\$|(?<![\w$])\$([^\s$][^$\n]*?)\$(?![\w$])', keep, p, flags=re.S)
-                      for i, p in enumerate(parts))
+        math = r'\$\$(.+?)\$\$|(?<![\w$])\$([^\s$][^$\n]*?)\$(?![\w$])'  # $$block$$ or $inline$, not `$HOME`
+        src = ''.join(p if i % 2 else re.sub(math, keep, p, flags=re.S) for i, p in enumerate(parts))
         h = _md(src)
         for i, (block, tex) in enumerate(maths):
             tag = 'div' if block else 'span'
@@ -262,8 +263,8 @@ class Site:
             return f'<a{pre}href="{html.escape(url)}"' if url else f'<a{pre}data-missing="1"'
         h = re.sub(r'<a(\s[^>]*?)?href="([^"]*)"', href, h)
         h = re.sub(r'<a[^>]*data-missing="1"[^>]*>(.*?)</a>', r'<span>\1</span>', h, flags=re.S)
-        h = re.sub(r'<pre><code class="language-(?:python|py)">(.*?)</code></pre>',
-                   lambda m: f'<pre class="hl"><code>{self.code(html.unescape(m.group(1)))}</code></pre>', h, flags=re.S)
+        hl = lambda m: f'<pre class="hl"><code>{self.code(html.unescape(m.group(1)))}</code></pre>'
+        h = re.sub(r'<pre><code class="language-(?:python|py)">(.*?)</code></pre>', hl, h, flags=re.S)
         h = self.heading_ids(h)
         return self.autolink(h)
 
@@ -271,7 +272,8 @@ class Site:
     def heading_ids(h: str) -> str:
         seen = set()
         def sub(m):
-            slug = re.sub(r'[^\w]+', '-', html.unescape(re.sub(r'<[^>]+>', '', m.group(3))).lower()).strip('-') or 'section'
+            text = html.unescape(re.sub(r'<[^>]+>', '', m.group(3))).lower()
+            slug = re.sub(r'[^\w]+', '-', text).strip('-') or 'section'
             base, n = slug, 1
             while slug in seen: n += 1; slug = f'{base}-{n}'
             seen.add(slug)
@@ -343,7 +345,8 @@ class Site:
             if 'hide_input' in flags or flags.get('echo') == 'false': inp = ''
             else:
                 tag = f'<span class="tag">→ {PKG}.{info.module}</span>' if exported and info.module else ''
-                inp = f'<div class="input">{tag}<pre class="hl"><code>{self.code(body)}</code></pre></div>' if body else ''
+                code = f'<pre class="hl"><code>{self.code(body)}</code></pre>'
+                inp = f'<div class="input">{tag}{code}</div>' if body else ''
             parts.append(f'<div class="cell code">{inp}{"<div class=outputs>" + outs + "</div>" if outs else ""}</div>')
             if exported:
                 for name in defined_names(body):

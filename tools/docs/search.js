@@ -32,7 +32,12 @@
       kind.textContent = item.k;
       li.appendChild(a);
       li.appendChild(kind);
-      if (item.d) { var d = document.createElement("span"); d.className = "desc"; d.textContent = item.d; li.appendChild(d); }
+      if (item.d) {
+        var d = document.createElement("span");
+        d.className = "desc";
+        d.textContent = item.d;
+        li.appendChild(d);
+      }
       list.appendChild(li);
     });
     list.hidden = hits.length === 0;
