@@ -215,13 +215,15 @@ def test_failing_execution_shows_on_page(tmp_path):
     nb = {'nbformat': 4, 'nbformat_minor': 5, 'metadata': {'kernelspec': {'name': 'python3', 'language': 'python',
                                                                            'display_name': 'Python 3'}},
           'cells': [{'cell_type': 'markdown', 'id': 'md0', 'metadata': {}, 'source': '# Boom'}, cell('print(6 * 7)'),
-                    cell('raise ValueError("kaboom")'), cell('print("after")'), cell('#| notest\nprint("skipped")')]}
+                    cell('raise ValueError("kaboom")'), cell('print("after")'), cell('#| notest\nprint("skipped")'),
+                    cell('#| eval: false\nprint("never run")')]}
     (nbs / '00_boom.ipynb').write_text(json.dumps(nb))
     (nbs / '01_broken.ipynb').write_text('{not json')
     info = build(tmp_path / 'site', nbs, execute=[], readme=tmp_path / 'none.md', verbose=False)
     boom = (info['out'] / '00_boom.html').read_text()
     assert '42' in boom and 'ValueError' in boom and 'kaboom' in boom and 'after' in boom
-    assert 'skipped</pre>' not in boom
+    assert 'skipped</pre>' not in boom and 'never run</pre>' not in boom
+    assert 'raised ValueError: kaboom' in info['problems']['00_boom.ipynb'][0]
     assert 'Could not read the notebook' in (info['out'] / '01_broken.html').read_text()
 
 

@@ -83,8 +83,11 @@ def execute_nb(info: NbInfo, timeout: int = 600) -> None:
             for i, cell in enumerate(nb.cells):
                 if cell.cell_type != 'code': continue
                 flags, body = directives(cell.source)
-                if not body or any(f in flags for f in SKIP_FLAGS): continue
+                if not body or any(f in flags for f in SKIP_FLAGS) or flags.get('eval') == 'false': continue
                 client.execute_cell(cell, i)
+                for o in cell.outputs:
+                    if o.output_type == 'error': info.errors.append(f'cell {i} ({cell.get("id")}) raised {o.ename}: '
+                                                                    f'{o.evalue}; its traceback is on the page')
     except Exception as e:  # a dead kernel or a timeout: keep what ran, say what happened on the page
         info.errors.append(f'Executing the notebook stopped: {type(e).__name__}: {e}')
     info.nb = json.loads(nbformat.writes(nb))
@@ -268,6 +271,10 @@ class Site:
         h = self.heading_ids(h)
         return self.autolink(h)
 
+    def inline(self, src: str) -> str:
+        "One line of markdown without its paragraph tags."
+        return re.sub(r'^<p>(.*)</p>$', r'\1', self.markdown(src).strip(), flags=re.S)
+
     @staticmethod
     def heading_ids(h: str) -> str:
         seen = set()
@@ -355,7 +362,7 @@ class Site:
         api = self.entries.get(info.page)
         if api:
             rows = ''.join(f'<tr><td><a href="#{html.escape(e.name)}"><code>{html.escape(e.name)}</code></a></td>'
-                           f'<td>{html.escape(e.short)}</td></tr>' for e in api)
+                           f'<td>{self.inline(e.short)}</td></tr>' for e in api)
             rest = ''.join(self.api_entry(e) for e in api if e.name not in shown)
             parts.append(f'<h2 id="api">API</h2><p>Public names of <code>{PKG}.{info.module}</code>'
                          f' (<code>__all__</code>), and methods it adds to other classes.</p>'
