@@ -42,7 +42,7 @@ class Browser:
         target = json.loads(urllib.request.urlopen(req, timeout=10).read())
         self.ws = websocket.create_connection(target['webSocketDebuggerUrl'], timeout=30, suppress_origin=True)
         self.n, self.events = 0, []
-        for m in ('Page.enable', 'Runtime.enable', 'Log.enable'): self.send(m)
+        for m in ('Page.enable', 'Runtime.enable', 'Log.enable', 'Network.enable'): self.send(m)
         self.send('Emulation.setDeviceMetricsOverride', width=width, height=height, deviceScaleFactor=1, mobile=False)
 
     def send(self, method: str, **params) -> dict:
@@ -84,6 +84,10 @@ class Browser:
             elif m == 'Log.entryAdded' and p['entry'].get('level') == 'error':
                 out.append(f'log: {p["entry"].get("text")} {p["entry"].get("url", "")}')
         return out
+
+    def requests(self) -> list[str]:
+        "URLs the current page requested since `goto` (documents, scripts, styles, images...)."
+        return [m['params']['request']['url'] for m in self.events if m.get('method') == 'Network.requestWillBeSent']
 
     def eval(self, expr: str):
         r = self.send('Runtime.evaluate', expression=expr, returnByValue=True, awaitPromise=True)
@@ -245,6 +249,8 @@ def test_pages_in_browser(site, browser):
     for pg in pages:
         errors = browser.goto(base + pg)
         assert not errors, f'{pg}: {errors}'
+        remote = [u for u in browser.requests() if not u.startswith((base, 'data:'))]
+        assert not remote, f'{pg} requested something off the local site (it must work offline): {remote}'
         imgs = browser.eval('[...document.images].map(i => [i.getAttribute("src"), i.complete, i.naturalWidth])')
         for src, complete, width in imgs: assert complete and width > 0, f'{pg}: image {src} did not load'
         n_imgs += len(imgs)
