@@ -6,24 +6,29 @@
 __all__ = ['torch', 'nn', 'F', 'BinaryAccuracy', 'BinaryAUROC', 'BinaryF1Score', 'BinaryPrecision', 'BinaryRecall', 'Mean',
            'MeanSquaredError', 'MulticlassAccuracy', 'MulticlassAUROC', 'MulticlassConfusionMatrix',
            'MulticlassF1Score', 'MulticlassPrecision', 'MulticlassRecall', 'R2Score', 'Sum', 'EVENTS', 'STEPS',
-           'CANCELS', 'CancelFitException', 'CancelEpochException', 'CancelBatchException', 'CancelStepException',
-           'Order', 'Subscriber', 'check_subscriber', 'sort_subs', 'build_table', 'add_note', 'note_origin',
-           'default_device', 'to_device', 'set_seed', 'rng_state', 'set_rng_state', 'atomic_save', 'IMAGE_EXTENSIONS',
+           'CANCELS', 'RUNS', 'CancelFitException', 'CancelEpochException', 'CancelBatchException',
+           'CancelStepException', 'Order', 'Subscriber', 'check_subscriber', 'sort_subs', 'build_table', 'add_note',
+           'note_origin', 'default_device', 'to_device', 'preserve_modes', 'set_seed', 'check_int', 'check_number',
+           'check_choice', 'check_bool', 'rng_state', 'set_rng_state', 'atomic_save', 'IMAGE_EXTENSIONS',
            'TensorLoader', 'loader_state', 'set_loader_state', 'DataLoaders', 'ImageDecodeError', 'image_files',
-           'folder_items', 'pil_to_tensor', 'ImageFolderDataset', 'collate_images', 'MappedLoader', 'hf_ds_collate_fn',
-           'mnist_sample', 'read_idx', 'write_idx', 'data_dir', 'DownloadError', 'sha256sum', 'download_url', 'mnist',
-           'fashion_mnist', 'unpack_tgz', 'imagenette', 'imagewoof', 'check_batch', 'check_preds', 'per_item_loss',
-           'Learner', 'synth_dls', 'LabelSmoothingCrossEntropy', 'conv_block', 'simple_cnn', 'ResBlock', 'resnet',
-           'PerParamOptimizer', 'SGD', 'Momentum', 'RMSProp', 'Adam', 'AdamW', 'LAMB', 'weight_decay', 'l2_reg',
-           'sgd_step', 'average_grad', 'average_sqr_grad', 'step_stat', 'rms_step', 'adam_step', 'StatsOptimizer',
-           'sgd_opt', 'rmsprop_opt', 'adam_opt', 'MomentumLearner', 'denormalize', 'show_images', 'show_batch',
-           'AugmentS', 'per_sample', 'mixup', 'rand_box', 'cutmix', 'MixUpS', 'CutMixS', 'checkpoints',
-           'latest_checkpoint', 'CheckpointS', 'DeviceS', 'valley_lr', 'steep_lr', 'minimum_lr', 'LRFindResult',
-           'LRFindS', 'MetricsS', 'Hooks', 'conv_macs', 'conv_transpose_macs', 'linear_macs', 'norm_macs', 'mha_macs',
-           'module_macs', 'leaf_modules', 'LayerInfo', 'ModelSummary', 'summary', 'ModelMonitorS', 'activation_stats',
-           'ActivationStatsS', 'mean_std', 'NormalizationS', 'AUTOCAST_DTYPES', 'resolve_precision', 'make_scaler',
-           'MixedPrecisionS', 'ChannelsLastS', 'CompileS', 'plot_losses', 'ProgressS', 'annealer', 'sched_lin',
-           'sched_cos', 'sched_no', 'sched_exp', 'combine_scheds', 'cos_1cycle_anneal', 'one_cycle_scheds',
+           'folder_items', 'pil_to_tensor', 'ImageFolderDataset', 'collate_images', 'uint8_to_float', 'MappedLoader',
+           'hf_ds_collate_fn', 'mnist_sample', 'read_idx', 'write_idx', 'data_dir', 'DownloadError', 'sha256sum',
+           'download_url', 'mnist', 'fashion_mnist', 'unpack_tgz', 'imagenette', 'imagewoof', 'Hooks', 'Hook',
+           'count_hooks', 'init_weights', 'LayerStats', 'LSUVReport', 'lsuv_init', 'batch_targets', 'check_batch',
+           'check_preds', 'check_loss', 'per_item_loss', 'loader_targets', 'peek_targets', 'buffers_kept_on_error',
+           'first_batch_step', 'Position', 'DeferredInterrupt', 'WeightedMean', 'lr_for_groups', 'check_lr', 'Learner',
+           'weight_problems', 'read_checkpoint', 'MomentumLearner', 'LabelSmoothingCrossEntropy', 'conv_block',
+           'simple_cnn', 'ResBlock', 'resnet', 'cnn_layers', 'AdaptiveConcatPool2d', 'BasicBlock', 'Bottleneck',
+           'xresnet', 'xresnet18', 'xresnet34', 'xresnet50', 'PerParamOptimizer', 'SGD', 'Momentum', 'RMSProp', 'Adam',
+           'AdamW', 'LAMB', 'weight_decay', 'l2_reg', 'sgd_step', 'average_grad', 'average_sqr_grad', 'step_stat',
+           'rms_step', 'adam_step', 'StatsOptimizer', 'sgd_opt', 'rmsprop_opt', 'adam_opt', 'denormalize',
+           'show_images', 'show_batch', 'AugmentS', 'per_sample', 'mixup', 'rand_box', 'cutmix', 'MixUpS', 'CutMixS',
+           'checkpoints', 'latest_checkpoint', 'CheckpointS', 'DeviceS', 'valley_lr', 'steep_lr', 'minimum_lr',
+           'LRFindResult', 'LRFindS', 'MetricsS', 'conv_macs', 'conv_transpose_macs', 'linear_macs', 'norm_macs',
+           'mha_macs', 'module_macs', 'leaf_modules', 'LayerInfo', 'ModelSummary', 'summary', 'ModelMonitorS',
+           'activation_stats', 'ActivationStatsS', 'mean_std', 'NormalizationS', 'AUTOCAST_DTYPES', 'resolve_precision',
+           'make_scaler', 'MixedPrecisionS', 'ChannelsLastS', 'CompileS', 'plot_losses', 'ProgressS', 'annealer',
+           'sched_lin', 'sched_cos', 'sched_no', 'sched_exp', 'combine_scheds', 'cos_1cycle_anneal', 'one_cycle_scheds',
            'flat_cos_scheds', 'get_hyper', 'set_hyper', 'ParamSchedulerS', 'SchedulerS', 'EarlyStoppingS', 'CSVLoggerS',
            'opt_grads', 'grad_norm', 'GradClipS', 'GradAccumS', 'first_nonfinite_module', 'TerminateOnNaNS', 'EMAS']
 
@@ -44,21 +49,29 @@ with warnings.catch_warnings():
 
 # %% ../nbs/99_all.ipynb #f416363f
 from .core import (
-    EVENTS, STEPS, CANCELS, CancelFitException, CancelEpochException, CancelBatchException, CancelStepException, Order,
-    Subscriber, check_subscriber, sort_subs, build_table, add_note, note_origin, default_device, to_device, set_seed,
+    EVENTS, STEPS, CANCELS, RUNS, CancelFitException, CancelEpochException, CancelBatchException,
+    CancelStepException, Order, Subscriber, check_subscriber, sort_subs, build_table, add_note, note_origin,
+    default_device, to_device, preserve_modes, set_seed, check_int, check_number, check_choice, check_bool,
     rng_state, set_rng_state, atomic_save)
 from .data import (
     IMAGE_EXTENSIONS, TensorLoader, loader_state, set_loader_state, DataLoaders, ImageDecodeError, image_files,
-    folder_items, pil_to_tensor, ImageFolderDataset, collate_images, MappedLoader, hf_ds_collate_fn)
+    folder_items, pil_to_tensor, ImageFolderDataset, collate_images, uint8_to_float, MappedLoader, hf_ds_collate_fn)
 from .datasets import (
     mnist_sample, read_idx, write_idx, data_dir, DownloadError, sha256sum, download_url, mnist, fashion_mnist,
     unpack_tgz, imagenette, imagewoof)
-from .learner import check_batch, check_preds, per_item_loss, Learner, synth_dls
+from .hooks import Hooks, Hook, count_hooks
+from .init import init_weights, LayerStats, LSUVReport, lsuv_init
+from .learner import (
+    batch_targets, check_batch, check_preds, check_loss, per_item_loss, loader_targets, peek_targets,
+    buffers_kept_on_error, first_batch_step, Position, DeferredInterrupt, WeightedMean, lr_for_groups, check_lr,
+    Learner, weight_problems, read_checkpoint, MomentumLearner)
 from .losses import LabelSmoothingCrossEntropy
-from .models import conv_block, simple_cnn, ResBlock, resnet
+from .models import (
+    conv_block, simple_cnn, ResBlock, resnet, cnn_layers, AdaptiveConcatPool2d, BasicBlock, Bottleneck, xresnet,
+    xresnet18, xresnet34, xresnet50)
 from .optim import (
     PerParamOptimizer, SGD, Momentum, RMSProp, Adam, AdamW, LAMB, weight_decay, l2_reg, sgd_step, average_grad,
-    average_sqr_grad, step_stat, rms_step, adam_step, StatsOptimizer, sgd_opt, rmsprop_opt, adam_opt, MomentumLearner)
+    average_sqr_grad, step_stat, rms_step, adam_step, StatsOptimizer, sgd_opt, rmsprop_opt, adam_opt)
 from .show import denormalize, show_images, show_batch
 from .subs.augment import AugmentS, per_sample, mixup, rand_box, cutmix, MixUpS, CutMixS
 from .subs.checkpoint import checkpoints, latest_checkpoint, CheckpointS
@@ -66,7 +79,7 @@ from .subs.device import DeviceS
 from .subs.lr_find import valley_lr, steep_lr, minimum_lr, LRFindResult, LRFindS
 from .subs.metrics import MetricsS
 from .subs.monitor import (
-    Hooks, conv_macs, conv_transpose_macs, linear_macs, norm_macs, mha_macs, module_macs, leaf_modules, LayerInfo,
+    conv_macs, conv_transpose_macs, linear_macs, norm_macs, mha_macs, module_macs, leaf_modules, LayerInfo,
     ModelSummary, summary, ModelMonitorS, activation_stats, ActivationStatsS)
 from .subs.normalize import mean_std, NormalizationS
 from .subs.precision import (
@@ -82,24 +95,32 @@ from .subs.training import (
 # %% ../nbs/99_all.ipynb #c3ecd775
 _all_ = ['torch', 'nn', 'F', 'BinaryAccuracy', 'BinaryAUROC', 'BinaryF1Score', 'BinaryPrecision', 'BinaryRecall',
          'Mean', 'MeanSquaredError', 'MulticlassAccuracy', 'MulticlassAUROC', 'MulticlassConfusionMatrix',
-         'MulticlassF1Score', 'MulticlassPrecision', 'MulticlassRecall', 'R2Score', 'Sum', 'EVENTS', 'STEPS', 'CANCELS',
-         'CancelFitException', 'CancelEpochException', 'CancelBatchException', 'CancelStepException', 'Order',
-         'Subscriber', 'check_subscriber', 'sort_subs', 'build_table', 'add_note', 'note_origin', 'default_device',
-         'to_device', 'set_seed', 'rng_state', 'set_rng_state', 'atomic_save', 'IMAGE_EXTENSIONS', 'TensorLoader',
-         'loader_state', 'set_loader_state', 'DataLoaders', 'ImageDecodeError', 'image_files', 'folder_items',
-         'pil_to_tensor', 'ImageFolderDataset', 'collate_images', 'MappedLoader', 'hf_ds_collate_fn', 'mnist_sample',
-         'read_idx', 'write_idx', 'data_dir', 'DownloadError', 'sha256sum', 'download_url', 'mnist', 'fashion_mnist',
-         'unpack_tgz', 'imagenette', 'imagewoof', 'check_batch', 'check_preds', 'per_item_loss', 'Learner', 'synth_dls',
-         'LabelSmoothingCrossEntropy', 'conv_block', 'simple_cnn', 'ResBlock', 'resnet', 'PerParamOptimizer', 'SGD',
-         'Momentum', 'RMSProp', 'Adam', 'AdamW', 'LAMB', 'weight_decay', 'l2_reg', 'sgd_step', 'average_grad',
-         'average_sqr_grad', 'step_stat', 'rms_step', 'adam_step', 'StatsOptimizer', 'sgd_opt', 'rmsprop_opt',
-         'adam_opt', 'MomentumLearner', 'denormalize', 'show_images', 'show_batch', 'AugmentS', 'per_sample', 'mixup',
-         'rand_box', 'cutmix', 'MixUpS', 'CutMixS', 'checkpoints', 'latest_checkpoint', 'CheckpointS', 'DeviceS',
-         'valley_lr', 'steep_lr', 'minimum_lr', 'LRFindResult', 'LRFindS', 'MetricsS', 'Hooks', 'conv_macs',
-         'conv_transpose_macs', 'linear_macs', 'norm_macs', 'mha_macs', 'module_macs', 'leaf_modules', 'LayerInfo',
-         'ModelSummary', 'summary', 'ModelMonitorS', 'activation_stats', 'ActivationStatsS', 'mean_std',
-         'NormalizationS', 'AUTOCAST_DTYPES', 'resolve_precision', 'make_scaler', 'MixedPrecisionS', 'ChannelsLastS',
-         'CompileS', 'plot_losses', 'ProgressS', 'annealer', 'sched_lin', 'sched_cos', 'sched_no', 'sched_exp',
-         'combine_scheds', 'cos_1cycle_anneal', 'one_cycle_scheds', 'flat_cos_scheds', 'get_hyper', 'set_hyper',
-         'ParamSchedulerS', 'SchedulerS', 'EarlyStoppingS', 'CSVLoggerS', 'opt_grads', 'grad_norm', 'GradClipS',
-         'GradAccumS', 'first_nonfinite_module', 'TerminateOnNaNS', 'EMAS']
+         'MulticlassF1Score', 'MulticlassPrecision', 'MulticlassRecall', 'R2Score', 'Sum', 'EVENTS', 'STEPS',
+         'CANCELS', 'RUNS', 'CancelFitException', 'CancelEpochException', 'CancelBatchException',
+         'CancelStepException', 'Order', 'Subscriber', 'check_subscriber', 'sort_subs', 'build_table',
+         'add_note', 'note_origin', 'default_device', 'to_device', 'preserve_modes', 'set_seed', 'check_int',
+         'check_number', 'check_choice', 'check_bool', 'rng_state', 'set_rng_state', 'atomic_save',
+         'IMAGE_EXTENSIONS', 'TensorLoader', 'loader_state', 'set_loader_state', 'DataLoaders',
+         'ImageDecodeError', 'image_files', 'folder_items', 'pil_to_tensor', 'ImageFolderDataset',
+         'collate_images', 'uint8_to_float', 'MappedLoader', 'hf_ds_collate_fn', 'mnist_sample', 'read_idx',
+         'write_idx', 'data_dir', 'DownloadError', 'sha256sum', 'download_url', 'mnist', 'fashion_mnist',
+         'unpack_tgz', 'imagenette', 'imagewoof', 'Hooks', 'Hook', 'count_hooks', 'init_weights',
+         'LayerStats', 'LSUVReport', 'lsuv_init', 'batch_targets', 'check_batch', 'check_preds', 'check_loss',
+         'per_item_loss', 'loader_targets', 'peek_targets', 'buffers_kept_on_error', 'first_batch_step',
+         'Position', 'DeferredInterrupt', 'WeightedMean', 'lr_for_groups', 'check_lr', 'Learner',
+         'weight_problems', 'read_checkpoint', 'MomentumLearner', 'LabelSmoothingCrossEntropy', 'conv_block',
+         'simple_cnn', 'ResBlock', 'resnet', 'cnn_layers', 'AdaptiveConcatPool2d', 'BasicBlock', 'Bottleneck',
+         'xresnet', 'xresnet18', 'xresnet34', 'xresnet50', 'PerParamOptimizer', 'SGD', 'Momentum', 'RMSProp',
+         'Adam', 'AdamW', 'LAMB', 'weight_decay', 'l2_reg', 'sgd_step', 'average_grad', 'average_sqr_grad',
+         'step_stat', 'rms_step', 'adam_step', 'StatsOptimizer', 'sgd_opt', 'rmsprop_opt', 'adam_opt',
+         'denormalize', 'show_images', 'show_batch', 'AugmentS', 'per_sample', 'mixup', 'rand_box', 'cutmix',
+         'MixUpS', 'CutMixS', 'checkpoints', 'latest_checkpoint', 'CheckpointS', 'DeviceS', 'valley_lr',
+         'steep_lr', 'minimum_lr', 'LRFindResult', 'LRFindS', 'MetricsS', 'conv_macs', 'conv_transpose_macs',
+         'linear_macs', 'norm_macs', 'mha_macs', 'module_macs', 'leaf_modules', 'LayerInfo', 'ModelSummary',
+         'summary', 'ModelMonitorS', 'activation_stats', 'ActivationStatsS', 'mean_std', 'NormalizationS',
+         'AUTOCAST_DTYPES', 'resolve_precision', 'make_scaler', 'MixedPrecisionS', 'ChannelsLastS',
+         'CompileS', 'plot_losses', 'ProgressS', 'annealer', 'sched_lin', 'sched_cos', 'sched_no',
+         'sched_exp', 'combine_scheds', 'cos_1cycle_anneal', 'one_cycle_scheds', 'flat_cos_scheds',
+         'get_hyper', 'set_hyper', 'ParamSchedulerS', 'SchedulerS', 'EarlyStoppingS', 'CSVLoggerS',
+         'opt_grads', 'grad_norm', 'GradClipS', 'GradAccumS', 'first_nonfinite_module', 'TerminateOnNaNS',
+         'EMAS']

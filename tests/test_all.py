@@ -5,7 +5,8 @@ from pathlib import Path
 import nntrain
 
 ROOT = Path(__file__).resolve().parent.parent
-NOT_IN_ALL = {'nntrain.all', 'nntrain.cli', 'nntrain.__main__', 'nntrain._modidx'}  # the command line is not API
+NOT_IN_ALL = {'nntrain.all', 'nntrain.cli', 'nntrain.__main__', 'nntrain._modidx',   # the command line is not API
+              'nntrain.testing'}                                                   # nor are test fixtures
 
 
 def modules() -> list[str]:
