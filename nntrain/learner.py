@@ -500,6 +500,7 @@ class Learner:
     def _new_opt(self, lr) -> torch.optim.Optimizer:
         groups = self.param_groups()
         lrs = lr_for_groups(lr, len(groups))
+        if len(groups) == 1: return self.opt_func(groups[0], lrs[0])   # any `(params, lr)` optimizer, torch's or not
         return self.opt_func([{'params': g, 'lr': r} for g, r in zip(groups, lrs)], lrs[-1])
 
     def _make_opt(self, lr, reset_opt: bool) -> None:

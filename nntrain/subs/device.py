@@ -15,6 +15,7 @@ __all__ = ['DeviceS']
 # %% ../../nbs/10_device.ipynb #a668bfb8
 def _state_elsewhere(opt: torch.optim.Optimizer) -> bool:
     "Is any optimizer state tensor (other than step counts) on another device than its parameter?"
+    if not isinstance(opt, torch.optim.Optimizer): return False   # a hand-written optimizer keeps its own state
     return any(torch.is_tensor(v) and k != 'step' and v.device != p.device
                for p, state in opt.state.items() for k, v in state.items())
 

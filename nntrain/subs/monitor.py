@@ -311,6 +311,11 @@ class ModelMonitorS(Subscriber):
         if self._dl_state is not None: learn.dls.train.load_state_dict(self._dl_state)
         self._rec = self._modes = self._dl_state = None
 
+    def __repr__(self):   # the earlier nntrain's way to see the table: leave the monitor as a cell's last expression
+        return str(self.summary) if self.summary is not None else f'ModelMonitorS(modules={self.modules!r})'
+
+    def _repr_markdown_(self): return self.summary._repr_markdown_() if self.summary is not None else None
+
 # %% ../../nbs/19_monitor.ipynb #13cf7cf5
 def activation_stats(x: torch.Tensor, bins: int = 40, hist_range: tuple[float, float] = (-10., 10.),
                      dead_threshold: float = 1e-6) -> dict[str, torch.Tensor]:
