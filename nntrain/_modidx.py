@@ -211,6 +211,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'nntrain.learner._is_labels': ('learner.html#_is_labels', 'nntrain/learner.py'),
                                  'nntrain.learner._is_weights': ('learner.html#_is_weights', 'nntrain/learner.py'),
                                  'nntrain.learner._note_failure': ('learner.html#_note_failure', 'nntrain/learner.py'),
+                                 'nntrain.learner._plain_step': ('learner.html#_plain_step', 'nntrain/learner.py'),
                                  'nntrain.learner.batch_targets': ('learner.html#batch_targets', 'nntrain/learner.py'),
                                  'nntrain.learner.buffers_kept_on_error': ('learner.html#buffers_kept_on_error', 'nntrain/learner.py'),
                                  'nntrain.learner.check_batch': ('learner.html#check_batch', 'nntrain/learner.py'),

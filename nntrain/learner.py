@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 import traceback
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -269,6 +269,8 @@ def _check_fit_args(learn, n_epochs, lr, subs, train, valid, reset_opt, resume, 
         raise TypeError(f'subs must be a list of subscribers, got {subs!r}')
 
 # %% ../nbs/03_learner.ipynb #de792fc6
+def _plain_step(name: str, step: Callable) -> None: step()
+
 _REFUSED_FIT_KEEPS = ('opt', 'n_epochs', 'epoch', 'n_iter', 'iter', 'pct_train', 'training', 'dl', '_pos')
 _STAGE_CANCEL = {'fit': CancelFitException, 'epoch': CancelEpochException, 'batch': CancelBatchException}
 
@@ -460,8 +462,9 @@ class Learner:
     def _one_batch(self) -> None:
         first = self.training in self._unchecked   # each phase's first batch runs its steps with checks around them
         self._unchecked.discard(self.training)
-        run = partial(first_batch_step, self) if first else lambda name, step: step()
-        with buffers_kept_on_error(self.model, first and self.training):   # a refused first batch changes nothing
+        run = partial(first_batch_step, self) if first else _plain_step
+        # a refused first training batch changes nothing, not even batch-norm statistics
+        with buffers_kept_on_error(self.model) if first and self.training else nullcontext():
             run('predict', self._steps['predict']); self.publish('after_predict')
             if self.run_kind == 'predict': return
             run('get_loss', self._steps['get_loss']); self.publish('after_loss')
