@@ -113,9 +113,9 @@ def peek_targets(dl):
         set_rng_state(rng)
 
 @contextmanager
-def buffers_kept_on_error(model: nn.Module, keep: bool = True):
+def buffers_kept_on_error(model: nn.Module):
     "Inside: if an error (not a cancel) escapes, put back the model's buffers (batch-norm statistics) as they were."
-    saved = [(b, b.detach().clone()) for b in model.buffers()] if keep else []
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
     try: yield
     except CANCELS: raise
     except BaseException:
