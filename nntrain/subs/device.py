@@ -23,6 +23,11 @@ class DeviceS(Subscriber):
     order = Order.DEVICE
 
     def __init__(self, device: torch.device | str | None = None):
+        if device is not None:
+            try: torch.device(device)   # parsed now: a misspelt name fails here, not after the fit has started
+            except (RuntimeError, TypeError, ValueError) as e:
+                raise ValueError("device must be a torch.device, a name such as 'cuda', 'cuda:1', 'mps' or 'cpu', "
+                                 f'or None (the best available), got {device!r}') from e
         self.device = device
 
     def before_fit(self, learn):

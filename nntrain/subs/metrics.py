@@ -36,6 +36,10 @@ class MetricsS(Subscriber):
             if isinstance(m, type) or not all(callable(getattr(m, f, None)) for f in ('update', 'compute', 'reset')):
                 raise TypeError(f'metric {name!r} must be a torcheval metric instance (update/compute/reset), got {m!r}'
                                 + (f': pass {m.__name__}()' if isinstance(m, type) else ''))
+        clash = sorted(set(self.metrics) & {'epoch', 'phase', 'loss', 'time'})
+        if clash:
+            raise ValueError(f'metric names {clash} would overwrite the columns every row has (epoch, phase, loss, '
+                             'time): pass them under other names, e.g. MetricsS(train_loss=...)')
         check_int('flush_every', flush_every)
         self.flush_every = flush_every   # buffered prediction elements before a metric update
 
