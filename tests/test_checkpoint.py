@@ -18,7 +18,6 @@ from nntrain.subs.metrics import MetricsS
 from nntrain.subs.schedule import SchedulerS
 from nntrain.subs.tracking import CSVLoggerS, EarlyStoppingS
 from nntrain.subs.training import EMAS, GradAccumS
-from tests.contract import check_contract
 
 
 def make_learner(*subs, n=96, bs=8):
@@ -142,20 +141,6 @@ def test_csv_logger_writes_every_row(tmp_path):
     assert float(rows[-1]['loss']) == pytest.approx(learn.history[-1]['loss'])
     learn.fit(1)   # a second fit appends to the same file
     assert len(list(csv.DictReader(open(path)))) == 6
-
-
-@pytest.mark.parametrize('name', ['CheckpointS', 'EarlyStoppingS', 'CSVLoggerS'])
-def test_contract(name, tmp_path):
-    factories = {'CheckpointS': lambda: CheckpointS(tmp_path / 'ckpt'),
-                 'EarlyStoppingS': EarlyStoppingS,
-                 'CSVLoggerS': lambda: CSVLoggerS(tmp_path / 'h.csv')}
-    # these read the rows MetricsS writes: give the contract learner one
-    def learner_with_metrics():
-        from tests.contract import tiny_classifier
-        learn = tiny_classifier()
-        learn.add_subs(MetricsS())
-        return learn
-    check_contract(factories[name], learner_with_metrics)
 
 
 def test_ctrl_c_finishes_the_batch_and_a_second_stops_at_once():

@@ -14,7 +14,8 @@ from nntrain.models import resnet, simple_cnn
 from nntrain.subs.monitor import (ActivationStatsS, Hooks, ModelMonitorS, activation_stats, conv_macs,
                                   conv_transpose_macs, leaf_modules, linear_macs, mha_macs, module_macs, norm_macs,
                                   summary)
-from tests.contract import n_hooks, tiny_classifier
+from nntrain.testing import tiny_classifier
+from tests.contract import n_hooks
 
 
 def macs_of(m, *args):

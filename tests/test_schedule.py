@@ -8,7 +8,7 @@ from torch import nn
 
 from nntrain.core import CancelStepException, Order, Subscriber
 from nntrain.learner import Learner
-from nntrain.testing import synth_dls
+from nntrain.testing import synth_dls, synth_learner
 from nntrain.optim import SGD, AdamW, adam_opt
 from nntrain.subs.schedule import (ParamSchedulerS, SchedulerS, combine_scheds, cos_1cycle_anneal, get_hyper,
                                    one_cycle_scheds, sched_cos, sched_exp, sched_lin, sched_no)
@@ -16,9 +16,8 @@ from nntrain.subs.schedule import (ParamSchedulerS, SchedulerS, combine_scheds, 
 POS = [i / 100 for i in range(101)]
 
 
-def _learn(opt_func=torch.optim.SGD, lr=0.1, seed=0, **kw):
-    torch.manual_seed(seed)
-    return Learner(nn.Linear(1, 1), synth_dls(seed=seed), F.mse_loss, opt_func, lr=lr, **kw)
+def _learn(opt_func=torch.optim.SGD, lr=0.1, seed=0, subs=()):
+    return synth_learner(subs, lr, opt_func, seed)
 
 
 # -- curves ---------------------------------------------------------------------------------------------------

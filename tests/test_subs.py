@@ -14,7 +14,7 @@ from nntrain.subs.device import DeviceS
 from nntrain.subs.metrics import MetricsS
 from nntrain.subs.normalize import NormalizationS, mean_std
 from nntrain.subs.progress import ProgressS
-from tests.contract import tiny_classifier
+from nntrain.testing import tiny_classifier
 
 
 def test_metrics_match_manual_computation_with_uneven_batches():
