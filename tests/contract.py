@@ -4,6 +4,7 @@
 with `make_learner()`; `check_run_scopes(factory, make_learner)` checks that validate/get_preds/lr_find between two fits
 leave no trace.
 """
+import copy
 import os
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from nntrain.learner import Learner
 from nntrain.subs import metrics as metrics_module
 from nntrain.testing import failing, tiny_classifier
 
-__all__ = ['n_hooks', 'snapshot', 'check_contract', 'check_run_scopes', 'files_on_disk', 'same_state']
+__all__ = ['n_hooks', 'snapshot', 'check_contract', 'check_run_scopes', 'files_on_disk', 'same_state', 'observe']
 
 
 def n_hooks(model: nn.Module) -> int:
@@ -78,12 +79,14 @@ def same_state(a, b) -> bool:
     return type(a) is type(b) and a == b
 
 
-def _observe(learn, sub, folder: Path) -> dict:
-    "What a user could see: history, files, the subscriber's state, weights, optimizer state, step count."
+def observe(learn, folder, sub=None) -> dict:
+    "What a user could see: history, files under `folder`, `sub`'s state, weights, optimizer state, counters, RNG."
     sub_state = sub.state_dict() if callable(getattr(sub, 'state_dict', None)) else None
     return dict(history=[dict(r) for r in learn.history], files=files_on_disk(folder), sub=sub_state,
                 weights={k: v.clone() for k, v in learn.model.state_dict().items()},
-                opt=None if learn.opt is None else learn.opt.state_dict(), global_step=learn.global_step)
+                opt=None if learn.opt is None else copy.deepcopy(learn.opt.state_dict()),
+                counters=learn.state_dict()['counters'], subs=list(learn.subs),
+                rng=torch.get_rng_state(), loss_func=learn.loss_func, model=learn.model)
 
 
 def _run(factory, make_learner, folder: Path, middle: bool) -> dict:
@@ -96,16 +99,16 @@ def _run(factory, make_learner, folder: Path, middle: bool) -> dict:
         sub, learn = factory(), make_learner()
         learn.add_subs(sub)
         learn.fit(1)
-        before = _observe(learn, sub, folder)
+        before = observe(learn, folder, sub)
         if middle:
             learn.validate()
             learn.get_preds()
             learn.lr_find(num_it=5, show_plot=False)
-        after = _observe(learn, sub, folder)
+        after = observe(learn, folder, sub)
         for k in before:
             assert same_state(before[k], after[k]), f'validate/get_preds/lr_find changed {k}'
         learn.fit(1)
-        return _observe(learn, sub, folder)
+        return observe(learn, folder, sub)
     finally: os.chdir(cwd)
 
 
@@ -123,5 +126,5 @@ def check_run_scopes(factory, make_learner, tmp_path: Path) -> None:
         plain = _run(factory, make_learner, tmp_path / 'plain', middle=False)
         mixed = _run(factory, make_learner, tmp_path / 'mixed', middle=True)
     finally: metrics_module.time = clock
-    for k in plain:
+    for k in ('history', 'files', 'sub', 'weights', 'opt', 'counters', 'rng'):   # the objects differ between runs
         assert same_state(plain[k], mixed[k]), f'after validate/get_preds/lr_find, the next fit ends with other {k}'

@@ -31,7 +31,9 @@ class MetricsS(Subscriber):
     runs = ('fit', 'validate')
 
     def __init__(self, *metrics, flush_every: int = 2**24, **named_metrics):
-        self.metrics = {**{_snake(type(m).__name__): m for m in metrics}, **named_metrics}
+        # a class passed by mistake is named after itself, not its metaclass, in the error below
+        names = [_snake((m if isinstance(m, type) else type(m)).__name__) for m in metrics]
+        self.metrics = {**dict(zip(names, metrics)), **named_metrics}
         for name, m in self.metrics.items():
             if isinstance(m, type) or not all(callable(getattr(m, f, None)) for f in ('update', 'compute', 'reset')):
                 raise TypeError(f'metric {name!r} must be a torcheval metric instance (update/compute/reset), got {m!r}'
