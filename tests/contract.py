@@ -16,7 +16,7 @@ from nntrain.learner import Learner
 from nntrain.subs import metrics as metrics_module
 from nntrain.testing import failing, tiny_classifier
 
-__all__ = ['n_hooks', 'snapshot', 'check_contract', 'check_run_scopes', 'files_on_disk', 'same_state', 'observe']
+__all__ = ['n_hooks', 'snapshot', 'check_contract', 'check_run_scopes', 'files_on_disk', 'same_state', 'observe', 'changed']
 
 
 def n_hooks(model: nn.Module) -> int:
@@ -87,6 +87,11 @@ def observe(learn, folder, sub=None) -> dict:
                 opt=None if learn.opt is None else copy.deepcopy(learn.opt.state_dict()),
                 counters=learn.state_dict()['counters'], subs=list(learn.subs),
                 rng=torch.get_rng_state(), loss_func=learn.loss_func, model=learn.model)
+
+
+def changed(before: dict, after: dict) -> list:
+    "The keys of two `observe` results that differ."
+    return [k for k in before if not same_state(before[k], after[k])]
 
 
 def _run(factory, make_learner, folder: Path, middle: bool) -> dict:

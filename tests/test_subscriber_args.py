@@ -18,7 +18,7 @@ from nntrain.subs.schedule import ParamSchedulerS, SchedulerS, sched_lin
 from nntrain.subs.tracking import CSVLoggerS, EarlyStoppingS
 from nntrain.subs.training import EMAS, GradAccumS, GradClipS, TerminateOnNaNS
 from nntrain.testing import tiny_classifier
-from tests.contract import observe, same_state
+from tests.contract import changed, observe
 
 nan, inf = math.nan, math.inf
 lin = sched_lin(0.1, 0.01)
@@ -139,8 +139,9 @@ def test_unwritable_folder_is_refused_before_training(make, tmp_path):
     with pytest.raises(OSError, match=f'{type(sub).__name__} cannot write to .*blocker') as e:
         learn.fit(1, subs=[sub])
     after = observe(learn, tmp_path)
-    assert all(same_state(before[k], after[k]) for k in before), [k for k in before if not same_state(before[k], after[k])]
-    assert not any('while cleaning up' in n for n in getattr(e.value, '__notes__', []))   # the cleanup did not fail again
+    assert not changed(before, after)
+    notes = getattr(e.value, '__notes__', [])
+    assert not any('while cleaning up' in n for n in notes)   # the cleanup did not fail again
     learn.fit(1)   # still usable
 
 
@@ -149,7 +150,7 @@ def test_csv_logger_refuses_a_folder_as_its_path(tmp_path):
     before = observe(learn, tmp_path)
     with pytest.raises(IsADirectoryError, match='is a folder'): learn.fit(1, subs=[CSVLoggerS(tmp_path)])
     after = observe(learn, tmp_path)
-    assert all(same_state(before[k], after[k]) for k in before)
+    assert not changed(before, after)
 
 
 def test_lr_find_bad_arguments_change_nothing(tmp_path):
@@ -159,7 +160,7 @@ def test_lr_find_bad_arguments_change_nothing(tmp_path):
                         (dict(start_lr=-1.), 'start_lr'), (dict(mode='lin'), 'mode')]:
         with pytest.raises((ValueError, TypeError), match=arg): learn.lr_find(**kwargs)
         after = observe(learn, tmp_path)
-        assert all(same_state(before[k], after[k]) for k in before), kwargs
+        assert not changed(before, after), kwargs
 
 
 @pytest.mark.parametrize('make', [lambda: CheckpointS('ck', monitor='accuracy'),
