@@ -16,7 +16,8 @@ from nntrain.learner import Learner
 from nntrain.subs import metrics as metrics_module
 from nntrain.testing import failing, tiny_classifier
 
-__all__ = ['n_hooks', 'snapshot', 'check_contract', 'check_run_scopes', 'files_on_disk', 'same_state', 'observe', 'changed']
+__all__ = ['n_hooks', 'snapshot', 'check_contract', 'check_run_scopes', 'files_on_disk', 'same_state', 'observe',
+           'changed']
 
 
 def n_hooks(model: nn.Module) -> int:

@@ -41,33 +41,6 @@ def test_metrics_flush_bounds_memory_and_gives_same_result():
     assert learn_a.history[-1]['loss'] == pytest.approx(learn_b.history[-1]['loss'])
 
 
-def test_metrics_make_no_host_sync_per_batch(monkeypatch):
-    "MetricsS must not read tensors on the host in after_batch."
-    learn = tiny_classifier()
-    metrics = MetricsS(acc=MulticlassAccuracy())
-    calls = []
-    orig_item, orig_cpu = torch.Tensor.item, torch.Tensor.cpu
-    class Spy(Subscriber):
-        order = metrics.order - 1
-        def before_batch(self, learn): calls.append('batch')
-    learn.add_subs(Spy(), metrics)
-    in_batch = {'on': False}
-    class Window(Subscriber):
-        order = metrics.order + 1
-        def after_predict(self, learn): in_batch['on'] = learn.iter > 0   # batch 0 runs the one-off input checks
-        def cleanup_batch(self, learn): in_batch['on'] = False
-    learn.add_subs(Window())
-    def guarded(name, orig):
-        def f(self, *a, **k):
-            if in_batch['on']: raise AssertionError(f'host sync ({name}) inside a batch')
-            return orig(self, *a, **k)
-        return f
-    monkeypatch.setattr(torch.Tensor, 'item', guarded('item', orig_item))
-    monkeypatch.setattr(torch.Tensor, 'cpu', guarded('cpu', orig_cpu))
-    learn.fit(2)
-    assert len(learn.history) == 4 and calls
-
-
 def test_normalization_measured_once_and_applied_on_both_phases():
     torch.manual_seed(0)
     x = torch.randn(64, 3, 4, 4) * 5 + 2
