@@ -1,5 +1,6 @@
 "The first subscribers: device, normalization, metrics, progress."
 import warnings
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torcheval.metrics import MulticlassAccuracy
 
-from nntrain.core import Subscriber
+from nntrain.core import Order, Subscriber, to_device
 from nntrain.data import DataLoaders
 from nntrain.learner import Learner
 from nntrain.subs.device import DeviceS
@@ -68,13 +69,38 @@ def test_normalization_scalar_for_flat_inputs():
     assert mean.shape == () and std.item() == pytest.approx(x.double().std(unbiased=False).item(), rel=1e-4)
 
 
+class Pair(NamedTuple):
+    x: torch.Tensor
+    y: torch.Tensor
+
+
 def test_device_moves_model_and_nested_batches():
+    "To the 'meta' device, which no tensor here starts on: a DeviceS that did nothing would fail."
+    learn, dev = tiny_classifier(), DeviceS('meta')
+    dev.before_fit(learn)
+    assert {p.device.type for p in learn.model.parameters()} == {'meta'}
+    learn.batch = (torch.randn(2, 8), {'y': torch.zeros(2), 'w': [torch.ones(2), 3]}, Pair(torch.ones(1), torch.ones(1)))
+    dev.before_batch(learn)
+    x, d, pair = learn.batch
+    assert x.device.type == d['y'].device.type == d['w'][0].device.type == 'meta' and d['w'][1] == 3
+    assert isinstance(pair, Pair) and pair.x.device.type == pair.y.device.type == 'meta'
+
+
+def test_device_moves_every_batch_of_a_fit(monkeypatch):
+    import nntrain.subs.device as device_module
+    moved = []
+    def spy(obj, device, non_blocking=False):
+        moved.append((id(obj), torch.device(device)))
+        return to_device(obj, device, non_blocking)
+    monkeypatch.setattr(device_module, 'to_device', spy)
     seen = []
     class Spy(Subscriber):
-        def before_batch(self, learn): seen.append(learn.batch[0].device.type)
+        order = Order.DEVICE - 1
+        def before_batch(self, learn): seen.append(id(learn.batch))
     learn = tiny_classifier()
     learn.fit(1, subs=[DeviceS('cpu'), Spy()])
-    assert set(seen) == {'cpu'}
+    n = len(learn.dls.train) + len(learn.dls.valid)
+    assert len(moved) == n and [m[0] for m in moved] == seen and {m[1] for m in moved} == {torch.device('cpu')}
 
 
 def test_progress_table_rows_and_plot_data(capsys):
@@ -85,7 +111,12 @@ def test_progress_table_rows_and_plot_data(capsys):
     assert 'epoch' in out and 'valid' in out and 'acc' in out
     assert len(progress.train_losses) == 2 * len(learn.dls.train)
     assert progress.valid_steps == [3, 6]
-    assert progress.figure() is not None
+    ax = progress.figure().axes[0]
+    train, valid = ax.get_lines()
+    assert list(train.get_xdata()) == progress.train_steps and list(valid.get_xdata()) == [3, 6]
+    assert list(valid.get_ydata()) == pytest.approx([r['loss'] for r in learn.history if r['phase'] == 'valid'])
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ('optimizer step', 'loss')
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ['train', 'valid']
 
 
 def test_progress_display_failure_never_stops_training():
