@@ -179,8 +179,6 @@ def test_scheduler_epoch_interval_and_validate():
     learn.validate()
     learn.fit(2, train=False)
     assert s.scheduler.last_epoch == 4
-    with pytest.raises(ValueError, match='interval'):
-        SchedulerS(_step_lr, interval='batch')
 
 
 def test_scheduler_kept_across_fits_and_rebuilt_for_a_new_optimizer():

@@ -4,7 +4,6 @@ from typing import NamedTuple
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torcheval.metrics import MulticlassAccuracy
 
@@ -16,20 +15,6 @@ from nntrain.subs.metrics import MetricsS
 from nntrain.subs.normalize import NormalizationS, mean_std
 from nntrain.subs.progress import ProgressS
 from nntrain.testing import tiny_classifier
-
-
-def test_metrics_match_manual_computation_with_uneven_batches():
-    torch.manual_seed(0)
-    x, y = torch.randn(70, 5), torch.randint(0, 4, (70,))
-    dls = DataLoaders.from_tensors(x[:50], y[:50], x[50:], y[50:], batch_size=16, valid_batch_size=6)  # 20 = 6+6+6+2
-    learn = Learner(nn.Linear(5, 4), dls, F.cross_entropy, lr=0.1, subs=[MetricsS(MulticlassAccuracy())])
-    learn.fit(1)
-    train, valid = learn.history
-    assert (train['phase'], valid['phase']) == ('train', 'valid')
-    with torch.no_grad(): preds = learn.model(x[50:])
-    assert valid['loss'] == pytest.approx(F.cross_entropy(preds, y[50:]).item(), rel=1e-5)
-    assert valid['multiclass_accuracy'] == pytest.approx((preds.argmax(1) == y[50:]).float().mean().item())
-    assert valid['time'] >= 0
 
 
 def test_metrics_flush_bounds_memory_and_gives_same_result():
@@ -60,7 +45,6 @@ def test_normalization_measured_once_and_applied_on_both_phases():
     stats = norm.mean.clone()
     learn.fit(1)
     assert torch.equal(norm.mean, stats)
-    assert torch.allclose(norm.decode(norm.encode(x)), x, atol=1e-4)
 
 
 def test_normalization_scalar_for_flat_inputs():
