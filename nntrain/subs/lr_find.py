@@ -14,8 +14,9 @@ import matplotlib.pyplot as plt
 import torch
 from fastcore.basics import patch
 
-from ..core import (RUNS, CancelFitException, Order, Subscriber, check_bool, check_choice, check_int,
-                          check_number, rng_state, set_rng_state)
+from ..core import (
+    RUNS, CancelFitException, Order, Subscriber, check_bool, check_choice, check_int, check_number, rng_state,
+    set_rng_state)
 from ..data import loader_state, set_loader_state
 from ..learner import Learner
 from .schedule import sched_exp, sched_lin

@@ -11,8 +11,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..core import (CancelFitException, CancelStepException, Order, Subscriber, check_choice, check_int,
-                          check_number)
+from ..core import (
+    CancelFitException, CancelStepException, Order, Subscriber, check_choice, check_int, check_number)
 
 # %% auto #0
 __all__ = ['opt_grads', 'grad_norm', 'GradClipS', 'GradAccumS', 'first_nonfinite_module', 'TerminateOnNaNS', 'EMAS']
