@@ -331,6 +331,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                      'nntrain.subs.device.DeviceS.before_batch': ( 'device.html#devices.before_batch',
                                                                                    'nntrain/subs/device.py'),
                                      'nntrain.subs.device.DeviceS.before_fit': ('device.html#devices.before_fit', 'nntrain/subs/device.py'),
+                                     'nntrain.subs.device._check_available': ('device.html#_check_available', 'nntrain/subs/device.py'),
                                      'nntrain.subs.device._state_elsewhere': ('device.html#_state_elsewhere', 'nntrain/subs/device.py')},
             'nntrain.subs.lr_find': { 'nntrain.subs.lr_find.LRFindResult': ('lr_find.html#lrfindresult', 'nntrain/subs/lr_find.py'),
                                       'nntrain.subs.lr_find.LRFindResult.__repr__': ( 'lr_find.html#lrfindresult.__repr__',

@@ -171,3 +171,13 @@ def test_missing_monitor_column_is_named_at_the_first_valid_row(tmp_path, monkey
     with pytest.raises(KeyError, match="monitors 'accuracy', but the history rows have") as e:
         learn.fit(1, subs=[sub])
     assert "'loss'" in str(e.value) and len(learn.history) == n_rows + 2   # after this fit's first valid row
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='needs a machine without CUDA')
+@pytest.mark.parametrize('device', ['cuda', 'cuda:0'])
+def test_device_that_is_not_there_is_refused_before_the_model_moves(device, tmp_path):
+    learn = trained(tmp_path)
+    before = observe(learn, tmp_path)
+    with pytest.raises(RuntimeError, match=f"DeviceS: '{device}' asked for, but CUDA is not available"):
+        learn.fit(1, subs=[DeviceS(device)])
+    assert not changed(before, observe(learn, tmp_path))
