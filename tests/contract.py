@@ -1,24 +1,23 @@
-"""The subscriber contract every shipped subscriber must pass.
+"""The subscriber contract every shipped subscriber must pass (the registry that applies it: tests/test_contract.py).
 
-A test module calls `check_contract(factory)` for each subscriber it ships; `factory()` builds the subscriber with
-default arguments (a zero-argument lambda is fine for subscribers that need a required argument).
+`check_contract(factory, make_learner)` builds the subscriber with `factory()` (a zero-argument callable) and a learner
+with `make_learner()`; `check_run_scopes(factory, make_learner)` checks that validate/get_preds/lr_find between two fits
+leave no trace.
 """
+import copy
+import os
+from pathlib import Path
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from nntrain.core import Subscriber
-from nntrain.data import DataLoaders
+from nntrain.core import set_seed
 from nntrain.learner import Learner
+from nntrain.subs import metrics as metrics_module
+from nntrain.testing import failing, tiny_classifier
 
-
-def tiny_classifier(n: int = 48, n_in: int = 8, n_classes: int = 3, bs: int = 16, seed: int = 0) -> Learner:
-    "A linear-ish classifier on random data: 3 train and 2 valid batches, milliseconds on CPU."
-    g = torch.Generator().manual_seed(seed)
-    x, y = torch.randn(n, n_in, generator=g), torch.randint(0, n_classes, (n,), generator=g)
-    dls = DataLoaders.from_tensors(x, y, x[:32], y[:32], batch_size=bs, valid_batch_size=bs, seed=seed)
-    model = nn.Sequential(nn.Linear(n_in, 16), nn.ReLU(), nn.BatchNorm1d(16), nn.Linear(16, n_classes))
-    return Learner(model, dls, F.cross_entropy, torch.optim.SGD, lr=0.1)
+__all__ = ['n_hooks', 'snapshot', 'check_contract', 'check_run_scopes', 'files_on_disk', 'same_state', 'observe',
+           'changed']
 
 
 def n_hooks(model: nn.Module) -> int:
@@ -34,13 +33,6 @@ def snapshot(learn: Learner) -> dict:
                 subs=list(learn.subs))
 
 
-def failing(event: str = 'after_loss', at: int = 1) -> Subscriber:
-    "A subscriber raising `RuntimeError` at `event` of training batch `at` (an error, not a cancel), after the others."
-    def handler(self, learn):
-        if learn.training and learn.iter == at: raise RuntimeError('injected failure')
-    return type('Fail', (Subscriber,), {'order': 1000, event: handler})()
-
-
 def check_contract(factory, make_learner=tiny_classifier, fail_event: str = 'after_loss', fail_at: int = 1) -> None:
     "Build with defaults, survive two fits, survive an exception mid-fit, and leave no trace behind."
     sub = factory()
@@ -54,10 +46,91 @@ def check_contract(factory, make_learner=tiny_classifier, fail_event: str = 'aft
         raise AssertionError('the injected failure did not propagate')
     except RuntimeError as e:
         assert str(e) == 'injected failure', f'the original exception was replaced: {e!r}'
-    assert snapshot(learn) == before, f'{type(sub).__name__} left changes after an error: {_diff(before, snapshot(learn))}'
+    after = snapshot(learn)
+    assert after == before, f'{type(sub).__name__} left changes after an error: {_diff(before, after)}'
     assert learn.preds is None and learn.loss is None
     learn.fit(1, subs=[sub])     # still usable
 
 
 def _diff(a: dict, b: dict) -> dict:
     return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
+
+def files_on_disk(root) -> dict:
+    "Every file under `root` (relative path -> bytes)."
+    root = Path(root)
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob('*')) if p.is_file()}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    "The bytes of `t` (so NaNs and signed zeros compare as bits do)."
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+
+
+def same_state(a, b) -> bool:
+    "Are `a` and `b` (nested dicts, lists, tuples, tensors, numbers) equal, tensors bit for bit?"
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and (a.dtype, a.shape, a.device) ==
+                (b.dtype, b.shape, b.device) and torch.equal(_bits(a), _bits(b)))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float) and a != a and b != b: return True   # NaN == NaN here
+    return type(a) is type(b) and a == b
+
+
+def observe(learn, folder, sub=None) -> dict:
+    "What a user could see: history, files under `folder`, `sub`'s state, weights, optimizer state, counters, RNG."
+    sub_state = sub.state_dict() if callable(getattr(sub, 'state_dict', None)) else None
+    return dict(history=[dict(r) for r in learn.history], files=files_on_disk(folder), sub=sub_state,
+                weights={k: v.clone() for k, v in learn.model.state_dict().items()},
+                opt=None if learn.opt is None else copy.deepcopy(learn.opt.state_dict()),
+                counters=learn.state_dict()['counters'], subs=list(learn.subs),
+                rng=torch.get_rng_state(), loss_func=learn.loss_func, model=learn.model)
+
+
+def changed(before: dict, after: dict) -> list:
+    "The keys of two `observe` results that differ."
+    return [k for k in before if not same_state(before[k], after[k])]
+
+
+def _run(factory, make_learner, folder: Path, middle: bool) -> dict:
+    "Seeded: build, fit, (validate, get_preds, lr_find when `middle`: they must change nothing), fit; what is seen."
+    folder.mkdir(parents=True)
+    cwd = os.getcwd()
+    os.chdir(folder)   # subscribers that write files write them here
+    try:
+        set_seed(0)
+        sub, learn = factory(), make_learner()
+        learn.add_subs(sub)
+        learn.fit(1)
+        before = observe(learn, folder, sub)
+        if middle:
+            learn.validate()
+            learn.get_preds()
+            learn.lr_find(num_it=5, show_plot=False)
+        after = observe(learn, folder, sub)
+        for k in before:
+            assert same_state(before[k], after[k]), f'validate/get_preds/lr_find changed {k}'
+        learn.fit(1)
+        return observe(learn, folder, sub)
+    finally: os.chdir(cwd)
+
+
+class _StillClock:
+    "Stands in for the `time` module in `nntrain.subs.metrics`: every row's `time` is 0, so runs compare bit for bit."
+    @staticmethod
+    def perf_counter() -> float: return 0.
+
+
+def check_run_scopes(factory, make_learner, tmp_path: Path) -> None:
+    "validate(), get_preds() and lr_find() between two fits leave history, files, sub state and weights bit for bit."
+    clock = metrics_module.time
+    metrics_module.time = _StillClock
+    try:
+        plain = _run(factory, make_learner, tmp_path / 'plain', middle=False)
+        mixed = _run(factory, make_learner, tmp_path / 'mixed', middle=True)
+    finally: metrics_module.time = clock
+    for k in ('history', 'files', 'sub', 'weights', 'opt', 'counters', 'rng'):   # the objects differ between runs
+        assert same_state(plain[k], mixed[k]), f'after validate/get_preds/lr_find, the next fit ends with other {k}'

@@ -8,14 +8,7 @@ from nntrain.core import (EVENTS, CancelBatchException, CancelEpochException, Ca
                           CancelStepException, Subscriber)
 from nntrain.data import DataLoaders
 from nntrain.learner import Learner
-from nntrain.testing import synth_dls
-from tests.contract import tiny_classifier
-
-
-class Recorder(Subscriber):
-    "Records every event as it fires."
-    def __init__(self): self.seen = []
-for _e in EVENTS: setattr(Recorder, _e, lambda self, learn, e=_e: self.seen.append(e))
+from nntrain.testing import Recorder, synth_dls, synth_learner, tiny_classifier
 
 
 def raiser(event, exc, when=lambda learn: True, order=-1):
@@ -27,10 +20,7 @@ def raiser(event, exc, when=lambda learn: True, order=-1):
 
 def two_by_two(*subs):
     "A regression learner with exactly 2 train and 2 valid batches."
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(16, 1, generator=g)
-    dls = DataLoaders.from_tensors(x[:8], 2 * x[:8] + 1, x[8:], 2 * x[8:] + 1, batch_size=4, valid_batch_size=4, seed=0)
-    return Learner(nn.Linear(1, 1), dls, F.mse_loss, lr=0.1, subs=subs)
+    return synth_learner(subs, n_train=8, n_valid=16, batch_size=4)   # valid batches are twice as large
 
 
 TRAIN = ['before_batch', 'after_predict', 'after_loss', 'after_backward', 'after_step', 'after_batch', 'cleanup_batch']

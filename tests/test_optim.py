@@ -1,6 +1,5 @@
 "Each optimizer against its torch.optim counterpart (LAMB against the paper's update), step by step."
 import copy
-import math
 from functools import partial
 
 import pytest
@@ -9,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nntrain.learner import Learner, MomentumLearner
-from nntrain.testing import synth_dls
+from nntrain.testing import synth_dls, synth_learner
 from nntrain.optim import (LAMB, SGD, Adam, AdamW, Momentum, RMSProp, StatsOptimizer,
                            adam_opt, average_grad, rmsprop_opt, sgd_opt, sgd_step, step_stat)
 
@@ -226,8 +225,7 @@ def test_momentum_learner_is_heavy_ball_momentum():
 def test_optimizers_train_through_learner():
     "Every optimizer lowers the loss of the synthetic regression when used as a Learner's opt_func."
     for name, make in ALL.items():
-        torch.manual_seed(0)
-        learn = Learner(nn.Linear(1, 1), synth_dls(), F.mse_loss, lambda ps, lr, make=make: make(ps), lr=0.05)
+        learn = synth_learner(lr=0.05, opt_func=lambda ps, lr, make=make: make(ps))
         before = learn.validate()['loss']
         learn.fit(3)
         assert learn.validate()['loss'] < before, name

@@ -8,7 +8,7 @@ from torch import nn
 
 from nntrain.core import CancelStepException, Order, Subscriber
 from nntrain.learner import Learner
-from nntrain.testing import synth_dls
+from nntrain.testing import synth_dls, synth_learner
 from nntrain.optim import SGD, AdamW, adam_opt
 from nntrain.subs.schedule import (ParamSchedulerS, SchedulerS, combine_scheds, cos_1cycle_anneal, get_hyper,
                                    one_cycle_scheds, sched_cos, sched_exp, sched_lin, sched_no)
@@ -16,9 +16,8 @@ from nntrain.subs.schedule import (ParamSchedulerS, SchedulerS, combine_scheds, 
 POS = [i / 100 for i in range(101)]
 
 
-def _learn(opt_func=torch.optim.SGD, lr=0.1, seed=0, **kw):
-    torch.manual_seed(seed)
-    return Learner(nn.Linear(1, 1), synth_dls(seed=seed), F.mse_loss, opt_func, lr=lr, **kw)
+def _learn(opt_func=torch.optim.SGD, lr=0.1, seed=0, subs=()):
+    return synth_learner(subs, lr, opt_func, seed)
 
 
 # -- curves ---------------------------------------------------------------------------------------------------
@@ -180,8 +179,6 @@ def test_scheduler_epoch_interval_and_validate():
     learn.validate()
     learn.fit(2, train=False)
     assert s.scheduler.last_epoch == 4
-    with pytest.raises(ValueError, match='interval'):
-        SchedulerS(_step_lr, interval='batch')
 
 
 def test_scheduler_kept_across_fits_and_rebuilt_for_a_new_optimizer():

@@ -127,6 +127,7 @@ def test_accumulation_keeps_reported_loss_unscaled():
     with torch.no_grad():
         for x, y in learn.dls.train: ref.append(F.cross_entropy(learn.model(x), y))
     learn.fit(1, subs=[GradAccumS(100), Loss()], valid=False)   # one step at the very end: weights fixed until then
+    assert len(seen) == len(ref) == len(learn.dls.train)
     for a, b in zip(seen, ref): torch.testing.assert_close(a, b)
 
 

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from ..core import Order, Subscriber, check_bool
+from ..core import Order, Subscriber, check_bool, check_int, check_number
 from ..learner import per_item_loss
 
 # %% auto #0
@@ -95,7 +95,8 @@ class _MixS(Subscriber):
     runs = ('fit',)
 
     def __init__(self, alpha: float, seed: int | None = None):
-        if alpha <= 0: raise ValueError(f'alpha must be positive, got {alpha}')
+        check_number('alpha', alpha, 0, low_open=True)
+        check_int('seed', seed, min_value=0, allow_none=True)
         self.alpha = alpha
         self.generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())) if seed is None else seed)
         self.lam = self.perm = self.y1 = self.y2 = None

@@ -10,10 +10,10 @@ import os
 import re
 from pathlib import Path
 
-from ..core import Order, Subscriber, atomic_save
+from ..core import Order, Subscriber, atomic_save, check_bool, check_choice, check_int
 
 # %% auto #0
-__all__ = ['checkpoints', 'latest_checkpoint', 'CheckpointS']
+__all__ = ['checkpoints', 'latest_checkpoint', 'check_writable', 'CheckpointS']
 
 # %% ../../nbs/40_checkpoint.ipynb #4ac42625
 _STEP_FILE = re.compile(r'^step-(\d+)\.pt$')
@@ -31,6 +31,18 @@ def latest_checkpoint(folder) -> Path | None:
     candidates = checkpoints(folder)[-1:] + [p for p in (folder / 'interrupted.pt',) if p.exists()]
     return max(candidates, key=os.path.getmtime) if candidates else None
 
+def check_writable(folder, who: str) -> None:
+    "Create `folder` (with its parents) and write and delete a probe file there; `who` is named if that fails."
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f'.nntrain-probe-{os.getpid()}'
+        probe.write_bytes(b'')
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f'{who} cannot write to {str(folder)!r} ({e.strerror or e}): choose a folder it can create and '
+                      'write to') from e
+
 class CheckpointS(Subscriber):
     "Save `learn.state_dict()` every epoch or every `every` optimizer steps, keep the last `keep`, and the best model."
     order = Order.CHECKPOINT
@@ -38,12 +50,18 @@ class CheckpointS(Subscriber):
 
     def __init__(self, folder='checkpoints', every: int | str = 'epoch', keep: int = 3, monitor: str | None = 'loss',
                  mode: str = 'min', save_on_interrupt: bool = True):
-        if every != 'epoch' and not (isinstance(every, int) and every > 0):
+        if not isinstance(folder, (str, os.PathLike)): raise TypeError(f'folder must be a path, got {folder!r}')
+        if every != 'epoch' and not (isinstance(every, int) and not isinstance(every, bool) and every > 0):
             raise ValueError(f"every must be 'epoch' or a positive number of optimizer steps, got {every!r}")
-        if mode not in ('min', 'max'): raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        check_int('keep', keep, allow_none=True)   # None keeps every rotating file
+        if monitor is not None and not isinstance(monitor, str):
+            raise TypeError(f'monitor must be a history column name (e.g. "loss") or None, got {monitor!r}')
+        check_choice('mode', mode, ('min', 'max'))
+        check_bool('save_on_interrupt', save_on_interrupt)
         self.folder, self.every, self.keep = Path(folder), every, keep
         self.monitor, self.mode, self.save_on_interrupt = monitor, mode, save_on_interrupt
         self.best = math.inf if mode == 'min' else -math.inf
+        self._ready = self._finished = self._epoch_unsaved = False
 
     def _save(self, learn, name: str) -> Path: return atomic_save(learn.state_dict(), self.folder / name)
 
@@ -51,7 +69,10 @@ class CheckpointS(Subscriber):
         self._save(learn, f'step-{learn.global_step}.pt')
         for old in checkpoints(self.folder)[:-self.keep] if self.keep else []: old.unlink()
 
-    def before_fit(self, learn): self._finished, self._epoch_unsaved = False, False
+    def before_fit(self, learn):
+        self._ready, self._finished, self._epoch_unsaved = False, False, False
+        check_writable(self.folder, 'CheckpointS')   # before any training: not after the first epoch
+        self._ready = True
 
     def before_epoch(self, learn):
         # A training pass not followed by validation ended its epoch: the state now is that epoch's end.
@@ -69,7 +90,11 @@ class CheckpointS(Subscriber):
             self._epoch_unsaved = True
             return
         if self.monitor is not None and learn.history:
-            value = learn.history[-1].get(self.monitor)
+            row = learn.history[-1]
+            if self.monitor not in row and row.get('phase') == 'valid' and row.get('epoch') == learn.epoch:
+                raise KeyError(f'CheckpointS monitors {self.monitor!r}, but the history rows have {list(row)}; add the '
+                               'metric to MetricsS, monitor another column, or pass monitor=None')
+            value = row.get(self.monitor)
             if value is not None and (value < self.best if self.mode == 'min' else value > self.best):
                 self.best = value
                 self._save(learn, 'best.pt')
@@ -81,7 +106,9 @@ class CheckpointS(Subscriber):
 
     def cleanup_fit(self, learn):
         # Reached only through an error or a cancel when after_fit did not run: keep what was learned so far.
-        if self.save_on_interrupt and not self._finished and learn.global_step > 0: self._save(learn, 'interrupted.pt')
+        # Not when before_fit found the folder unusable: the save would only fail again.
+        if self.save_on_interrupt and self._ready and not self._finished and learn.global_step > 0:
+            self._save(learn, 'interrupted.pt')
 
     def state_dict(self) -> dict: return {'best': self.best}
     def load_state_dict(self, state: dict) -> None: self.best = state['best']

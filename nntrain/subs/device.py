@@ -19,15 +19,32 @@ def _state_elsewhere(opt: torch.optim.Optimizer) -> bool:
     return any(torch.is_tensor(v) and k != 'step' and v.device != p.device
                for p, state in opt.state.items() for k, v in state.items())
 
+def _check_available(device: torch.device) -> None:
+    "Raise a clear error if `device` (a CUDA or MPS device) is not on this machine."
+    if device.type == 'cuda':
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0: raise RuntimeError(f'DeviceS: {str(device)!r} asked for, but CUDA is not available here')
+        if device.index is not None and device.index >= n:
+            raise RuntimeError(f'DeviceS: {str(device)!r} asked for, but this machine has {n} CUDA device(s)')
+    mps = getattr(torch.backends, 'mps', None)
+    if device.type == 'mps' and not (mps is not None and mps.is_available()):
+        raise RuntimeError(f'DeviceS: {str(device)!r} asked for, but MPS is not available here')
+
 class DeviceS(Subscriber):
     "Move the model to `device` (default: the best available) at the start of each fit, and each batch as it comes."
     order = Order.DEVICE
 
     def __init__(self, device: torch.device | str | None = None):
+        if device is not None:
+            try: torch.device(device)   # parsed now: a misspelt name fails here, not after the fit has started
+            except (RuntimeError, TypeError, ValueError) as e:
+                raise ValueError("device must be a torch.device, a name such as 'cuda', 'cuda:1', 'mps' or 'cpu', "
+                                 f'or None (the best available), got {device!r}') from e
         self.device = device
 
     def before_fit(self, learn):
         self.target = torch.device(self.device) if self.device is not None else default_device()
+        _check_available(self.target)   # before the model moves: torch's own error comes mid-move and says less
         self.non_blocking = self.target.type == 'cuda'
         learn.model.to(self.target)
         if learn.opt is not None and _state_elsewhere(learn.opt):

@@ -14,7 +14,9 @@ import matplotlib.pyplot as plt
 import torch
 from fastcore.basics import patch
 
-from ..core import RUNS, CancelFitException, Order, Subscriber, rng_state, set_rng_state
+from ..core import (
+    RUNS, CancelFitException, Order, Subscriber, check_bool, check_choice, check_int, check_number, rng_state,
+    set_rng_state)
 from ..data import loader_state, set_loader_state
 from ..learner import Learner
 from .schedule import sched_exp, sched_lin
@@ -79,9 +81,13 @@ class LRFindS(Subscriber):
 
     def __init__(self, start_lr: float = 1e-7, end_lr: float = 10., num_it: int = 100, mode: str = 'exp',
                  stop_div: bool = True, div_factor: float = 4., beta: float = 0.98):
-        if mode not in ('exp', 'linear'): raise ValueError(f"mode must be 'exp' or 'linear', got {mode!r}")
-        if not 0 < start_lr < end_lr: raise ValueError(f'need 0 < start_lr < end_lr, got {start_lr} and {end_lr}')
-        if num_it < 2: raise ValueError(f'num_it must be at least 2, got {num_it}')
+        check_number('start_lr', start_lr, 0, low_open=True); check_number('end_lr', end_lr, 0, low_open=True)
+        if not start_lr < end_lr: raise ValueError(f'need 0 < start_lr < end_lr, got {start_lr} and {end_lr}')
+        check_int('num_it', num_it, min_value=2)
+        check_choice('mode', mode, ('exp', 'linear'))
+        check_bool('stop_div', stop_div)
+        check_number('div_factor', div_factor, 1, low_open=True)
+        check_number('beta', beta, 0, 1, high_open=True)
         self.sched = (sched_exp if mode == 'exp' else sched_lin)(start_lr, end_lr)
         self.num_it, self.stop_div, self.div_factor, self.beta = num_it, stop_div, div_factor, beta
         self.lrs, self.losses, self.diverged = [], [], False
@@ -163,7 +169,8 @@ def _in_notebook() -> bool:
 def lr_find(self: Learner, start_lr: float = 1e-7, end_lr: float = 10., num_it: int = 100, mode: str = 'exp',
             stop_div: bool = True, div_factor: float = 4., show_plot: bool | None = None) -> LRFindResult:
     "Run the LR range test on a fresh optimizer and restore everything afterwards; returns the suggestions."
-    finder = LRFindS(start_lr, end_lr, num_it, mode, stop_div, div_factor)
+    if show_plot is not None: check_bool('show_plot', show_plot)
+    finder = LRFindS(start_lr, end_lr, num_it, mode, stop_div, div_factor)   # checks the other arguments
     snap = _Snapshot(self)
     try:
         with self.separate_run('lr_find', [finder]):   # counters, history, optimizer and subscribers come back

@@ -31,11 +31,17 @@ class MetricsS(Subscriber):
     runs = ('fit', 'validate')
 
     def __init__(self, *metrics, flush_every: int = 2**24, **named_metrics):
-        self.metrics = {**{_snake(type(m).__name__): m for m in metrics}, **named_metrics}
+        # a class passed by mistake is named after itself, not its metaclass, in the error below
+        names = [_snake((m if isinstance(m, type) else type(m)).__name__) for m in metrics]
+        self.metrics = {**dict(zip(names, metrics)), **named_metrics}
         for name, m in self.metrics.items():
             if isinstance(m, type) or not all(callable(getattr(m, f, None)) for f in ('update', 'compute', 'reset')):
                 raise TypeError(f'metric {name!r} must be a torcheval metric instance (update/compute/reset), got {m!r}'
                                 + (f': pass {m.__name__}()' if isinstance(m, type) else ''))
+        clash = sorted(set(self.metrics) & {'epoch', 'phase', 'loss', 'time'})
+        if clash:
+            raise ValueError(f'metric names {clash} would overwrite the columns every row has (epoch, phase, loss, '
+                             'time): pass them under other names, e.g. MetricsS(train_loss=...)')
         check_int('flush_every', flush_every)
         self.flush_every = flush_every   # buffered prediction elements before a metric update
 

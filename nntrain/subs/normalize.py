@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..core import Order, Subscriber
+from ..core import Order, Subscriber, check_int
 from ..show import denormalize
 
 # %% auto #0
@@ -32,13 +32,31 @@ def mean_std(dl, n_batches: int | None = 8, per_channel: bool | None = None) -> 
     return mean.float().cpu(), std.float().cpu()
 
 # %% ../../nbs/11_normalize.ipynb #4beae7ee
+def _check_stats(mean, std) -> tuple[torch.Tensor, torch.Tensor]:
+    "`mean` and `std` as float tensors: a scalar each, or one value per channel; finite, and `std` positive."
+    out = []
+    for name, v in (('mean', mean), ('std', std)):
+        try: t = torch.as_tensor(v, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f'{name} must be a number or a sequence of numbers (one per channel), got {v!r}') from None
+        if t.ndim > 1: raise ValueError(f'{name} must be a scalar or one value per channel, got shape {tuple(t.shape)}')
+        if not torch.isfinite(t).all(): raise ValueError(f'{name} must be finite, got {v!r}')
+        out.append(t)
+    mean, std = out
+    if mean.shape != std.shape:
+        raise ValueError(f'mean and std must have the same shape, got {tuple(mean.shape)} and {tuple(std.shape)}')
+    if not (std > 0).all(): raise ValueError(f'std must be positive, got {std!r}')
+    return mean, std
+
 class NormalizationS(Subscriber):
     "Standardize inputs as `(x - mean) / std` on their device; with no stats given, measure them on the first fit."
     order = Order.NORMALIZE
 
-    def __init__(self, mean=None, std=None, n_batches: int = 8):
-        self.mean = None if mean is None else torch.as_tensor(mean, dtype=torch.float32)
-        self.std = None if std is None else torch.as_tensor(std, dtype=torch.float32)
+    def __init__(self, mean=None, std=None, n_batches: int | None = 8):
+        if (mean is None) != (std is None):
+            raise ValueError(f'give both mean and std, or neither to measure them; got mean={mean!r}, std={std!r}')
+        check_int('n_batches', n_batches, allow_none=True)
+        self.mean, self.std = (None, None) if mean is None else _check_stats(mean, std)
         self.n_batches = n_batches
         self._cache = {}
 

@@ -5,9 +5,11 @@
 # %% ../../nbs/17_precision.ipynb #0ca644a4
 from __future__ import annotations
 
+import inspect
+
 import torch
 
-from ..core import CancelStepException, Order, Subscriber
+from ..core import CancelStepException, Order, Subscriber, check_bool
 
 # %% auto #0
 __all__ = ['AUTOCAST_DTYPES', 'resolve_precision', 'make_scaler', 'MixedPrecisionS', 'ChannelsLastS', 'CompileS']
@@ -44,6 +46,7 @@ class MixedPrecisionS(Subscriber):
     def __init__(self, dtype: str | torch.dtype = 'bf16',  # 'bf16', 'fp16', 'fp32' or 'auto' (best for the device)
                  verbose: bool = True):                   # print what 'auto' chose
         resolve_precision('cpu', dtype)   # fail now on a bad name
+        check_bool('verbose', verbose)
         self.dtype, self.verbose = dtype, verbose
         self.chosen: str | None = None    # 'bf16', 'fp16' or 'fp32', once the device is known
         self.device_type: str | None = None
@@ -145,6 +148,8 @@ class CompileS(Subscriber):
     order = Order.PRECISION
 
     def __init__(self, **compile_kwargs):  # passed to `torch.compile` (e.g. mode='max-autotune', backend='eager')
+        try: inspect.signature(torch.compile).bind(None, **compile_kwargs)   # a misspelt keyword fails now
+        except TypeError as e: raise TypeError(f'CompileS: torch.compile does not take these arguments: {e}') from None
         self.compile_kwargs = compile_kwargs
         self.source, self.compiled, self.original = None, None, None
 

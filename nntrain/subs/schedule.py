@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import matplotlib.pyplot as plt
 from fastcore.basics import patch
 
-from ..core import Order, Subscriber
+from ..core import Order, Subscriber, check_choice
 from ..learner import Learner
 
 # %% auto #0
@@ -90,7 +90,8 @@ _ALIASES = {'mom': (('betas', 0), ('momentum', None), ('mom', None)),
             'sqr_mom': (('betas', 1), ('alpha', None), ('sqr_mom', None)),
             'wd': (('weight_decay', None), ('wd', None))}
 
-def _resolve(group: dict, name: str) -> tuple:
+def _hyper_key(group: dict, name: str) -> tuple:
+    "The (key, index within a tuple or None) under which `group` holds hyper-parameter `name` or its alias."
     for key, idx in _ALIASES.get(name, ((name, None),)):
         if key in group: return key, idx
     have = sorted(k for k in group if k != 'params')
@@ -98,12 +99,12 @@ def _resolve(group: dict, name: str) -> tuple:
 
 def get_hyper(group: dict, name: str):
     "The value of hyper-parameter `name` (or its alias) in the param group `group`."
-    key, idx = _resolve(group, name)
+    key, idx = _hyper_key(group, name)
     return group[key] if idx is None else group[key][idx]
 
 def set_hyper(group: dict, name: str, value) -> None:
     "Set hyper-parameter `name` (or its alias) in the param group `group`; tuples like `betas` are rebuilt."
-    key, idx = _resolve(group, name)
+    key, idx = _hyper_key(group, name)
     if idx is None: group[key] = value
     else: group[key] = tuple(value if i == idx else v for i, v in enumerate(group[key]))
 
@@ -114,6 +115,14 @@ class ParamSchedulerS(Subscriber):
     runs = ('fit',)   # never in an LR search, whose ramp it would fight
 
     def __init__(self, scheds: dict):
+        if not isinstance(scheds, dict) or not scheds:
+            raise TypeError("scheds must be a non-empty dict of hyper-parameter name -> schedule, e.g. "
+                            f"{{'lr': sched_cos(0.1, 0.001)}}, got {scheds!r}")
+        for name, f in scheds.items():
+            fs = list(f) if isinstance(f, (list, tuple)) else [f]
+            if not isinstance(name, str) or not fs or not all(callable(g) for g in fs):
+                raise TypeError(f'scheds[{name!r}] must be a schedule (a function of pos in [0, 1]) or a list of them, '
+                                f'one per param group, keyed by a hyper-parameter name; got {f!r}')
         self.scheds = dict(scheds)
         self.hps = {k: [] for k in self.scheds}
 
@@ -159,7 +168,10 @@ class SchedulerS(Subscriber):
     runs = ('fit',)   # never in an LR search, whose ramp it would fight
 
     def __init__(self, scheduler_factory: Callable, interval: str = 'step'):
-        if interval not in ('step', 'epoch'): raise ValueError(f"interval must be 'step' or 'epoch', got {interval!r}")
+        if not callable(scheduler_factory):   # e.g. a scheduler already built, which needs the optimizer first
+            raise TypeError('scheduler_factory must be a function of the optimizer returning a torch lr_scheduler, '
+                            f'e.g. lambda opt: StepLR(opt, 10), got {scheduler_factory!r}')
+        check_choice('interval', interval, ('step', 'epoch'))
         self.factory, self.interval = scheduler_factory, interval
         self.scheduler, self._pending = None, None
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 
-from ..core import CancelFitException, Order, Subscriber
+from ..core import CancelFitException, Order, Subscriber, check_bool, check_choice, check_int, check_number
+from .checkpoint import check_writable
 
 # %% auto #0
 __all__ = ['EarlyStoppingS', 'CSVLoggerS']
@@ -27,9 +29,14 @@ class EarlyStoppingS(Subscriber):
 
     def __init__(self, monitor: str = 'loss', phase: str = 'valid', mode: str = 'min', patience: int = 3,
                  min_delta: float = 0., restore_best: bool = False):
-        if mode not in ('min', 'max'): raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        if not isinstance(monitor, str): raise TypeError(f'monitor must be a history column name, got {monitor!r}')
+        check_choice('phase', phase, ('train', 'valid'))
+        check_choice('mode', mode, ('min', 'max'))
+        check_int('patience', patience)
+        check_number('min_delta', min_delta, 0)
+        check_bool('restore_best', restore_best)
         self.monitor, self.phase, self.mode, self.patience = monitor, phase, mode, patience
-        self.min_delta, self.restore_best = abs(min_delta), restore_best
+        self.min_delta, self.restore_best = min_delta, restore_best
         self.reset()
 
     def reset(self) -> None:
@@ -82,11 +89,16 @@ class CSVLoggerS(Subscriber):
     runs = ('fit',)
 
     def __init__(self, path='history.csv', append: bool = False):
+        if not isinstance(path, (str, os.PathLike)): raise TypeError(f'path must be a file path, got {path!r}')
+        check_bool('append', append)
         self.path, self.append = Path(path), append
         self._columns = None
 
     def before_fit(self, learn):
         self._n_rows = len(learn.history)
+        if self.path.is_dir():
+            raise IsADirectoryError(f'CSVLoggerS: path {str(self.path)!r} is a folder: give a file name')
+        check_writable(self.path.parent, 'CSVLoggerS')   # before any training, and before an old log is removed
         if not self.append and self._columns is None and self.path.exists(): self.path.unlink()
         if self.path.exists() and self._columns is None:
             with open(self.path, newline='') as f: self._columns = next(csv.reader(f), None)

@@ -11,7 +11,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..core import CancelFitException, CancelStepException, Order, Subscriber
+from ..core import (
+    CancelFitException, CancelStepException, Order, Subscriber, check_choice, check_int, check_number)
 
 # %% auto #0
 __all__ = ['opt_grads', 'grad_norm', 'GradClipS', 'GradAccumS', 'first_nonfinite_module', 'TerminateOnNaNS', 'EMAS']
@@ -37,7 +38,10 @@ class GradClipS(Subscriber):
     def __init__(self, max_norm: float = 1.0,  # the largest total norm (mode 'norm') or element (mode 'value')
                  norm_type: float = 2.0,       # the norm that is limited and reported
                  mode: str = 'norm'):          # 'norm' or 'value'
-        if mode not in ('norm', 'value'): raise ValueError(f"mode must be 'norm' or 'value', got {mode!r}")
+        check_number('max_norm', max_norm, 0, low_open=True)
+        # inf is allowed: the largest absolute element
+        if norm_type != float('inf'): check_number('norm_type', norm_type, 0, low_open=True)
+        check_choice('mode', mode, ('norm', 'value'))
         self.max_norm, self.norm_type, self.mode = max_norm, norm_type, mode
         self.last_norm: torch.Tensor | None = None
 
@@ -57,7 +61,7 @@ class GradAccumS(Subscriber):
     runs = ('fit',)
 
     def __init__(self, n_acc: int):
-        if n_acc < 1: raise ValueError(f'n_acc must be at least 1, got {n_acc}')
+        check_int('n_acc', n_acc)
         self.n_acc, self.count = n_acc, 0
 
     def before_epoch(self, learn):
@@ -105,7 +109,7 @@ class TerminateOnNaNS(Subscriber):
     runs = ('fit',)   # the LR finder diverges on purpose and stops itself; `reason` survives later runs
 
     def __init__(self, check_every: int = 1):  # check one training batch in `check_every`
-        if check_every < 1: raise ValueError(f'check_every must be at least 1, got {check_every}')
+        check_int('check_every', check_every)
         self.check_every = check_every
         self.reason: str | None = None
         self.module: str | None = None
@@ -170,7 +174,7 @@ class EMAS(Subscriber):
     runs = ('fit', 'validate', 'predict')   # the LR finder's exploratory steps must not enter the average
 
     def __init__(self, decay: float = 0.999):
-        if not 0. <= decay <= 1.: raise ValueError(f'decay must be in [0, 1], got {decay}')
+        check_number('decay', decay, 0., 1.)
         self.decay, self.n_updates = decay, 0
         self.ema: list[torch.Tensor] | None = None
         self.params, self.backup = None, None
