@@ -4,6 +4,7 @@ Each test makes the mistake, checks the message names the problem, and then comp
 before (weights, optimizer state, counters, history, files on disk) bitwise.
 """
 import copy
+import importlib
 import signal
 
 import pytest
@@ -170,7 +171,7 @@ def test_a_fit_inside_a_fit_is_refused_and_the_learner_stays_usable():
     assert learn.run_kind is None and learn.subs == [] and learn.global_step == 1
     class Search(Subscriber):
         def after_epoch(self, learn): learn.lr_find(num_it=3)
-    import nntrain.subs.lr_find   # noqa: F401  (patches lr_find onto Learner)
+    importlib.import_module("nntrain.subs.lr_find")   # patches lr_find onto Learner
     with pytest.raises(RuntimeError, match='lr_find cannot run during a fit'): learn.fit(1, subs=[Search()])
     learn.fit(1)
     assert learn.global_step == 1 + 4 + 4
