@@ -278,8 +278,8 @@ def sync_op(name: str, args: tuple, kwargs: dict) -> tuple[str, list] | None:
     if name in _ALWAYS: return _ALWAYS[name], list(_tensors(args[:1] if name not in ('equal', 'allclose') else args))
     if name not in _SOMETIMES: return None
     if name == 'to':
-        target = _to_target(args, kwargs)
-        return ('.to(cpu)', [args[0]]) if _on_cpu(target) else None
+        if kwargs.get('non_blocking'): return None   # an asynchronous copy: waiting is left to whoever reads it
+        return ('.to(cpu)', [args[0]]) if _on_cpu(_to_target(args, kwargs)) else None
     if name in ('__getitem__', '__setitem__', 'index_put_', 'index_put'):
         idx = args[1] if len(args) > 1 else kwargs.get('indices')
         return ('mask indexing', list(_tensors([idx]))) if _is_mask(idx) else None
