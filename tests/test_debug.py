@@ -13,7 +13,7 @@ from nntrain.subs.augment import CutMixS, MixUpS
 from nntrain.subs.device import DeviceS
 from nntrain.subs.metrics import MetricsS
 from nntrain.subs.normalize import NormalizationS
-from nntrain.subs.precision import ChannelsLastS
+from nntrain.subs.precision import ChannelsLastS, MixedPrecisionS
 from nntrain.subs.progress import ProgressS
 from nntrain.subs.schedule import SchedulerS
 from nntrain.subs.training import EMAS, GradAccumS, GradClipS, TerminateOnNaNS
@@ -178,7 +178,8 @@ def test_audit_host_data_is_not_counted_on_cpu():
 
 STANDARD = {'DeviceS': lambda: DeviceS(), 'NormalizationS': lambda: NormalizationS(), 'MetricsS': lambda: MetricsS(),
             'MixUpS': lambda: MixUpS(seed=0), 'CutMixS': lambda: CutMixS(seed=0), 'GradAccumS': lambda: GradAccumS(2),
-            'EMAS': lambda: EMAS(), 'ChannelsLastS': lambda: ChannelsLastS(), 'GradClipS': lambda: GradClipS()}
+            'EMAS': lambda: EMAS(), 'ChannelsLastS': lambda: ChannelsLastS(), 'GradClipS': lambda: GradClipS(),
+            'MixedPrecisionS': lambda: MixedPrecisionS('bf16')}
 
 
 @pytest.mark.parametrize('name', list(STANDARD))
@@ -197,6 +198,14 @@ def test_standard_subscribers_together_and_the_documented_syncs():
     assert len(syncs) == 3    # one per checked training batch: 6 batches, every second one checked
     other = [(s.where, s.owner, s.level) for s in audit.syncs if s.level != 'batch']
     assert other == [('after_epoch', 'MetricsS', 'epoch')] * 4   # one read per phase
+
+
+def test_fp16_gradient_scaler_syncs_twice_per_step():
+    audit = tiny_classifier(subs=[MixedPrecisionS('fp16')]).audit_syncs(n_batches=None)
+    syncs = audit.batch_syncs()
+    assert {(s.where, s.owner, s.what, s.phase) for s in syncs} == {('step', 'MixedPrecisionS', '.item()', 'train')}
+    assert len(syncs) == 2 * audit.batches['train']   # the scaler's inf check, then reading the scale
+    assert {s.site.split(':')[0] for s in syncs} == {'nntrain/subs/precision.py'}
 
 
 def test_progress_reads_the_loss_at_most_once_per_half_second():

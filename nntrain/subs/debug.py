@@ -249,7 +249,7 @@ _ALWAYS = {'item': '.item()', 'tolist': '.tolist()', '__bool__': 'bool()', '__fl
            '__format__': 'format', '__contains__': '`in`', 'nonzero': 'nonzero', 'argwhere': 'argwhere',
            'unique': 'unique', 'unique_consecutive': 'unique', 'masked_select': 'masked_select',
            'bincount': 'bincount', 'equal': 'equal', 'allclose': 'allclose'}
-_SOMETIMES = {'to', '__getitem__', '__setitem__', 'index_put_', 'index_put', 'where', 'repeat_interleave'}
+_SOMETIMES = {'to', 'copy_', '__getitem__', '__setitem__', 'index_put_', 'index_put', 'where', 'repeat_interleave'}
 
 def _tensors(xs):
     for x in xs:
@@ -280,6 +280,10 @@ def sync_op(name: str, args: tuple, kwargs: dict) -> tuple[str, list] | None:
     if name == 'to':
         if kwargs.get('non_blocking'): return None   # an asynchronous copy: waiting is left to whoever reads it
         return ('.to(cpu)', [args[0]]) if _on_cpu(_to_target(args, kwargs)) else None
+    if name == 'copy_':   # into host memory, from device data
+        src = args[1] if len(args) > 1 else kwargs.get('src')
+        host = isinstance(args[0], torch.Tensor) and args[0].device.type == 'cpu' and not kwargs.get('non_blocking')
+        return ('copy_ to host', [src]) if host and isinstance(src, torch.Tensor) else None
     if name in ('__getitem__', '__setitem__', 'index_put_', 'index_put'):
         idx = args[1] if len(args) > 1 else kwargs.get('indices')
         return ('mask indexing', list(_tensors([idx]))) if _is_mask(idx) else None
@@ -400,12 +404,13 @@ class SyncAuditS(Subscriber):
 
     def _follow(self, name: str, args, kwargs, out) -> None:
         "Outputs computed from device data are device data."
-        if out is None or isinstance(out, (bool, int, float, str)): return
         # Not from a `device=` argument: on the CPU that cannot tell a loader's own `.to(its device)` from a move
         # onto the accelerator; the device mover's output is seeded instead.
         if not (any(self._is_device(t) for t in _tensors(args)) or
                 any(self._is_device(t) for t in _tensors(kwargs.values()))): return
         for t in _tensors([out]): self._tag(t)
+        if name.endswith('_'):   # in place (e.g. a GradScaler's inf check writing into its flag): the targets too
+            for t in _tensors(args): self._tag(t)
         if len(self._tags) > 200_000: self._tags = {k: r for k, r in self._tags.items() if r() is not None}
 
     # -- recording -------------------------------------------------------------------------------------------
@@ -414,6 +419,7 @@ class SyncAuditS(Subscriber):
         if not any(self._is_device(t) for t in tensors): return   # host data: no wait
         # On the CPU a `.to(some_device)` is a move between devices (DeviceS); only `.to('cpu')` spells a copy back.
         if self.emulating and name == 'to' and not isinstance(_to_target(args, kwargs), str): return
+        if self.emulating and name == 'copy_': return   # on the CPU, which side is the host is unknown
         self._record_sync(what)
 
     def _record_sync(self, what: str) -> None:
