@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import linecache
 import os
+import re
 import sys
 import types
 import weakref
@@ -75,7 +76,7 @@ def summarize(v) -> dict:
     if isinstance(v, (list, tuple)) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
         return {'value': '[' + ', '.join(_num(x) for x in v) + ']'}
     if isinstance(v, (types.FunctionType, types.BuiltinFunctionType)): return {'value': v.__qualname__}
-    r = repr(v)
+    r = re.sub(r' at 0x[0-9a-fA-F]+', '', repr(v))   # addresses say nothing to a reader
     return {'value': r if len(r) <= 60 else f'{type(v).__name__} object'}
 
 def describe_change(before: dict | None, after: dict | None) -> str:
@@ -114,11 +115,15 @@ class Change:
         self.attr, self.kind, self.before, self.after = attr, kind, before, after
 
     @property
+    def note(self) -> str:
+        "The kind of change, where the summaries alone do not show it."
+        if self.kind == 'replaced' and self.before == self.after: return 'replaced by an equal-looking value'
+        return '' if self.kind in ('replaced', 'set') else self.kind
+
+    @property
     def text(self) -> str:
-        "`attr: before → after`, with the kind of change when the summary alone does not show it."
-        note = '' if self.kind in ('replaced', 'set') else f' ({self.kind})'
-        if self.kind == 'replaced' and self.before == self.after: note = ' (replaced by an equal-looking value)'
-        return f'{self.attr}: {describe_change(self.before, self.after)}{note}'
+        "`attr: before → after (note)`."
+        return f'{self.attr}: {describe_change(self.before, self.after)}' + (f' ({self.note})' if self.note else '')
 
     @property
     def when(self) -> str:
@@ -236,8 +241,8 @@ class TraceS(Subscriber):
 
     def _repr_markdown_(self) -> str:
         rows = ['| when | event / step | by | what | before → after |', '|---|---|---|---|---|']
-        rows += [f'| {c.when} | {c.where} | {c.owner} | `{c.attr}` {"" if c.kind in ("replaced", "set") else c.kind} '
-                 f'| {describe_change(c.before, c.after)} |' for c in self.changes]
+        rows += [f'| {c.when} | {c.where} | {c.owner} | `{c.attr}` {c.note} | {describe_change(c.before, c.after)} |'
+                 for c in self.changes]
         return '\n'.join(rows)
 
     def __repr__(self): return f'TraceS(watch={self.watch}, n_batches={self.n_batches}): {len(self.changes)} changes'
@@ -348,7 +353,8 @@ class SyncAuditS(Subscriber):
                 if not (where == 'before_fit' and args[0].run_kind == 'fit'): return fn(*args)   # the cheap path
                 self._start(args[0])
             if where == 'before_batch': self._in_batch = True
-            elif where in _EPOCH_EVENTS or not is_event and where not in STEPS: self._in_batch = False
+            elif where in _EPOCH_EVENTS or is_event and where.endswith('_fit'): self._in_batch = False
+            if where == 'before_epoch': self._where_is_model(args[0])   # the device mover acts in before_fit
             if self.emulating and (seeds or learner_step): self._seed(args[0] if is_event else self._learn)
             self._stack.append((where, name))
             try: return fn(*args)
@@ -368,16 +374,20 @@ class SyncAuditS(Subscriber):
     def _start(self, learn) -> None:
         self._stop()   # a previous audit that was never closed
         self._learn, self.syncs, self.batches, self._stack, self._tags = learn, [], {'train': 0, 'valid': 0}, [], {}
-        param = next(learn.model.parameters(), None)
-        self.device = param.device if param is not None else torch.device('cpu')
-        self.emulating = self.device.type == 'cpu'
-        if self.emulating:
-            for t in (*learn.model.parameters(), *learn.model.buffers()): self._tag(t)
+        self._where_is_model(learn)
         if self.cuda_debug and torch.cuda.is_available():
             self._debug_mode = torch.cuda.get_sync_debug_mode()
             torch.cuda.set_sync_debug_mode('warn')
         self._mode = _SyncMode(self)
         self._mode.__enter__()
+
+    def _where_is_model(self, learn) -> None:
+        "Audit by device (a real accelerator) or by following device data (the model is on the CPU)."
+        param = next(learn.model.parameters(), None)
+        self.device = param.device if param is not None else torch.device('cpu')
+        was, self.emulating = self.emulating, self.device.type == 'cpu'
+        if self.emulating and not was:
+            for t in (*learn.model.parameters(), *learn.model.buffers()): self._tag(t)
 
     def _stop(self) -> None:
         "End the audit: leave the torch function mode and put back the CUDA sync debug mode (safe to call twice)."
