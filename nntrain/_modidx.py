@@ -398,6 +398,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'nntrain.subs.debug._check_watch': ('debug.html#_check_watch', 'nntrain/subs/debug.py'),
                                     'nntrain.subs.debug._is_mask': ('debug.html#_is_mask', 'nntrain/subs/debug.py'),
                                     'nntrain.subs.debug._items': ('debug.html#_items', 'nntrain/subs/debug.py'),
+                                    'nntrain.subs.debug._learner_of': ('debug.html#_learner_of', 'nntrain/subs/debug.py'),
                                     'nntrain.subs.debug._lrs': ('debug.html#_lrs', 'nntrain/subs/debug.py'),
                                     'nntrain.subs.debug._num': ('debug.html#_num', 'nntrain/subs/debug.py'),
                                     'nntrain.subs.debug._on_cpu': ('debug.html#_on_cpu', 'nntrain/subs/debug.py'),

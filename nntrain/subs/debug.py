@@ -32,6 +32,12 @@ _BATCH_PLACES = frozenset(('before_batch', 'after_predict', 'after_loss', 'after
 def _owner_name(owner) -> str:
     return type(owner).__name__
 
+def _learner_of(fn, owner):
+    "The learner a step runs on: the learner's own method, or a provider's method bound to it by `partial`."
+    if isinstance(owner, Learner): return owner
+    args = getattr(fn, 'args', ())
+    return args[0] if args and isinstance(args[0], Learner) else None
+
 def _check_watch(watch) -> tuple:
     if isinstance(watch, str): watch = (watch,)
     if not isinstance(watch, (tuple, list)) or not watch or not all(isinstance(w, str) and w for w in watch):
@@ -69,8 +75,10 @@ def tensor_stats(t: torch.Tensor) -> str:
 def summarize(v) -> dict:
     "What `v` is, compactly: for a tensor its shape, dtype, device and `tensor_stats`; else its value (or type)."
     if isinstance(v, torch.Tensor):
+        try: value = tensor_stats(v)
+        except Exception as e: value = f'(unreadable: {type(e).__name__})'   # sparse, meta: say so, never stop a fit
         return {'shape': tuple(v.shape), 'dtype': str(v.dtype).replace('torch.', ''), 'device': str(v.device),
-                'value': tensor_stats(v)}
+                'value': value}
     if v is None or isinstance(v, (bool, int, str)): return {'value': repr(v)}
     if isinstance(v, float): return {'value': _num(v)}
     if isinstance(v, (list, tuple)) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
@@ -84,7 +92,7 @@ def describe_change(before: dict | None, after: dict | None) -> str:
     if before is None: return f'(new) {_render(after)}'
     if after is None: return f'{_render(before)} → (gone)'
     keys = [k for k in ('shape', 'dtype', 'device') if before.get(k) != after.get(k)] + ['value']
-    if set(before) != set(after) or keys == ['value'] and before == after: return f'{_render(before)} → {_render(after)}'
+    if set(before) != set(after) or keys == ['value'] and before == after: keys = None   # all of it
     return f'{_render(before, keys)} → {_render(after, keys)}'
 
 def _render(s: dict, keys=None) -> str:
@@ -101,7 +109,9 @@ def _items(path: str, v, depth: int = 0):
 
 def fingerprint(v):
     "What tells an in-place change apart: a tensor's storage address and version counter; for other values, the value."
-    if isinstance(v, torch.Tensor): return (v.data_ptr(), v._version, tuple(v.shape), v.dtype)
+    if isinstance(v, torch.Tensor):
+        try: return (v.data_ptr(), v._version, tuple(v.shape), v.dtype)
+        except RuntimeError: return None   # no storage (sparse): identity only
     if v is None or isinstance(v, (bool, int, float, str)): return v
     if isinstance(v, (list, tuple)) and all(isinstance(x, (int, float)) for x in v): return tuple(v)
     return None   # other objects: identity only
@@ -154,12 +164,12 @@ class TraceS(Subscriber):
         "Wrap `fn` (a handler or step) so that the watched attributes are compared before and after it runs."
         if owner is self: return fn
         name, batch_level, is_event = _owner_name(owner), where in _BATCH_PLACES, where in EVENTS
-        if isinstance(owner, Learner): self._learn = owner
+        step_learn = None if is_event else _learner_of(fn, owner)
         def traced(*args):
             if where == 'before_fit': self.before_fit(args[0])
             elif where == 'cleanup_fit': self._fresh = True
             if not self._on or (batch_level and self._batches_done): return fn(*args)   # the cheap path
-            learn = args[0] if is_event else self._learn
+            learn = args[0] if is_event else step_learn or self._learn
             if learn is None or learn.run_kind not in self.runs or (batch_level and not self._tracing(learn)):
                 return fn(*args)
             before = self._snapshot(learn)
@@ -346,7 +356,7 @@ class SyncAuditS(Subscriber):
     def instrument(self, fn, where: str, owner):
         "Wrap `fn` so that syncs during it are attributed to `where` and its owner."
         name, is_event = _owner_name(owner), where in EVENTS
-        if isinstance(owner, Learner): self._learn = owner
+        step_learn = None if is_event else _learner_of(fn, owner) or self._learn
         learner_step, seeds = isinstance(owner, Learner), getattr(owner, 'order', Order.DEFAULT) > Order.DEVICE
         def _audited_call(*args):
             if self._mode is None:
@@ -355,7 +365,7 @@ class SyncAuditS(Subscriber):
             if where == 'before_batch': self._in_batch = True
             elif where in _EPOCH_EVENTS or is_event and where.endswith('_fit'): self._in_batch = False
             if where == 'before_epoch': self._where_is_model(args[0])   # the device mover acts in before_fit
-            if self.emulating and (seeds or learner_step): self._seed(args[0] if is_event else self._learn)
+            if self.emulating and (seeds or learner_step): self._seed(args[0] if is_event else step_learn)
             self._stack.append((where, name))
             try: return fn(*args)
             finally:
@@ -452,7 +462,8 @@ class SyncAuditS(Subscriber):
             level = 'batch' if self._in_batch else 'fit'
         phase = None if learn is None or level == 'fit' else 'train' if learn.training else 'valid'
         batch = learn.iter if level == 'batch' and learn is not None else None
-        self.syncs.append(Sync(what, where, owner, level, phase, getattr(learn, 'epoch', None), batch, check, loc, line))
+        epoch = getattr(learn, 'epoch', None)
+        self.syncs.append(Sync(what, where, owner, level, phase, epoch, batch, check, loc, line))
     # -- the report ------------------------------------------------------------------------------------------
     def batch_syncs(self, checks: bool = False) -> list[Sync]:
         "The syncs inside batches (the ones that cost every batch); with `checks`, also the first-batch checks."
