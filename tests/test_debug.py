@@ -290,3 +290,22 @@ def test_trace_and_audit_together_the_trace_reads_are_not_counted():
     trace, audit = TraceS(), SyncAuditS()
     synth_learner(subs=[DeviceS('cpu'), trace, audit]).fit(1, n_batches=2)
     assert trace.find('batch[0]') == [] and trace.find('preds') and audit.batch_syncs() == []
+
+
+# -- the subscriber contract -----------------------------------------------------------------------------------
+from tests.contract import check_contract  # noqa: E402
+
+
+@pytest.mark.parametrize('factory', [TraceS, SyncAuditS, lambda: DebugS('after_loss', f=lambda learn: None)],
+                         ids=['TraceS', 'SyncAuditS', 'DebugS'])
+def test_contract(factory):
+    check_contract(factory)
+    assert torch._C._len_torch_function_stack() == 0
+
+
+def test_audit_under_torch_compile():
+    from nntrain.subs.precision import CompileS
+    logger = LossLogger()
+    audit = tiny_classifier(subs=[CompileS(backend='eager'), logger]).audit_syncs(n_batches=2)
+    assert {(s.where, s.owner, s.what) for s in audit.batch_syncs()} == {('after_batch', 'LossLogger', '.item()')}
+    assert len(audit.batch_syncs()) == 4 and torch._C._len_torch_function_stack() == 0

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import linecache
 import os
 import re
@@ -342,6 +343,16 @@ class _SyncMode(TorchFunctionMode):
         if audit.emulating: audit._follow(name, args, kwargs, out)
         return out
 
+@functools.cache
+def _compile_safe_mode() -> type:
+    "The mode with its hook hidden from torch.compile, which would otherwise recompile for every torch function."
+    return type('_SyncModeCompiled', (_SyncMode,),
+                {'__torch_function__': torch.compiler.disable(_SyncMode.__torch_function__)})
+
+def _mode_class() -> type:
+    # Only once torch.compile is in use: hiding the hook imports the compiler (seconds), which plain fits never need.
+    return _compile_safe_mode() if 'torch._dynamo' in sys.modules else _SyncMode
+
 class SyncAuditS(Subscriber):
     "Count every operation that makes the host wait for the device during a fit, by event and subscriber (or step)."
     order, runs = Order.COLLECT, ('fit',)   # last: its `cleanup_fit` ends the audit after every other cleanup
@@ -364,7 +375,9 @@ class SyncAuditS(Subscriber):
                 self._start(args[0])
             if where == 'before_batch': self._in_batch = True
             elif where in _EPOCH_EVENTS or is_event and where.endswith('_fit'): self._in_batch = False
-            if where == 'before_epoch': self._where_is_model(args[0])   # the device mover acts in before_fit
+            if where == 'before_epoch':   # after before_fit, where the device mover and the compiler act
+                self._where_is_model(args[0])
+                if type(self._mode) is not _mode_class(): self._enter_mode()
             if self.emulating and (seeds or learner_step): self._seed(args[0] if is_event else step_learn)
             self._stack.append((where, name))
             try: return fn(*args)
@@ -388,7 +401,11 @@ class SyncAuditS(Subscriber):
         if self.cuda_debug and torch.cuda.is_available():
             self._debug_mode = torch.cuda.get_sync_debug_mode()
             torch.cuda.set_sync_debug_mode('warn')
-        self._mode = _SyncMode(self)
+        self._enter_mode()
+
+    def _enter_mode(self) -> None:
+        if self._mode is not None: self._mode.__exit__(None, None, None)
+        self._mode = _mode_class()(self)
         self._mode.__enter__()
 
     def _where_is_model(self, learn) -> None:
@@ -532,8 +549,7 @@ class SyncAuditS(Subscriber):
 
     def __repr__(self): return f'SyncAuditS(cuda_debug={self.cuda_debug})'
 
-_OWN_CODE = {_SyncMode.__torch_function__.__code__, SyncAuditS._check_sync.__code__,
-             SyncAuditS._record_sync.__code__}
+_OWN_CODE = {f.__code__ for f in (_SyncMode.__torch_function__, SyncAuditS._check_sync, SyncAuditS._record_sync)}
 
 @patch
 def audit_syncs(self: Learner, n_epochs: int = 1, n_batches: int | None = 3, cuda_debug: bool = False,
