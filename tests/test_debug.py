@@ -19,6 +19,7 @@ from nntrain.subs.schedule import SchedulerS
 from nntrain.subs.training import EMAS, GradAccumS, GradClipS, TerminateOnNaNS
 from nntrain.subs.debug import DebugS, SyncAuditS, TraceS, summarize
 from nntrain.testing import failing, synth_learner, tiny_classifier
+from tests.contract import check_contract
 
 TENSOR_METHODS = ('item', 'tolist', 'cpu', 'numpy', 'to', '__bool__', '__float__', '__int__', '__repr__', '__format__',
                   '__getitem__', 'nonzero')
@@ -293,8 +294,6 @@ def test_trace_and_audit_together_the_trace_reads_are_not_counted():
 
 
 # -- the subscriber contract -----------------------------------------------------------------------------------
-from tests.contract import check_contract  # noqa: E402
-
 
 @pytest.mark.parametrize('factory', [TraceS, SyncAuditS, lambda: DebugS('after_loss', f=lambda learn: None)],
                          ids=['TraceS', 'SyncAuditS', 'DebugS'])
