@@ -23,14 +23,16 @@ __all__ = ['torch', 'nn', 'F', 'BinaryAccuracy', 'BinaryAUROC', 'BinaryF1Score',
            'AdamW', 'LAMB', 'weight_decay', 'l2_reg', 'sgd_step', 'average_grad', 'average_sqr_grad', 'step_stat',
            'rms_step', 'adam_step', 'StatsOptimizer', 'sgd_opt', 'rmsprop_opt', 'adam_opt', 'denormalize',
            'show_images', 'show_batch', 'AugmentS', 'per_sample', 'mixup', 'rand_box', 'cutmix', 'MixUpS', 'CutMixS',
-           'checkpoints', 'latest_checkpoint', 'CheckpointS', 'DeviceS', 'valley_lr', 'steep_lr', 'minimum_lr',
-           'LRFindResult', 'LRFindS', 'MetricsS', 'conv_macs', 'conv_transpose_macs', 'linear_macs', 'norm_macs',
-           'mha_macs', 'module_macs', 'leaf_modules', 'LayerInfo', 'ModelSummary', 'summary', 'ModelMonitorS',
-           'activation_stats', 'ActivationStatsS', 'mean_std', 'NormalizationS', 'AUTOCAST_DTYPES', 'resolve_precision',
-           'make_scaler', 'MixedPrecisionS', 'ChannelsLastS', 'CompileS', 'plot_losses', 'ProgressS', 'annealer',
-           'sched_lin', 'sched_cos', 'sched_no', 'sched_exp', 'combine_scheds', 'cos_1cycle_anneal', 'one_cycle_scheds',
-           'flat_cos_scheds', 'get_hyper', 'set_hyper', 'ParamSchedulerS', 'SchedulerS', 'EarlyStoppingS', 'CSVLoggerS',
-           'opt_grads', 'grad_norm', 'GradClipS', 'GradAccumS', 'first_nonfinite_module', 'TerminateOnNaNS', 'EMAS']
+           'checkpoints', 'latest_checkpoint', 'check_writable', 'CheckpointS', 'tensor_stats', 'summarize',
+           'describe_change', 'fingerprint', 'Change', 'TraceS', 'sync_op', 'Sync', 'SyncAuditS', 'DebugS', 'DeviceS',
+           'valley_lr', 'steep_lr', 'minimum_lr', 'LRFindResult', 'LRFindS', 'MetricsS', 'conv_macs',
+           'conv_transpose_macs', 'linear_macs', 'norm_macs', 'mha_macs', 'module_macs', 'leaf_modules', 'LayerInfo',
+           'ModelSummary', 'summary', 'ModelMonitorS', 'activation_stats', 'ActivationStatsS', 'mean_std',
+           'NormalizationS', 'AUTOCAST_DTYPES', 'resolve_precision', 'make_scaler', 'MixedPrecisionS', 'ChannelsLastS',
+           'CompileS', 'plot_losses', 'ProgressS', 'annealer', 'sched_lin', 'sched_cos', 'sched_no', 'sched_exp',
+           'combine_scheds', 'cos_1cycle_anneal', 'one_cycle_scheds', 'flat_cos_scheds', 'get_hyper', 'set_hyper',
+           'ParamSchedulerS', 'SchedulerS', 'EarlyStoppingS', 'CSVLoggerS', 'opt_grads', 'grad_norm', 'GradClipS',
+           'GradAccumS', 'first_nonfinite_module', 'TerminateOnNaNS', 'EMAS']
 
 # %% ../nbs/99_all.ipynb #65bdd645
 import warnings
@@ -74,7 +76,9 @@ from .optim import (
     average_sqr_grad, step_stat, rms_step, adam_step, StatsOptimizer, sgd_opt, rmsprop_opt, adam_opt)
 from .show import denormalize, show_images, show_batch
 from .subs.augment import AugmentS, per_sample, mixup, rand_box, cutmix, MixUpS, CutMixS
-from .subs.checkpoint import checkpoints, latest_checkpoint, CheckpointS
+from .subs.checkpoint import checkpoints, latest_checkpoint, check_writable, CheckpointS
+from .subs.debug import (
+    tensor_stats, summarize, describe_change, fingerprint, Change, TraceS, sync_op, Sync, SyncAuditS, DebugS)
 from .subs.device import DeviceS
 from .subs.lr_find import valley_lr, steep_lr, minimum_lr, LRFindResult, LRFindS
 from .subs.metrics import MetricsS
@@ -114,13 +118,14 @@ _all_ = ['torch', 'nn', 'F', 'BinaryAccuracy', 'BinaryAUROC', 'BinaryF1Score', '
          'Adam', 'AdamW', 'LAMB', 'weight_decay', 'l2_reg', 'sgd_step', 'average_grad', 'average_sqr_grad',
          'step_stat', 'rms_step', 'adam_step', 'StatsOptimizer', 'sgd_opt', 'rmsprop_opt', 'adam_opt',
          'denormalize', 'show_images', 'show_batch', 'AugmentS', 'per_sample', 'mixup', 'rand_box', 'cutmix',
-         'MixUpS', 'CutMixS', 'checkpoints', 'latest_checkpoint', 'CheckpointS', 'DeviceS', 'valley_lr',
-         'steep_lr', 'minimum_lr', 'LRFindResult', 'LRFindS', 'MetricsS', 'conv_macs', 'conv_transpose_macs',
-         'linear_macs', 'norm_macs', 'mha_macs', 'module_macs', 'leaf_modules', 'LayerInfo', 'ModelSummary',
-         'summary', 'ModelMonitorS', 'activation_stats', 'ActivationStatsS', 'mean_std', 'NormalizationS',
-         'AUTOCAST_DTYPES', 'resolve_precision', 'make_scaler', 'MixedPrecisionS', 'ChannelsLastS',
-         'CompileS', 'plot_losses', 'ProgressS', 'annealer', 'sched_lin', 'sched_cos', 'sched_no',
-         'sched_exp', 'combine_scheds', 'cos_1cycle_anneal', 'one_cycle_scheds', 'flat_cos_scheds',
-         'get_hyper', 'set_hyper', 'ParamSchedulerS', 'SchedulerS', 'EarlyStoppingS', 'CSVLoggerS',
-         'opt_grads', 'grad_norm', 'GradClipS', 'GradAccumS', 'first_nonfinite_module', 'TerminateOnNaNS',
-         'EMAS']
+         'MixUpS', 'CutMixS', 'checkpoints', 'latest_checkpoint', 'check_writable', 'CheckpointS',
+         'tensor_stats', 'summarize', 'describe_change', 'fingerprint', 'Change', 'TraceS', 'sync_op', 'Sync',
+         'SyncAuditS', 'DebugS', 'DeviceS', 'valley_lr', 'steep_lr', 'minimum_lr', 'LRFindResult', 'LRFindS',
+         'MetricsS', 'conv_macs', 'conv_transpose_macs', 'linear_macs', 'norm_macs', 'mha_macs',
+         'module_macs', 'leaf_modules', 'LayerInfo', 'ModelSummary', 'summary', 'ModelMonitorS',
+         'activation_stats', 'ActivationStatsS', 'mean_std', 'NormalizationS', 'AUTOCAST_DTYPES',
+         'resolve_precision', 'make_scaler', 'MixedPrecisionS', 'ChannelsLastS', 'CompileS', 'plot_losses',
+         'ProgressS', 'annealer', 'sched_lin', 'sched_cos', 'sched_no', 'sched_exp', 'combine_scheds',
+         'cos_1cycle_anneal', 'one_cycle_scheds', 'flat_cos_scheds', 'get_hyper', 'set_hyper',
+         'ParamSchedulerS', 'SchedulerS', 'EarlyStoppingS', 'CSVLoggerS', 'opt_grads', 'grad_norm',
+         'GradClipS', 'GradAccumS', 'first_nonfinite_module', 'TerminateOnNaNS', 'EMAS']

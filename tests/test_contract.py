@@ -17,6 +17,7 @@ from nntrain.core import Subscriber, set_seed
 from nntrain.losses import LabelSmoothingCrossEntropy
 from nntrain.subs.augment import AugmentS, CutMixS, MixUpS
 from nntrain.subs.checkpoint import CheckpointS
+from nntrain.subs.debug import DebugS, SyncAuditS, TraceS
 from nntrain.subs.device import DeviceS
 from nntrain.subs.lr_find import LRFindS
 from nntrain.subs.metrics import MetricsS
@@ -84,6 +85,9 @@ REGISTRY = {
     'EarlyStoppingS': (EarlyStoppingS, with_metrics, {}),
     'EarlyStoppingS+restore_best': (lambda: EarlyStoppingS(patience=1, restore_best=True), with_metrics, {}),
     'CSVLoggerS': (lambda: CSVLoggerS('h.csv'), with_metrics, {}),
+    'TraceS': (TraceS, tiny_classifier, {}),
+    'SyncAuditS': (SyncAuditS, tiny_classifier, {}),
+    'DebugS': (lambda: DebugS('after_loss', f=lambda learn: None), tiny_classifier, {}),
 }
 if hasattr(torch.amp, 'GradScaler'):
     REGISTRY['MixedPrecisionS+fp16'] = (lambda: MixedPrecisionS('fp16'), tiny_classifier, {})
