@@ -70,9 +70,11 @@ def check_preds(preds, y, ignore_index: int = -100, all_targets: torch.Tensor | 
                          f'output {tuple(preds.shape)}, targets {tuple(y.shape)}')
     if _is_labels(preds, y):
         labels = y if all_targets is None or all_targets.dtype != y.dtype else all_targets
-        n_classes, valid = preds.shape[1], labels[labels != ignore_index]
-        if valid.numel():
-            lo, hi = valid.min().item(), valid.max().item()   # the one host sync, first batch only
+        n_classes, kept = preds.shape[1], labels != ignore_index
+        lo = torch.where(kept, labels, torch.iinfo(labels.dtype).max).min()
+        hi = torch.where(kept, labels, torch.iinfo(labels.dtype).min).max()
+        lo, hi = torch.stack([lo, hi]).tolist()   # the one host sync, first batch only
+        if lo <= hi:   # some label is not ignored
             if lo < 0 or hi >= n_classes:
                 where = where if labels is y else 'the targets have'
                 raise ValueError(f'labels must be in [0, {n_classes}) for a model with {n_classes} outputs, '
