@@ -51,7 +51,8 @@ def epoch_table(history: list[dict]) -> tuple[list[str], list[list[str]]]:
         cells = epochs.setdefault(row['epoch'], {'epoch': str(row['epoch'])})
         times[row['epoch']] = times.get(row['epoch'], 0.) + row.get('time', 0.)   # train and valid passes together
         for k, v in row.items():
-            if k not in ('epoch', 'phase', 'time'): cells[f'{row["phase"]}_{k}'] = f'{v:.4f}' if isinstance(v, float) else str(v)
+            if k in ('epoch', 'phase', 'time'): continue
+            cells[f'{row["phase"]}_{k}'] = f'{v:.4f}' if isinstance(v, float) else str(v)
     for e, cells in epochs.items(): cells['time'] = f'{times[e]:.1f}s'
     columns = list(dict.fromkeys(k for cells in epochs.values() for k in cells if k != 'time')) + ['time']
     return columns, [[cells.get(k, '') for k in columns] for cells in epochs.values()]
@@ -75,7 +76,8 @@ def save_results(learn: Learner, out: Path, progress: ProgressS | None = None) -
     paths = [out / 'history.json']
     paths[0].write_text(json.dumps(learn.history, indent=1))
     if progress is not None and progress.train_losses:
-        fig = plot_losses(progress.train_steps, progress.train_losses, progress.valid_steps, progress.valid_losses).figure
+        losses = progress.train_steps, progress.train_losses, progress.valid_steps, progress.valid_losses
+        fig = plot_losses(*losses).figure
         fig.savefig(out / 'loss.png', dpi=100, bbox_inches='tight')
         plt.close(fig)
         fig = results_figure(learn, progress)

@@ -76,7 +76,7 @@ RUNS = ('fit', 'validate', 'predict', 'lr_find')
 class Subscriber:
     "Base class for subscribers: define methods named after `EVENTS` (or `STEPS`); each receives the learner."
     order: int = Order.DEFAULT
-    runs: tuple = RUNS   # the kinds of run it takes part in; e.g. ('fit',) for checkpoints, ('fit', 'validate') for metrics
+    runs: tuple = RUNS   # kinds of run it takes part in: ('fit',) for checkpoints, ('fit', 'validate') for metrics
 
     def __repr__(self): return f'{type(self).__name__}(order={self.order})'
 
@@ -99,7 +99,8 @@ def check_subscriber(sub) -> None:
     if isinstance(sub, type):
         raise TypeError(f'{sub.__name__} is a class, not a subscriber: pass an instance, {sub.__name__}()')
     order = getattr(sub, 'order', 0)
-    if not isinstance(order, int) or isinstance(order, bool): raise TypeError(f'{name}.order must be an int, got {order!r}')
+    if not isinstance(order, int) or isinstance(order, bool):
+        raise TypeError(f'{name}.order must be an int, got {order!r}')
     runs = getattr(sub, 'runs', RUNS)
     if isinstance(runs, str) or not all(r in RUNS for r in runs):
         bad = [runs] if isinstance(runs, str) else [r for r in runs if r not in RUNS]
@@ -119,7 +120,7 @@ def sort_subs(subs: Iterable) -> list:
     return sorted(subs, key=lambda s: getattr(s, 'order', 0))
 
 def build_table(subs: Iterable, run: str = 'fit') -> tuple[dict, dict]:
-    "Check `subs`; for those taking part in `run`: (event → tuple of bound methods, step → the subscriber providing it)."
+    "Check `subs`; of those taking part in `run`: (event → bound methods, step → the subscriber providing it)."
     if run not in RUNS: raise ValueError(f'unknown kind of run {run!r}; kinds: {RUNS}')
     subs = sort_subs(subs)
     for s in subs: check_subscriber(s)

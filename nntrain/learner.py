@@ -63,7 +63,7 @@ def _is_labels(preds: torch.Tensor, y: torch.Tensor) -> bool:
 
 def check_preds(preds, y, ignore_index: int = -100, all_targets: torch.Tensor | None = None,
                 where: str = 'this batch has') -> None:
-    "Raise a clear error if `y` (or `all_targets`, when known) cannot be a target for `preds`: label range, broadcasting."
+    "Raise a clear error if `y` (or `all_targets`, when known) cannot be a target for `preds`: labels, broadcasting."
     if not (isinstance(preds, torch.Tensor) and isinstance(y, torch.Tensor)) or not preds.is_floating_point(): return
     if preds.ndim and y.ndim and len(preds) != len(y):
         raise ValueError(f'model output has batch size {len(preds)} but targets have {len(y)}: '
@@ -170,7 +170,7 @@ class Position(NamedTuple):
     done: int = 0
 
 class DeferredInterrupt:
-    "A first Ctrl-C inside sets `requested` (the loop stops between batches: a consistent state); a second stops at once."
+    "A first Ctrl-C inside sets `requested` (the loop stops between batches, consistent); a second stops at once."
     def __init__(self): self.requested, self._previous, self._handler = False, None, None
 
     def __enter__(self) -> DeferredInterrupt:
@@ -210,7 +210,7 @@ class WeightedMean:
         return total / count
 
 def lr_for_groups(lr: float | slice | list, n_groups: int) -> list[float]:
-    "One learning rate per param group: a number for all; `slice(hi)`: `hi/10` below the last; `slice(lo, hi)`: geometric."
+    "One learning rate per param group: a number for all; `slice(hi)`: `hi/10` but the last; `slice(lo, hi)`: geometric."
     if isinstance(lr, (list, tuple)):
         if len(lr) != n_groups: raise ValueError(f'{len(lr)} learning rates for {n_groups} param groups')
         return [float(v) for v in lr]
@@ -264,7 +264,8 @@ def _check_fit_args(learn, n_epochs, lr, subs, train, valid, reset_opt, resume, 
                            'run inside another run. Validate or predict from subscribers instead, or fit after it.')
     check_int('n_epochs', n_epochs)
     check_lr('lr', lr, allow_none=True)
-    for name, v in (('train', train), ('valid', valid), ('reset_opt', reset_opt), ('resume', resume)): check_bool(name, v)
+    for name, v in (('train', train), ('valid', valid), ('reset_opt', reset_opt), ('resume', resume)):
+        check_bool(name, v)
     if not (train or valid): raise ValueError('fit(train=False, valid=False) has nothing to do')
     check_int('n_batches', n_batches, allow_none=True)
     if isinstance(subs, (str, bytes)) or not hasattr(subs, '__iter__'):
@@ -448,7 +449,7 @@ class Learner:
             self._stage('epoch', self._all_batches, skip)
 
     def _all_batches(self, skip: int) -> None:
-        if skip >= self.n_iter: return   # resuming after this pass's last batch: starting the loader would draw an order
+        if skip >= self.n_iter: return   # resuming after the pass's last batch: starting the loader would draw an order
         batches = self.dl if self._n_batches is None else itertools.islice(self.dl, self.n_iter)
         for self.iter, self.batch in enumerate(batches):
             # A deferred Ctrl-C stops between batches, once the loader has moved on as it would have anyway (torch's
@@ -596,7 +597,7 @@ def get_preds(self: Learner, dl=None, act: Callable | None = None, reduce: str |
 
 @patch
 def infer(self: Learner, x) -> torch.Tensor:
-    "The model's output for a batch of inputs `x`, through the input subscribers (device, normalization, ...), on the CPU."
+    "The model's output for a batch of inputs `x`, through the input subscribers (device, normalization), on the CPU."
     return self.get_preds([(x,)])[0]
 
 # %% ../nbs/03_learner.ipynb #16a62bb1
@@ -752,7 +753,8 @@ def read_checkpoint(path) -> dict:
     if not path.is_file(): raise FileNotFoundError(f'no checkpoint file at {path}')
     try: return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
-        if 'Unsupported global' not in str(e): raise ValueError(f'{path} is not a readable checkpoint (truncated, or another program\'s file)') from e
+        if 'Unsupported global' not in str(e):
+            raise ValueError(f'{path} is not a readable checkpoint (truncated, or another program\'s file)') from e
         raise ValueError(f'{path} holds Python objects other than tensors and containers, so it was not written by '
                          'nntrain and is not loaded (loading it could run code). If you trust its source: '
                          'torch.load(path, weights_only=False), then load what you need yourself.') from e
@@ -778,7 +780,8 @@ def load_weights(self: Learner, path, state: dict | None = None) -> Learner:
     weights = state['model'] if isinstance(state, dict) and 'model' in state and 'counters' in state else state
     if not _is_weights(weights): raise ValueError(f'{path} holds no model weights')
     problems = weight_problems(self.model, weights)
-    if problems: raise ValueError(f'cannot load {path} into this model: ' + '; '.join(problems) + '. Nothing was changed.')
+    if problems:
+        raise ValueError(f'cannot load {path} into this model: ' + '; '.join(problems) + '. Nothing was changed.')
     self.model.load_state_dict(weights)
     return self
 

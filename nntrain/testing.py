@@ -50,7 +50,7 @@ class Recorder(Subscriber):
 for _e in EVENTS: setattr(Recorder, _e, lambda self, learn, e=_e: self.seen.append(e))
 
 def failing(event: str = 'after_loss', at: int = 1, exc: type = RuntimeError, training: bool = True) -> Subscriber:
-    "A subscriber raising `exc('injected failure')` at `event` of batch `at` of a training (or valid) pass, last in order."
+    "A subscriber raising `exc('injected failure')` at `event` of batch `at` of a training (or valid) pass; runs last."
     def handler(self, learn):
         if learn.training == training and learn.iter == at: raise exc('injected failure')
     return type('Fail', (Subscriber,), {'order': 1000, event: handler})()
