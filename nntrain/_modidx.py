@@ -722,7 +722,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
             'nntrain.transfer': { 'nntrain.transfer.FrozenBnS': ('transfer.html#frozenbns', 'nntrain/transfer.py'),
                                   'nntrain.transfer.FrozenBnS.__init__': ('transfer.html#frozenbns.__init__', 'nntrain/transfer.py'),
                                   'nntrain.transfer.FrozenBnS.__repr__': ('transfer.html#frozenbns.__repr__', 'nntrain/transfer.py'),
-                                  'nntrain.transfer.FrozenBnS.before_epoch': ( 'transfer.html#frozenbns.before_epoch',
+                                  'nntrain.transfer.FrozenBnS.before_batch': ( 'transfer.html#frozenbns.before_batch',
                                                                                'nntrain/transfer.py'),
                                   'nntrain.transfer.Learner.fine_tune': ('transfer.html#learner.fine_tune', 'nntrain/transfer.py'),
                                   'nntrain.transfer.Learner.freeze': ('transfer.html#learner.freeze', 'nntrain/transfer.py'),

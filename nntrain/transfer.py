@@ -76,8 +76,10 @@ class FrozenBnS(Subscriber):
     "Keep the batch-norm layers of frozen groups in eval mode while training: their running statistics stay put."
     order, runs = Order.DEFAULT, ('fit', 'lr_find')
     def __init__(self, layers: list[nn.Module]): self.layers = list(layers)
-    def before_epoch(self, learn):
-        if learn.training:   # the learner has just put the model in train mode; these layers stay in eval mode
+    def before_batch(self, learn):
+        # Every batch, not every epoch: a subscriber that evaluates mid-epoch and calls `model.train()` after
+        # must not put these layers back into train mode. (The learner restores all modes when the run ends.)
+        if learn.training:
             for m in self.layers: m.eval()
     def __repr__(self): return f'FrozenBnS({len(self.layers)} batch-norm layers)'
 

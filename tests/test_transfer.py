@@ -174,6 +174,18 @@ def test_freeze_to_counts_groups():
     assert {k.split('.')[0] for k in changed(before, learn.model)} == {'6'}   # groups 0-1: modules 0-3
 
 
+def test_frozen_bn_survives_a_subscriber_toggling_modes():
+    "A subscriber that evaluates mid-epoch and calls model.train() after does not unfreeze the batch norms."
+    class EvalEveryStep(Subscriber):
+        def after_step(self, learn):
+            learn.model.eval()
+            learn.model.train()
+    learn = img_learner().freeze(train_bn=False)
+    before = snapshot(learn.model)
+    learn.fit(2, subs=[EvalEveryStep()])
+    assert changed(before, learn.model) == HEAD
+
+
 def test_train_bn_false_then_true_removes_frozen_bn():
     learn = img_learner().freeze(train_bn=False)
     assert sum(isinstance(s, FrozenBnS) for s in learn.subs) == 1
