@@ -50,7 +50,7 @@ class GroupLRs(Subscriber):
     def after_step(self, learn): self.lrs.append([g['lr'] for g in learn.opt.param_groups])
 
 
-# -- splitters ----------------------------------------------------------------------------------------------------
+# -- splitters -----------------------------------------------------------------------------------------------------
 def test_default_splitter_sequential_models():
     m = simple_cnn()
     body, head = default_splitter(m)
@@ -88,7 +88,7 @@ def test_default_splitter_refuses(model, msg):
     with pytest.raises(ValueError, match=msg): default_splitter(model)
 
 
-# -- freezing -----------------------------------------------------------------------------------------------------
+# -- freezing ------------------------------------------------------------------------------------------------------
 OPTS = {'torch AdamW wd': partial(torch.optim.AdamW, weight_decay=0.1),
         'torch SGD momentum wd': partial(torch.optim.SGD, momentum=0.9, weight_decay=0.1),
         'torch Adam L2': partial(torch.optim.Adam, weight_decay=0.1),
@@ -228,7 +228,7 @@ def test_freeze_refuses_bad_splitters_and_runs():
     assert learn.splitter is None
 
 
-# -- discriminative learning rates ----------------------------------------------------------------------------------
+# -- discriminative learning rates ---------------------------------------------------------------------------------
 def test_fit_slice_spreads_over_groups():
     learn = img_learner(opt_func=torch.optim.SGD, splitter=three_groups)
     learn.fit(1, lr=slice(1e-4, 1e-2))
@@ -283,14 +283,15 @@ def test_scheduler_keeps_fit_slice_rates():
 
 def test_scheduler_partial_one_cycle():
     n = 4
-    for max_lr, want in ((slice(1e-3, 1e-1), [1e-2, 1e-1, 1.]), (0.1, [1., 1., 1.]), ([1e-2, 1e-2, 1e-1], [.1, .1, 1.])):
+    cases = ((slice(1e-3, 1e-1), [1e-2, 1e-1, 1.]), (0.1, [1., 1., 1.]), ([1e-2, 1e-2, 1e-1], [.1, .1, 1.]))
+    for max_lr, want in cases:
         learn, rec = img_learner(opt_func=torch.optim.SGD, splitter=three_groups), GroupLRs()
         learn.fit(1, subs=[SchedulerS(partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=max_lr, total_steps=n)), rec])
         assert len(rec.lrs) == n
         for r in rec.lrs: assert [v / r[-1] for v in r] == pytest.approx(want)
 
 
-# -- adapt_head -----------------------------------------------------------------------------------------------------
+# -- adapt_head ----------------------------------------------------------------------------------------------------
 def test_adapt_head_torchvision_resnet():
     tv = resnet18(weights=None)
     m = adapt_head(tv, 3)
@@ -357,7 +358,7 @@ def test_n_features_leaves_model_alone():
     assert body.training and all(m.training for m in body.modules()) and not changed(before, body)
 
 
-# -- fine_tune ------------------------------------------------------------------------------------------------------
+# -- fine_tune -----------------------------------------------------------------------------------------------------
 def test_fine_tune_recipe():
     learn = img_learner(adapt_head(simple_cnn(), 10), n=64, opt_func=partial(torch.optim.AdamW, weight_decay=0.01))
     rec = GroupLRs()
@@ -378,11 +379,12 @@ def test_fine_tune_without_frozen_epochs_and_checks():
     learn = img_learner(adapt_head(simple_cnn(), 10))
     scheds = learn.fine_tune(1, freeze_epochs=0)
     assert len(scheds) == 1 and learn.frozen_groups() == [False, False]
-    for kw, msg in (({'freeze_epochs': -1}, 'freeze_epochs'), ({'base_lr': 0}, 'base_lr'), ({'lr_mult': 0.5}, 'lr_mult')):
+    bad = (({'freeze_epochs': -1}, 'freeze_epochs'), ({'base_lr': 0}, 'base_lr'), ({'lr_mult': 0.5}, 'lr_mult'))
+    for kw, msg in bad:
         with pytest.raises(ValueError, match=msg): learn.fine_tune(1, **kw)
 
 
-# -- transfer on MNIST: pretrain on digits 0-4, adapt to 5-9 ------------------------------------------------------------
+# -- transfer on MNIST: pretrain on digits 0-4, adapt to 5-9 -------------------------------------------------------
 @pytest.fixture(scope='module')
 def mnist_split():
     x_train, y_train, x_valid, y_valid = mnist_sample()
@@ -423,7 +425,8 @@ def test_mnist_transfer(mnist_split):
     moved = changed(before, head_only.model)
     assert moved and all(k.startswith('head.') for k in moved)   # the pretrained body: bitwise unchanged
     acc = {'head only': _accuracy(head_only.model, x, y)}
-    for how in ('frozen body, BN trains', 'fine_tune'): acc[how] = _accuracy(_transfer(pretrained, dls, how)[0].model, x, y)
+    for how in ('frozen body, BN trains', 'fine_tune'):
+        acc[how] = _accuracy(_transfer(pretrained, dls, how)[0].model, x, y)
     set_seed(2)
     random_body = simple_cnn(5, channels=(8, 16, 32, 64))
     acc['random body, head only'] = _accuracy(_transfer(random_body, dls, 'head only')[0].model, x, y)

@@ -82,7 +82,7 @@ def _per_group(lr, make: Callable, name: str = 'lr'):
     return [make(v) for v in lr] if isinstance(lr, (list, tuple)) else make(lr)
 
 def _spread_slices(factory: Callable, n_groups: int) -> Callable:
-    "A `functools.partial` factory with its `slice` arguments (e.g. `max_lr=slice(lo, hi)`) turned into per-group lists."
+    "A `functools.partial` factory whose `slice` arguments (e.g. `max_lr=slice(lo, hi)`) become per-group lists."
     if not isinstance(factory, partial): return factory
     spread = lambda v: lr_for_groups(v, n_groups) if isinstance(v, slice) else v
     return partial(factory.func, *map(spread, factory.args), **{k: spread(v) for k, v in factory.keywords.items()})
