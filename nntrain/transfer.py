@@ -12,7 +12,7 @@ import torch
 from fastcore.basics import patch
 from torch import nn
 
-from .core import Order, Subscriber, check_bool, check_number, preserve_modes
+from .core import Order, Subscriber, check_bool, check_int, check_number, preserve_modes
 from .learner import Learner
 from .subs.schedule import ParamSchedulerS
 
@@ -192,8 +192,7 @@ def make_head(n_in: int, n_out: int, p: float = 0.25, concat: bool = True) -> nn
 def adapt_head(model: nn.Module, n_out: int, p: float = 0.25, concat: bool = True, cut: int | Callable | None = None,
                n_in: int | None = None) -> nn.Sequential:
     "`nn.Sequential(body=..., head=...)`: `model`'s body (its layers, shared, not copied) and a new head for `n_out`."
-    if isinstance(n_out, bool) or not isinstance(n_out, int) or n_out < 1:
-        raise ValueError(f'n_out must be a positive int, got {n_out!r}')
+    check_int('n_out', n_out)
     check_number('p', p, 0, 1, high_open=True)
     check_bool('concat', concat)
     body = cut_body(model, cut)
@@ -206,10 +205,11 @@ def adapt_head(model: nn.Module, n_out: int, p: float = 0.25, concat: bool = Tru
 def fine_tune(self: Learner, epochs: int, base_lr: float = 2e-3, freeze_epochs: int = 1, lr_mult: float = 100,
               pct_start: float = 0.3, div: float = 5., train_bn: bool = True, **kwargs) -> list[ParamSchedulerS]:
     "fastai's recipe: `freeze_epochs` one-cycle epochs frozen, then `epochs` unfrozen with discriminative rates."
+    check_int('epochs', epochs)
+    check_int('freeze_epochs', freeze_epochs, 0)
     check_number('base_lr', base_lr, 0, low_open=True)
     check_number('lr_mult', lr_mult, 1)
-    if isinstance(freeze_epochs, bool) or not isinstance(freeze_epochs, int) or freeze_epochs < 0:
-        raise ValueError(f'freeze_epochs must be an int >= 0, got {freeze_epochs!r}')
+    check_number('pct_start', pct_start, 0, 1)
     scheds = []
     self.freeze(train_bn)
     if freeze_epochs: scheds.append(self.fit_one_cycle(freeze_epochs, slice(base_lr), pct_start=0.99, **kwargs))

@@ -186,6 +186,19 @@ def test_frozen_bn_survives_a_subscriber_toggling_modes():
     assert changed(before, learn.model) == HEAD
 
 
+def test_checkpoint_of_a_frozen_learner(tmp_path):
+    "Freezing is not saved: freeze the new learner the same way, then load (its optimizer has the groups)."
+    learn = img_learner().freeze(train_bn=False)
+    learn.fit(1)
+    path = learn.save(tmp_path / 'frozen.pt')
+    fresh = img_learner()
+    with pytest.raises(ValueError, match='param groups'): fresh.load(path)
+    fresh.freeze(train_bn=False).load(path)
+    before = snapshot(fresh.model)
+    fresh.fit(1)
+    assert changed(before, fresh.model) == HEAD
+
+
 def test_train_bn_false_then_true_removes_frozen_bn():
     learn = img_learner().freeze(train_bn=False)
     assert sum(isinstance(s, FrozenBnS) for s in learn.subs) == 1
@@ -379,9 +392,12 @@ def test_fine_tune_without_frozen_epochs_and_checks():
     learn = img_learner(adapt_head(simple_cnn(), 10))
     scheds = learn.fine_tune(1, freeze_epochs=0)
     assert len(scheds) == 1 and learn.frozen_groups() == [False, False]
-    bad = (({'freeze_epochs': -1}, 'freeze_epochs'), ({'base_lr': 0}, 'base_lr'), ({'lr_mult': 0.5}, 'lr_mult'))
+    bad = (({'freeze_epochs': -1}, 'freeze_epochs'), ({'base_lr': 0}, 'base_lr'), ({'lr_mult': 0.5}, 'lr_mult'),
+           ({'epochs': 0}, 'epochs'), ({'pct_start': 2}, 'pct_start'))
+    learn = img_learner(adapt_head(simple_cnn(), 10))
     for kw, msg in bad:
-        with pytest.raises(ValueError, match=msg): learn.fine_tune(1, **kw)
+        with pytest.raises(ValueError, match=msg): learn.fine_tune(**{'epochs': 1, **kw})
+        assert learn.splitter is None and all(p.requires_grad for p in learn.model.parameters())   # checked first
 
 
 # -- transfer on MNIST: pretrain on digits 0-4, adapt to 5-9 -------------------------------------------------------
