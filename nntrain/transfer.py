@@ -92,7 +92,7 @@ def _same_groups(opt, groups: list[list]) -> bool:
 @patch
 def freeze_to(self: Learner, n: int, train_bn: bool = True) -> Learner:
     "Freeze the first `n` parameter groups (negative: all but the last `-n`), train the others; see the notebook."
-    if isinstance(n, bool) or not isinstance(n, int): raise TypeError(f'n must be an int, got {n!r}')
+    check_int('n', n, None)
     check_bool('train_bn', train_bn)
     if self.run_kind is not None: raise RuntimeError(f'cannot freeze or unfreeze during a {self.run_kind}')
     if n == 0 and self.splitter is None:   # unfreeze without groups: everything trains, one group stays one group
@@ -110,7 +110,7 @@ def freeze_to(self: Learner, n: int, train_bn: bool = True) -> Learner:
     # Checked; now change things.
     if self.splitter is None and splitter is not None:
         self.splitter = splitter
-    if self.opt is not None and not _same_groups(self.opt, self.param_groups() if self.splitter else groups):
+    if self.opt is not None and not _same_groups(self.opt, groups):
         self.opt = None   # the next fit builds one with these groups (the old one had another grouping)
     frozen = {id(p) for g in groups[:k] for p in g}
     bns = [m for m in _bn_layers(self.model) if any(id(p) in frozen for p in m.parameters(recurse=False))]
@@ -135,9 +135,10 @@ def unfreeze(self: Learner) -> Learner:
 
 @patch
 def frozen_groups(self: Learner) -> list[bool]:
-    "For each parameter group: is it frozen (no parameter of it trains, batch norm aside)?"
+    "For each parameter group: is it frozen (none of its parameters trains, leaving out batch norms kept training)?"
     bn = {id(p) for m in _bn_layers(self.model) for p in m.parameters(recurse=False)}
-    return [not any(p.requires_grad for p in g if id(p) not in bn) for g in self.param_groups()]
+    def frozen(g): return not any(p.requires_grad for p in ([p for p in g if id(p) not in bn] or g))
+    return [frozen(g) for g in self.param_groups()]
 
 # %% ../nbs/24_transfer.ipynb #ada31566
 class _ConcatPool(nn.Module):
