@@ -15,9 +15,12 @@ from nntrain.learner import Learner
 from nntrain.models import resnet, simple_cnn
 from nntrain.optim import AdamW as NtAdamW, Momentum, adam_opt, sgd_opt
 from nntrain.subs.schedule import ParamSchedulerS, SchedulerS, one_cycle_scheds, sched_lin
-from nntrain.transfer import FrozenBnS, adapt_head, cut_body, default_splitter, make_head, n_features
+from nntrain.transfer import adapt_head, cut_body, default_splitter, make_head, n_features
 
 ids = lambda xs: [id(x) for x in xs]   # parameters compare by identity
+# By name: running nbs/24_transfer.ipynb in this process (tests/test_notebooks.py) patches Learner again with the
+# notebook's own functions and classes.
+is_frozen_bn = lambda s: type(s).__name__ == 'FrozenBnS'
 
 
 @pytest.fixture(autouse=True)
@@ -128,7 +131,7 @@ def test_train_bn_keeps_batch_norm_training():
     bn = {k for k in body if '.1.' in k}                 # conv_block(...)[1] is the BatchNorm2d
     assert {'0.1.weight', '0.1.bias', '0.1.running_mean', '0.1.running_var'} <= bn
     assert changed(before, learn.model) == HEAD | bn
-    assert not any(isinstance(s, FrozenBnS) for s in learn.subs)
+    assert not any(is_frozen_bn(s) for s in learn.subs)
     assert all(p.requires_grad for m in learn.model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters())
 
 
@@ -146,7 +149,7 @@ def test_freeze_sets_default_splitter_and_rebuilds_optimizer():
     learn.fit(1)
     assert len(learn.opt.param_groups) == 1
     learn.freeze()
-    assert learn.splitter is default_splitter and learn.opt is None
+    assert learn.splitter.__name__ == "default_splitter" and learn.opt is None
     learn.fit(1)
     assert len(learn.opt.param_groups) == 2
     assert learn.frozen_groups() == [True, False]
@@ -201,11 +204,11 @@ def test_checkpoint_of_a_frozen_learner(tmp_path):
 
 def test_train_bn_false_then_true_removes_frozen_bn():
     learn = img_learner().freeze(train_bn=False)
-    assert sum(isinstance(s, FrozenBnS) for s in learn.subs) == 1
+    assert sum(is_frozen_bn(s) for s in learn.subs) == 1
     learn.freeze(train_bn=False)
-    assert sum(isinstance(s, FrozenBnS) for s in learn.subs) == 1   # replaced, not added twice
+    assert sum(is_frozen_bn(s) for s in learn.subs) == 1   # replaced, not added twice
     learn.freeze()
-    assert not any(isinstance(s, FrozenBnS) for s in learn.subs)
+    assert not any(is_frozen_bn(s) for s in learn.subs)
 
 
 def test_frozen_bn_modes_restored_after_fit():
