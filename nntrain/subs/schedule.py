@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 from fastcore.basics import patch
 
 from ..core import Order, Subscriber, check_choice
-from ..learner import Learner
+from ..learner import Learner, check_lr, lr_for_groups
 
 # %% auto #0
 __all__ = ['annealer', 'sched_lin', 'sched_cos', 'sched_no', 'sched_exp', 'combine_scheds', 'cos_1cycle_anneal',
@@ -68,22 +68,39 @@ def cos_1cycle_anneal(start: float, high: float, end: float) -> list:
     return [sched_cos(start, high), sched_cos(high, end)]
 
 # %% ../../nbs/14_schedule.ipynb #e193186f
-def _per_group(lr, make: Callable):
+class _Spread:
+    "Schedules for a `slice` of rates, one per param group once their number is known; called, the top group's."
+    def __init__(self, lr: slice, make: Callable): self.lr, self.make = lr, make
+    def for_groups(self, n: int) -> list: return [self.make(v) for v in lr_for_groups(self.lr, n)]
+    def __call__(self, pos: float) -> float: return self.make(self.lr.stop)(pos)   # what `hps` records: the last group
+    def __repr__(self): return f'schedules spread over the param groups by {self.lr!r}'
+
+def _per_group(lr, make: Callable, name: str = 'lr'):
+    "`make(lr)`; for a list of rates one schedule per group; for a `slice`, one per group spread by `lr_for_groups`."
+    check_lr(name, lr)
+    if isinstance(lr, slice): return _Spread(lr, make)
     return [make(v) for v in lr] if isinstance(lr, (list, tuple)) else make(lr)
+
+def _spread_slices(factory: Callable, n_groups: int) -> Callable:
+    "A `functools.partial` factory whose `slice` arguments (e.g. `max_lr=slice(lo, hi)`) become per-group lists."
+    if not isinstance(factory, partial): return factory
+    spread = lambda v: lr_for_groups(v, n_groups) if isinstance(v, slice) else v
+    return partial(factory.func, *map(spread, factory.args), **{k: spread(v) for k, v in factory.keywords.items()})
 
 def one_cycle_scheds(lr_max, pct_start: float = 0.25, div: float = 25., div_final: float = 1e5,
                      moms: tuple | None = (0.95, 0.85, 0.95)) -> dict:
     "The `{'lr': ..., 'mom': ...}` schedules of a one-cycle run, for `ParamSchedulerS`."
     pcts = [pct_start, 1 - pct_start]
     cycle = lambda lr: combine_scheds(pcts, cos_1cycle_anneal(lr / div, lr, lr / div_final))
-    scheds = {'lr': _per_group(lr_max, cycle)}
+    scheds = {'lr': _per_group(lr_max, cycle, 'lr_max')}
     if moms is not None: scheds['mom'] = combine_scheds(pcts, cos_1cycle_anneal(*moms))
     return scheds
 
 def flat_cos_scheds(lr, pct_start: float = 0.75, div_final: float = 1e5) -> dict:
     "Flat at `lr` for `pct_start` of the run, then a cosine down to `lr/div_final`."
     pcts = [pct_start, 1 - pct_start]
-    return {'lr': _per_group(lr, lambda lr: combine_scheds(pcts, [sched_no(lr, lr), sched_cos(lr, lr / div_final)]))}
+    return {'lr': _per_group(lr, lambda lr: combine_scheds(pcts, [sched_no(lr, lr), sched_cos(lr, lr / div_final)]),
+                             'lr')}
 
 # %% ../../nbs/14_schedule.ipynb #3cd526d0
 _ALIASES = {'mom': (('betas', 0), ('momentum', None), ('mom', None)),
@@ -131,18 +148,18 @@ class ParamSchedulerS(Subscriber):
     def before_epoch(self, learn):
         if not learn.training or not self._fresh: return
         self._fresh, self.hps = False, {k: [] for k in self.scheds}
-        groups = learn.opt.param_groups
+        groups, self._fns = learn.opt.param_groups, {}   # name -> one schedule per param group
         for name, f in self.scheds.items():
             for g in groups: get_hyper(g, name)   # fail before the first step, naming what the optimizer has
+            if isinstance(f, _Spread): f = f.for_groups(len(groups))   # a slice of rates: now the groups are known
             if isinstance(f, (list, tuple)) and len(f) != len(groups):
                 raise ValueError(f'{len(f)} schedules for {name!r} but the optimizer has {len(groups)} param groups')
+            self._fns[name] = list(f) if isinstance(f, (list, tuple)) else [f] * len(groups)
 
     def before_batch(self, learn):
         if not learn.training: return
-        groups = learn.opt.param_groups
-        for name, f in self.scheds.items():
-            fs = f if isinstance(f, (list, tuple)) else [f] * len(groups)
-            for g, fn in zip(groups, fs): set_hyper(g, name, fn(learn.pct_train))
+        for name, fs in self._fns.items():
+            for g, fn in zip(learn.opt.param_groups, fs): set_hyper(g, name, fn(learn.pct_train))
 
     def after_step(self, learn):
         g = learn.opt.param_groups[-1]
@@ -181,7 +198,8 @@ class SchedulerS(Subscriber):
 
     def _build(self, opt) -> None:
         saved = [{k: v for k, v in g.items() if k != 'params'} for g in opt.param_groups]
-        self.scheduler = self.factory(opt)   # torch schedulers set the initial value on construction
+        # torch schedulers set the initial value on construction; `max_lr=slice(lo, hi)` becomes one rate per group
+        self.scheduler = _spread_slices(self.factory, len(opt.param_groups))(opt)
         if self._pending is not None:
             self.scheduler.load_state_dict(self._pending)
             self._pending = None
