@@ -32,7 +32,9 @@ __all__ = ['torch', 'nn', 'F', 'BinaryAccuracy', 'BinaryAUROC', 'BinaryF1Score',
            'CompileS', 'plot_losses', 'ProgressS', 'annealer', 'sched_lin', 'sched_cos', 'sched_no', 'sched_exp',
            'combine_scheds', 'cos_1cycle_anneal', 'one_cycle_scheds', 'flat_cos_scheds', 'get_hyper', 'set_hyper',
            'ParamSchedulerS', 'SchedulerS', 'EarlyStoppingS', 'CSVLoggerS', 'opt_grads', 'grad_norm', 'GradClipS',
-           'GradAccumS', 'first_nonfinite_module', 'TerminateOnNaNS', 'EMAS']
+           'GradAccumS', 'first_nonfinite_module', 'TerminateOnNaNS', 'EMAS', 'POOL_TYPES', 'HEAD_ATTRS', 'BN_TYPES',
+           'is_pool', 'default_splitter', 'FrozenBnS', 'concat_pool', 'cut_body', 'n_features', 'make_head',
+           'adapt_head']
 
 # %% ../nbs/99_all.ipynb #65bdd645
 import warnings
@@ -95,6 +97,9 @@ from .subs.schedule import (
 from .subs.tracking import EarlyStoppingS, CSVLoggerS
 from .subs.training import (
     opt_grads, grad_norm, GradClipS, GradAccumS, first_nonfinite_module, TerminateOnNaNS, EMAS)
+from .transfer import (
+    POOL_TYPES, HEAD_ATTRS, BN_TYPES, is_pool, default_splitter, FrozenBnS, concat_pool, cut_body, n_features,
+    make_head, adapt_head)
 
 # %% ../nbs/99_all.ipynb #c3ecd775
 _all_ = ['torch', 'nn', 'F', 'BinaryAccuracy', 'BinaryAUROC', 'BinaryF1Score', 'BinaryPrecision', 'BinaryRecall',
@@ -128,4 +133,6 @@ _all_ = ['torch', 'nn', 'F', 'BinaryAccuracy', 'BinaryAUROC', 'BinaryF1Score', '
          'ProgressS', 'annealer', 'sched_lin', 'sched_cos', 'sched_no', 'sched_exp', 'combine_scheds',
          'cos_1cycle_anneal', 'one_cycle_scheds', 'flat_cos_scheds', 'get_hyper', 'set_hyper',
          'ParamSchedulerS', 'SchedulerS', 'EarlyStoppingS', 'CSVLoggerS', 'opt_grads', 'grad_norm',
-         'GradClipS', 'GradAccumS', 'first_nonfinite_module', 'TerminateOnNaNS', 'EMAS']
+         'GradClipS', 'GradAccumS', 'first_nonfinite_module', 'TerminateOnNaNS', 'EMAS', 'POOL_TYPES',
+         'HEAD_ATTRS', 'BN_TYPES', 'is_pool', 'default_splitter', 'FrozenBnS', 'concat_pool', 'cut_body',
+         'n_features', 'make_head', 'adapt_head']

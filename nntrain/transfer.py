@@ -14,6 +14,7 @@ from torch import nn
 
 from .core import Order, Subscriber, check_bool, check_int, check_number, preserve_modes
 from .learner import Learner
+from .models import AdaptiveConcatPool2d
 from .subs.schedule import ParamSchedulerS
 
 # %% auto #0
@@ -27,7 +28,7 @@ HEAD_ATTRS = ('fc', 'classifier', 'head', 'heads')   # torchvision: ResNet, VGG/
 
 def is_pool(m: nn.Module) -> bool:
     "Is `m` a global (adaptive) pooling layer, the usual border between a CNN's body and its head?"
-    return isinstance(m, POOL_TYPES) or type(m).__name__ == 'AdaptiveConcatPool2d'
+    return isinstance(m, (*POOL_TYPES, AdaptiveConcatPool2d))
 
 def _has_params(m: nn.Module) -> bool: return next(m.parameters(), None) is not None
 
@@ -141,18 +142,9 @@ def frozen_groups(self: Learner) -> list[bool]:
     return [frozen(g) for g in self.param_groups()]
 
 # %% ../nbs/24_transfer.ipynb #ada31566
-class _ConcatPool(nn.Module):
-    "Adaptive max pooling and adaptive average pooling, concatenated along the channels."
-    def __init__(self, size: int = 1):
-        super().__init__()
-        self.mp, self.ap = nn.AdaptiveMaxPool2d(size), nn.AdaptiveAvgPool2d(size)
-    def forward(self, x): return torch.cat([self.mp(x), self.ap(x)], 1)
-
 def concat_pool() -> nn.Module:
-    "`nntrain.models.AdaptiveConcatPool2d()` once it exists, else an equivalent module (max, then average)."
-    from nntrain import models
-    cls = getattr(models, 'AdaptiveConcatPool2d', None)
-    return cls() if cls is not None else _ConcatPool()
+    "Adaptive max and average pooling, concatenated (`nntrain.models.AdaptiveConcatPool2d`)."
+    return AdaptiveConcatPool2d()
 
 def cut_body(model: nn.Module, cut: int | Callable | None = None) -> nn.Module:
     "The body of `model`: its children before the last one that is (or holds) a global pooling layer, or before `cut`."
