@@ -225,14 +225,15 @@ class ProgressS(Subscriber):
             self._losses = []
         if not self.notebook or not self.train_losses: return
         from IPython.display import display
-        if self._plot_out is None:
-            self._fig, ax = plt.subplots(figsize=(6, 4))
+        new = self._plot_out is None
+        if new:
+            self._fig, _ = plt.subplots(figsize=(6, 4))
             plt.close(self._fig)   # shown through its display handle only, never again by the inline backend
-            self._plot_out = display(self._fig, display_id=True)
         ax = self._fig.axes[0]
         ax.clear()
         plot_losses(self.train_steps, self.train_losses, self.valid_steps, self.valid_losses, ax=ax)
-        self._plot_out.update(self._fig)
+        if new: self._plot_out = display(self._fig, display_id=True)
+        else: self._plot_out.update(self._fig)
 
     def _end_fit(self, learn, exc):
         self._take_rows(learn)
