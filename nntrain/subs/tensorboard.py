@@ -49,11 +49,12 @@ class TensorBoardS(Subscriber):
         check_int('hist_every', hist_every, allow_none=True)
         check_int('n_images', n_images, min_value=0)
         self.log_dir, self.hist_every, self.n_images, self.graph = Path(log_dir), hist_every, n_images, graph
-        self.writer, self._graph_done = None, False
+        self.writer, self._graph_done, self._epochs = None, False, 0
 
     def before_fit(self, learn):
         if not getattr(learn, 'is_main', True): return   # one writer per run, on the main process
         self.writer, self._n_rows = summary_writer(self.log_dir), len(learn.history)
+        self._first = self._epochs   # a fit's epochs count from 0: a second fit goes on after the first one
 
     def after_step(self, learn):
         if self.writer is None: return
@@ -96,16 +97,16 @@ class TensorBoardS(Subscriber):
         name = (lambda i: str(vocab[i])) if vocab is not None else str
         fig = show_images(x, [f'{name(p)} / {name(t)}' for p, t in zip(pred, true)], ncols=min(n, 4))
         for ax, ok in zip(fig.axes, (p == t for p, t in zip(pred, true))): ax.title.set_color('green' if ok else 'red')
-        self.writer.add_figure('valid/predictions', fig, learn.epoch, close=True)
+        self.writer.add_figure('valid/predictions', fig, self._first + learn.epoch, close=True)
 
     def after_epoch(self, learn):
         if self.writer is None: return
         for row in learn.history[self._n_rows:]:
-            phase = row.get('phase')
+            phase, epoch = row.get('phase'), self._first + row.get('epoch', learn.epoch)
             for k, v in row.items():
                 if k in _ROW_KEYS or isinstance(v, bool) or not isinstance(v, (int, float)): continue
-                self.writer.add_scalar(f'{k}/{phase}' if phase else k, v, row.get('epoch', learn.epoch))
-        self._n_rows = len(learn.history)
+                self.writer.add_scalar(f'{k}/{phase}' if phase else k, v, epoch)
+        self._n_rows, self._epochs = len(learn.history), self._first + learn.epoch + 1
 
     def cleanup_fit(self, learn):
         if self.writer is None: return
