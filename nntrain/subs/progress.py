@@ -27,7 +27,7 @@ def _fmt_cell(column: str, v) -> str:
     if isinstance(v, float): return f'{v:.4f}'
     return str(v)
 
-_KEYS = ('epoch', 'phase', 'time')
+_NOT_SPLIT = ('epoch', 'phase', 'time')   # one per epoch, not one column per phase
 
 def phase_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     "The rows as they are in `learn.history` (one per phase), as (columns, formatted cells)."
@@ -38,7 +38,7 @@ def epoch_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     "One row per epoch: `epoch`, each value per phase side by side (`train_loss`, `valid_loss`, ...), summed `time`."
     epochs: dict = {}
     for r in rows: epochs.setdefault(r.get('epoch'), []).append(r)
-    keys = list(dict.fromkeys(k for r in rows for k in r if k not in _KEYS))
+    keys = list(dict.fromkeys(k for r in rows for k in r if k not in _NOT_SPLIT))
     phases = list(dict.fromkeys(r.get('phase') for r in rows))
     name = lambda p, k: f'{p}_{k}' if p else k
     values = [name(p, k) for k in keys for p in phases if any(r.get('phase') == p and k in r for r in rows)]
@@ -46,7 +46,7 @@ def epoch_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     table = []
     for epoch, group in epochs.items():
         cells = {'epoch': epoch, 'time': sum(r.get('time', 0.) for r in group)}
-        for r in group: cells.update({name(r.get('phase'), k): v for k, v in r.items() if k not in _KEYS})
+        for r in group: cells.update({name(r.get('phase'), k): v for k, v in r.items() if k not in _NOT_SPLIT})
         table.append([_fmt_cell(c, cells.get(c, '')) for c in columns])
     return columns, table
 

@@ -37,7 +37,7 @@ def is_image_batch(x) -> bool:
     return isinstance(x, torch.Tensor) and x.ndim == 4 and x.shape[1] in (1, 3) and x.is_floating_point()
 
 # %% ../../nbs/43_tensorboard.ipynb #9a5fa700
-_ROW_KEYS = ('epoch', 'phase')
+_ROW_IDS = ('epoch', 'phase')
 
 class TensorBoardS(Subscriber):
     "Write the fit to TensorBoard event files in `log_dir` (see the table above for what is written, and when)."
@@ -104,7 +104,7 @@ class TensorBoardS(Subscriber):
         for row in learn.history[self._n_rows:]:
             phase, epoch = row.get('phase'), self._first + row.get('epoch', learn.epoch)
             for k, v in row.items():
-                if k in _ROW_KEYS or isinstance(v, bool) or not isinstance(v, (int, float)): continue
+                if k in _ROW_IDS or isinstance(v, bool) or not isinstance(v, (int, float)): continue
                 self.writer.add_scalar(f'{k}/{phase}' if phase else k, v, epoch)
         self._n_rows, self._epochs = len(learn.history), self._first + learn.epoch + 1
 
