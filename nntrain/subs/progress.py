@@ -51,10 +51,15 @@ def epoch_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     return columns, table
 
 # %% ../../nbs/13_progress.ipynb #5eb576ae
+# An interrupted bar keeps its grey track and turns its filled part red: it shows where it stopped.
 _STYLE = """<style>
-progress.progress-bar-interrupted, progress.progress-bar-interrupted::-webkit-progress-bar {background: #F44336;}
-progress.progress-bar-interrupted::-webkit-progress-value {background: #F44336;}
-progress.progress-bar-interrupted::-moz-progress-bar {background: #F44336;}
+progress.nntrain-bar {appearance: none; -webkit-appearance: none; border: none; border-radius: 4px; width: 300px;
+    height: 16px; vertical-align: middle; background: #e0e0e0;}
+progress.nntrain-bar::-webkit-progress-bar {background: #e0e0e0; border-radius: 4px;}
+progress.nntrain-bar::-webkit-progress-value {background: #2196F3; border-radius: 4px;}
+progress.nntrain-bar::-moz-progress-bar {background: #2196F3; border-radius: 4px;}
+progress.nntrain-bar.progress-bar-interrupted::-webkit-progress-value {background: #F44336;}
+progress.nntrain-bar.progress-bar-interrupted::-moz-progress-bar {background: #F44336;}
 table.nntrain-progress {border-collapse: collapse; margin: 0.5em 0;}
 table.nntrain-progress th, table.nntrain-progress td {padding: 2px 10px; text-align: right;}
 </style>"""
@@ -77,8 +82,9 @@ class Bar:
         return text + (' interrupted' if self.interrupted else '')
 
     def html(self) -> str:
-        cls = ' class="progress-bar-interrupted"' if self.interrupted else ''
-        return f'<div><progress value="{self.value}" max="{self.total}"{cls}></progress> {escape(self.text())}</div>'
+        cls = 'nntrain-bar progress-bar-interrupted' if self.interrupted else 'nntrain-bar'
+        bar = f'<progress value="{self.value}" max="{self.total}" class="{cls}"></progress>'
+        return f'<div>{bar} {escape(self.text())}</div>'
 
 class ProgressView:
     "What `ProgressS` shows in a notebook: bars over the results table, as HTML, markdown or plain text."
