@@ -599,6 +599,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                                'nntrain/subs/progress.py'),
                                        'nntrain.subs.progress._fmt_cell': ('progress.html#_fmt_cell', 'nntrain/subs/progress.py'),
                                        'nntrain.subs.progress.epoch_table': ('progress.html#epoch_table', 'nntrain/subs/progress.py'),
+                                       'nntrain.subs.progress.in_kernel': ('progress.html#in_kernel', 'nntrain/subs/progress.py'),
                                        'nntrain.subs.progress.phase_table': ('progress.html#phase_table', 'nntrain/subs/progress.py'),
                                        'nntrain.subs.progress.plot_losses': ('progress.html#plot_losses', 'nntrain/subs/progress.py')},
             'nntrain.subs.schedule': { 'nntrain.subs.schedule.Learner.fit_flat_cos': ( 'schedule.html#learner.fit_flat_cos',

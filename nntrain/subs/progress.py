@@ -12,13 +12,13 @@ from html import escape
 
 import matplotlib.pyplot as plt
 import torch
-from fastcore.imports import in_notebook
+from fastcore.imports import in_colab, ipython_shell
 from fastprogress.fastprogress import force_console_behavior, format_time
 
 from ..core import Order, Subscriber, check_choice, check_number
 
 # %% auto #0
-__all__ = ['phase_table', 'epoch_table', 'Bar', 'ProgressView', 'plot_losses', 'ProgressS']
+__all__ = ['phase_table', 'epoch_table', 'in_kernel', 'Bar', 'ProgressView', 'plot_losses', 'ProgressS']
 
 # %% ../../nbs/13_progress.ipynb #7669794c
 def _fmt_cell(column: str, v) -> str:
@@ -63,6 +63,10 @@ progress.nntrain-bar.progress-bar-interrupted::-moz-progress-bar {background: #F
 table.nntrain-progress {border-collapse: collapse; margin: 0.5em 0;}
 table.nntrain-progress th, table.nntrain-progress td {padding: 2px 10px; text-align: right;}
 </style>"""
+
+def in_kernel() -> bool:
+    "Running in a Jupyter kernel (or Colab), whose front-end updates a display in place? (Terminal IPython does not.)"
+    return in_colab() or type(ipython_shell()).__name__ == 'ZMQInteractiveShell'
 
 class Bar:
     "One progress bar: how far it is, since when, what it says, and whether it was interrupted."
@@ -156,7 +160,7 @@ class ProgressS(Subscriber):
     def cleanup_fit(self, learn): self._guard(self._end_fit, learn, sys.exc_info()[1])
 
     def _start_fit(self, learn):
-        self.notebook, self._last_comment, self._shown = in_notebook(), 0., 0.
+        self.notebook, self._last_comment, self._shown = in_kernel(), 0., 0.
         self.epochs, self.batches = Bar(learn.n_epochs, 'epoch'), None
         self._plot_out = None
         if self.notebook:
