@@ -465,6 +465,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                       'nntrain.subs.monitor._peek_batch': ('monitor.html#_peek_batch', 'nntrain/subs/monitor.py'),
                                       'nntrain.subs.monitor._run_model': ('monitor.html#_run_model', 'nntrain/subs/monitor.py'),
                                       'nntrain.subs.monitor._shapes': ('monitor.html#_shapes', 'nntrain/subs/monitor.py'),
+                                      'nntrain.subs.monitor._show': ('monitor.html#_show', 'nntrain/subs/monitor.py'),
                                       'nntrain.subs.monitor._walk': ('monitor.html#_walk', 'nntrain/subs/monitor.py'),
                                       'nntrain.subs.monitor.activation_stats': ('monitor.html#activation_stats', 'nntrain/subs/monitor.py'),
                                       'nntrain.subs.monitor.conv_macs': ('monitor.html#conv_macs', 'nntrain/subs/monitor.py'),

@@ -17,7 +17,7 @@ assert nntrain.__file__.startswith({str(REPO)!r}), nntrain.__file__
 from torcheval.metrics import MulticlassAccuracy
 from nntrain.core import Subscriber
 from nntrain.subs.metrics import MetricsS
-from nntrain.subs.monitor import summary
+from nntrain.subs.monitor import ModelMonitorS, summary
 from nntrain.subs.progress import ProgressS
 from nntrain.testing import tiny_classifier'''
 
@@ -39,7 +39,8 @@ AFTER = '''n = learn2.global_step
 learn2.fit(1)
 print('steps', learn2.global_step - n, 'rows', len(learn2.history))'''
 
-CELLS = [SETUP, FIT, 'progress.figure()', 'learn.summary()', 'learn.show_training_loop()', SLOW_FIT, AFTER]
+CELLS = [SETUP, FIT, 'progress.figure()', 'learn.summary()', 'learn.show_training_loop()', SLOW_FIT, AFTER,
+         'learn.fit(1, subs=[ModelMonitorS()])']
 
 
 class RecordingClient(nbclient.NotebookClient):
@@ -128,6 +129,9 @@ def test_summary_and_training_loop_render_as_tables(run):
     assert '| `after_epoch` | MetricsS, ProgressS |' in loop.data['text/markdown']
     assert '<table>' in loop.data['text/html']
     assert 'after_epoch     MetricsS, ProgressS' in loop.data['text/plain'].splitlines()
+    shown = [o for o in nb.cells[7].outputs if o.output_type == 'display_data' and 'text/markdown' in o.data
+             and o.data['text/markdown'].startswith('| module |')]
+    assert len(shown) == 1 and not _errors(nb, 7)          # ModelMonitorS shows its table, not printed text
 
 
 def test_interrupt_leaves_the_bar_marked_and_the_learner_usable(run):

@@ -304,6 +304,13 @@ def _learner_summary(self: Learner, batch=None, modules=None) -> ModelSummary:
     return summary(self, batch, modules)
 
 # %% ../../nbs/19_monitor.ipynb #46b1dde3
+def _show(obj) -> None:
+    "Display `obj` under IPython (a notebook renders its table), print it elsewhere."
+    from fastcore.imports import ipython_shell
+    if ipython_shell() is None: return print(obj)
+    from IPython.display import display
+    display(obj)
+
 class ModelMonitorS(Subscriber):
     "Record shapes, parameters and MACs on the first training batch, show the table and (by default) cancel the fit."
     order = Order.PROGRESS
@@ -330,7 +337,7 @@ class ModelMonitorS(Subscriber):
         self.summary = self._rec.result()
         self._rec.remove()   # one batch is enough: no hook cost for the rest of the fit
         self._rec = None
-        if self.show: print(self.summary)
+        if self.show: _show(self.summary)
         if self.cancel: raise CancelFitException()
 
     def cleanup_fit(self, learn):
