@@ -166,3 +166,23 @@ def test_clear_error_without_tensorboard(tmp_path, monkeypatch):
         with pytest.raises(ImportError, match='pip install tensorboard'):
             learn.fit(1, subs=[TensorBoardS(tmp_path)])
     learn.fit(1)   # nothing left behind
+
+
+def test_no_host_sync_per_batch(tmp_path, monkeypatch):
+    "After each phase's first batch (graph, images), batches run without a read of a tensor by the host."
+    from nntrain.core import Subscriber
+    learn = tiny_classifier(images=True, subs=[MetricsS()])
+    on = {'on': False}
+    class Window(Subscriber):
+        order = 1000
+        def before_batch(self, learn): on['on'] = learn.iter > 0
+        def cleanup_batch(self, learn): on['on'] = False
+    def guarded(name, orig):
+        def f(self, *a, **k):
+            if on['on']: raise AssertionError(f'host sync ({name}) inside a batch')
+            return orig(self, *a, **k)
+        return f
+    for name in ('item', 'cpu', 'tolist', 'numpy', '__float__'):
+        monkeypatch.setattr(torch.Tensor, name, guarded(name, getattr(torch.Tensor, name)))
+    learn.fit(2, subs=[TensorBoardS(tmp_path), Window()])
+    assert len(read(tmp_path).Scalars('lr/group0')) == 6
