@@ -581,6 +581,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                         'nntrain/subs/progress.py'),
                                        'nntrain.subs.progress.ProgressS.after_epoch': ( 'progress.html#progresss.after_epoch',
                                                                                         'nntrain/subs/progress.py'),
+                                       'nntrain.subs.progress.ProgressS.after_fit': ( 'progress.html#progresss.after_fit',
+                                                                                      'nntrain/subs/progress.py'),
                                        'nntrain.subs.progress.ProgressS.before_epoch': ( 'progress.html#progresss.before_epoch',
                                                                                          'nntrain/subs/progress.py'),
                                        'nntrain.subs.progress.ProgressS.before_fit': ( 'progress.html#progresss.before_fit',

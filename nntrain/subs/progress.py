@@ -139,7 +139,7 @@ class ProgressS(Subscriber):
         check_choice('table', table, ('epoch', 'phase'))
         self.plot, self.comment_every, self.table = plot, comment_every, table
         self._losses, self.train_steps, self.train_losses, self.valid_steps, self.valid_losses = [], [], [], [], []
-        self.view = None
+        self.view, self._depth = None, 0
 
     def _guard(self, f, *args) -> None:
         if self.failed: return
@@ -148,16 +148,29 @@ class ProgressS(Subscriber):
             self.failed = True
             warnings.warn(f'ProgressS stopped displaying after an error ({e!r}); training continues.')
 
-    # events: each one guarded
+    # events: each one guarded; a run inside the fit (a subscriber's `learn.validate()`) leaves the display alone
     def before_fit(self, learn):
+        self._depth += 1
+        if self._depth > 1: return
         self.failed, self.n_rows, self.rows, self.printed = False, len(learn.history), [], 0
         self._losses, self.train_steps, self.train_losses, self.valid_steps, self.valid_losses = [], [], [], [], []
+        self._done = False
         self._guard(self._start_fit, learn)
 
-    def before_epoch(self, learn): self._guard(self._start_epoch, learn)
-    def after_batch(self, learn): self._guard(self._batch, learn)
-    def after_epoch(self, learn): self._guard(self._end_epoch, learn)
-    def cleanup_fit(self, learn): self._guard(self._end_fit, learn, sys.exc_info()[1])
+    def before_epoch(self, learn):
+        if self._depth == 1: self._guard(self._start_epoch, learn)
+    def after_batch(self, learn):
+        if self._depth == 1: self._guard(self._batch, learn)
+    def after_epoch(self, learn):
+        if self._depth == 1: self._guard(self._end_epoch, learn)
+    def after_fit(self, learn):
+        if self._depth == 1: self._done = True
+
+    def cleanup_fit(self, learn):
+        try:
+            # stopped by an error or a Ctrl-C (not a cancel, which is no error): the bars stay, marked
+            if self._depth == 1: self._guard(self._end_fit, learn, not self._done and sys.exc_info()[1] is not None)
+        finally: self._depth -= 1
 
     def _start_fit(self, learn):
         self.notebook, self._last_comment, self._shown = in_kernel(), 0., 0.
@@ -245,9 +258,8 @@ class ProgressS(Subscriber):
         if new: self._plot_out = display(self._fig, display_id=True)
         else: self._plot_out.update(self._fig)
 
-    def _end_fit(self, learn, exc):
+    def _end_fit(self, learn, stopped: bool):
         self._take_rows(learn)
-        stopped = exc is not None   # an error or Ctrl-C: the bars stay where they stopped, marked
         if self.notebook:
             bars = [b for b in (self.epochs, self.batches) if b is not None]
             if stopped:
