@@ -30,7 +30,8 @@ from .data import DataLoaders, loader_state, set_loader_state
 # %% auto #0
 __all__ = ['batch_targets', 'check_batch', 'check_preds', 'check_loss', 'per_item_loss', 'loader_targets', 'peek_targets',
            'buffers_kept_on_error', 'first_batch_step', 'Position', 'DeferredInterrupt', 'WeightedMean',
-           'lr_for_groups', 'check_lr', 'Learner', 'weight_problems', 'read_checkpoint', 'MomentumLearner']
+           'lr_for_groups', 'check_lr', 'Learner', 'TrainingLoop', 'weight_problems', 'read_checkpoint',
+           'MomentumLearner']
 
 # %% ../nbs/03_learner.ipynb #02763b97
 def _describe(o) -> str:
@@ -552,15 +553,29 @@ def validate(self: Learner, dl=None) -> dict:
     return dict(rows[-1]) if rows else {'loss': avg.mean.value().item()}
 
 # %% ../nbs/03_learner.ipynb #103ee9e9
+class TrainingLoop:
+    "Who runs at each event of a kind of run, and who provides each step: text, markdown and HTML tables."
+    def __init__(self, kind: str, rows: list[tuple[str, str]]): self.kind, self.rows = kind, rows
+
+    def __repr__(self) -> str: return '\n'.join(f'{what:<15} {who}' for what, who in self.rows)
+
+    def _repr_markdown_(self) -> str:
+        lines = [f'| {self.kind}: event or step | subscribers, in order |', '|---|---|']
+        return '\n'.join(lines + [f'| `{what}` | {who} |' for what, who in self.rows])
+
+    def _repr_html_(self) -> str:
+        body = ''.join(f'<tr><td><code>{what}</code></td><td>{who}</td></tr>' for what, who in self.rows)
+        return (f'<table><thead><tr><th>{self.kind}: event or step</th><th>subscribers, in order</th></tr></thead>'
+                f'<tbody>{body}</tbody></table>')
+
 @patch
-def show_training_loop(self: Learner, kind: str = 'fit') -> None:
-    "Print, for each event of a `kind` run, the subscribers that run there in order, and who provides each step."
+def show_training_loop(self: Learner, kind: str = 'fit') -> TrainingLoop:
+    "For each event of a `kind` run, the subscribers that run there in order, and who provides each step (a table)."
     if kind not in RUNS: raise ValueError(f'kind must be one of {RUNS}, got {kind!r}')
     table, _, providers = self._tables[kind]
     name = lambda f: type(getattr(f, '__self__', f)).__name__
-    for e in EVENTS:
-        if table[e]: print(f'{e:<15} {", ".join(name(f) for f in table[e])}')
-    for s in STEPS: print(f'{s + "()":<15} {type(providers.get(s, self)).__name__}')
+    rows = [(e, ', '.join(name(f) for f in table[e])) for e in EVENTS if table[e]]
+    return TrainingLoop(kind, rows + [(s + '()', type(providers.get(s, self)).__name__) for s in STEPS])
 
 # %% ../nbs/03_learner.ipynb #8bf2aa83
 class _Collect(Subscriber):

@@ -149,12 +149,12 @@ def test_two_step_providers_conflict():
         two_by_two(A(), B())
 
 
-def test_step_provider_replaces_learner_step(capsys):
+def test_step_provider_replaces_learner_step():
     class Half(Subscriber):
         def backward(self, learn): (learn.loss * 0.5).backward()
     learn = two_by_two(Half())
-    learn.show_training_loop()
-    assert 'backward()       Half' in capsys.readouterr().out.replace('backward()      ', 'backward()       ')
+    loop = learn.show_training_loop()
+    assert 'backward()      Half' in repr(loop).splitlines() and '| `backward()` | Half |' in loop._repr_markdown_()
     learn.fit(1)
     assert learn.global_step == 2
 

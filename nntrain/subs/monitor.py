@@ -21,7 +21,7 @@ _all_ = ['Hooks']   # Hooks lived here before nntrain.hooks; `from nntrain.subs.
 
 # %% auto #0
 __all__ = ['conv_macs', 'conv_transpose_macs', 'linear_macs', 'norm_macs', 'mha_macs', 'module_macs', 'leaf_modules', 'LayerInfo',
-           'ModelSummary', 'summary', 'ModelMonitorS', 'activation_stats', 'ActivationStatsS', 'Hooks']
+           'ModelSummary', 'summary', 'ModelMonitorS', 'activation_stats', 'ActivationStatsS', 'module_label', 'Hooks']
 
 # %% ../../nbs/19_monitor.ipynb #83113fc4
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -106,7 +106,7 @@ def leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     "`(name, module)` for every module without children (`nn.MultiheadAttention` counts as one), each once."
     return _walk(model)[0]
 
-def _resolve(model: nn.Module, modules) -> list[tuple[str, nn.Module]]:
+def _named_modules(model: nn.Module, modules) -> list[tuple[str, nn.Module]]:
     "`(name, module)` pairs for `modules` given as modules or dotted names of `model`."
     names = {id(m): n for n, m in model.named_modules()}
     return [(m, model.get_submodule(m)) if isinstance(m, str) else (names.get(id(m), type(m).__name__), m)
@@ -129,7 +129,7 @@ def _n_params(m: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in ps), sum(p.numel() for p in ps if p.requires_grad)
 
 # %% ../../nbs/19_monitor.ipynb #e0194db4
-def _fmt(n: int | None, incomplete: bool = False) -> str:
+def _fmt_count(n: int | None, incomplete: bool = False) -> str:
     return '-' if n is None else f'{n:,}' + ('*' if incomplete else '')
 
 class ModelSummary:
@@ -142,8 +142,8 @@ class ModelSummary:
     _HEADER = ('module', 'type', 'input', 'output', 'params', 'trainable', 'MACs')
 
     def _rows(self) -> list[tuple[str, ...]]:
-        return [(l.name or '(model)', l.type, l.input_shape or '-', l.output_shape or '-', _fmt(l.params),
-                 _fmt(l.trainable), _fmt(l.macs, l.incomplete)) for l in self.layers]
+        return [(l.name or '(model)', l.type, l.input_shape or '-', l.output_shape or '-', _fmt_count(l.params),
+                 _fmt_count(l.trainable), _fmt_count(l.macs, l.incomplete)) for l in self.layers]
 
     def _footer(self) -> list[str]:
         lines = [f'{self.model_type}: {self.params:,} parameters ({self.trainable:,} trainable), '
@@ -178,7 +178,7 @@ class _Recorder:
         self.model = model
         leaves, parents = _walk(model)
         self.leaves = [m for _, m in leaves]
-        self.rows = _resolve(model, modules) if modules is not None else leaves
+        self.rows = _named_modules(model, modules) if modules is not None else leaves
         self.leaf_ids = {id(m) for m in self.leaves}
         # Parents that own parameters use them in their own forward, where no hook sees the arithmetic.
         self.opaque = sorted({type(m).__name__ for _, m in parents
@@ -236,7 +236,7 @@ class _Recorder:
         return ModelSummary(layers, *_n_params(self.model), self.total // bs, bs, missing, type(self.model).__name__)
 
 # %% ../../nbs/19_monitor.ipynb #089e33ad
-def _first_batch(dl):
+def _peek_batch(dl):
     "The first batch of `dl`, leaving its shuffling state as it was (the next epoch must not change)."
     state = dl.state_dict() if hasattr(dl, 'state_dict') else None
     try: return next(iter(dl))
@@ -260,7 +260,7 @@ def summary(learn_or_model: Learner | nn.Module, batch=None, modules=None) -> Mo
     model = learn.model if learn is not None else learn_or_model
     if batch is None:
         if learn is None: raise ValueError('summary(model) needs a batch: summary(model, x), or pass a Learner')
-        batch = _first_batch(learn.dls.train)
+        batch = _peek_batch(learn.dls.train)
     rec = _Recorder(model, modules).attach()
     try:
         rec.on = True
@@ -276,6 +276,13 @@ def _learner_summary(self: Learner, batch=None, modules=None) -> ModelSummary:
     return summary(self, batch, modules)
 
 # %% ../../nbs/19_monitor.ipynb #46b1dde3
+def _show(obj) -> None:
+    "Display `obj` under IPython (a notebook renders its table), print it elsewhere."
+    from fastcore.imports import ipython_shell
+    if ipython_shell() is None: return print(obj)
+    from IPython.display import display
+    display(obj)
+
 class ModelMonitorS(Subscriber):
     "Record shapes, parameters and MACs on the first training batch, show the table and (by default) cancel the fit."
     order = Order.PROGRESS
@@ -302,7 +309,7 @@ class ModelMonitorS(Subscriber):
         self.summary = self._rec.result()
         self._rec.remove()   # one batch is enough: no hook cost for the rest of the fit
         self._rec = None
-        if self.show: print(self.summary)
+        if self.show: _show(self.summary)
         if self.cancel: raise CancelFitException()
 
     def cleanup_fit(self, learn):
@@ -353,7 +360,7 @@ class ActivationStatsS(Subscriber):
         if every < 1: raise ValueError(f'every must be at least 1, got {every}')
         self.modules, self.every, self.dead_threshold = modules, every, dead_threshold
         self.bins, self.hist_range = bins, hist_range
-        self._hooks, self._on = None, False
+        self._hooks, self._on, self.labels = None, False, {}
         self.reset()
 
     def reset(self) -> None:
@@ -362,8 +369,9 @@ class ActivationStatsS(Subscriber):
 
     def before_fit(self, learn):
         model = learn.model
-        named = _resolve(model, self.modules) if self.modules is not None else _default_modules(model)
+        named = _named_modules(model, self.modules) if self.modules is not None else _default_modules(model)
         self.names = [n or type(m).__name__ for n, m in named]
+        self.labels.update({n: module_label(n, m) for n, (_, m) in zip(self.names, named)})
         self._hooks = Hooks([m for _, m in named], self._record)
 
     def before_batch(self, learn):
@@ -406,15 +414,19 @@ class ActivationStatsS(Subscriber):
 
     # The plots follow miniai's: mean and std over training, "colorful dimension" images (one column per recorded
     # batch, one row per histogram bin, brighter for more activations, log scale), and the dead fraction.
+    def _label(self, name: str) -> str: return self.labels.get(name, name)
+
     def plot_stats(self, figsize=(12, 3.5)):
         "Mean and standard deviation of each module's activations over the recorded batches."
         fig, (ax0, ax1) = plt.subplots(1, 2, figsize=figsize)
         for name, st in self.stats.items():
-            ax0.plot(st['mean'].numpy(), label=name)
-            ax1.plot(st['std'].numpy(), label=name)
-        for ax, title in ((ax0, 'mean'), (ax1, 'std')): ax.set(title=title, xlabel='recorded batch')
-        ax1.legend(fontsize='small')
-        return fig
+            ax0.plot(st['mean'].numpy(), label=self._label(name))
+            ax1.plot(st['std'].numpy(), label=self._label(name))
+        for ax, stat in ((ax0, 'mean'), (ax1, 'std')):
+            ax.set(title=f'activation {stat}', xlabel='recorded batch', ylabel=stat)
+        ax0.legend(fontsize='small')   # the same colours on the right
+        fig.tight_layout()
+        return _figure(fig)
 
     def color_dim(self, figsize=None, ncols: int = 2):
         "Each module's activation histogram over the recorded batches (log scale): one column per batch."
@@ -422,9 +434,9 @@ class ActivationStatsS(Subscriber):
         fig, axs = _grid(len(stats), figsize, ncols)
         for ax, (name, st) in zip(axs, stats.items()):
             ax.imshow(st['hist'].T.log1p().numpy(), origin='lower', aspect='auto', extent=(0, len(st['hist']), lo, hi))
-            ax.set_title(name)
+            ax.set(title=self._label(name), xlabel='recorded batch', ylabel='activation')
         fig.tight_layout()
-        return fig
+        return _figure(fig)
 
     def dead_chart(self, figsize=None, ncols: int = 2, per_unit: bool = False):
         "Fraction of dead activations per module over the recorded batches; `per_unit`: one row per channel."
@@ -433,13 +445,25 @@ class ActivationStatsS(Subscriber):
         for ax, (name, st) in zip(axs, stats.items()):
             if per_unit and st['dead_units'] is not None:
                 ax.imshow(st['dead_units'].T.numpy(), origin='lower', aspect='auto', cmap='Greys', vmin=0, vmax=1)
-                ax.set_ylabel('channel')
+                ax.set_ylabel('channel (black: dead)')
             else:
                 ax.plot(st['dead'].numpy())
-                ax.set_ylim(0, 1)
-            ax.set_title(name)
+                ax.set(ylim=(0, 1), ylabel='dead fraction')
+            ax.set(title=self._label(name), xlabel='recorded batch')
         fig.tight_layout()
-        return fig
+        return _figure(fig)
+
+def module_label(name: str, m: nn.Module) -> str:
+    "A panel title: the module's name and what it is (a plain `nn.Sequential` by what it chains)."
+    kids = [type(c).__name__ for c in m.children()]
+    what = type(m).__name__
+    if type(m) is nn.Sequential and kids: what = '→'.join(kids[:3]) + ('→…' if len(kids) > 3 else '')
+    return f'{name}: {what}' if name else what
+
+def _figure(fig):
+    "`fig`, out of pyplot's registry: a notebook shows it once, as the cell's value (not again when the cell ends)."
+    plt.close(fig)
+    return fig
 
 def _grid(n: int, figsize, ncols: int = 2):
     "A figure with `n` axes in rows of `ncols`."
