@@ -17,24 +17,25 @@ __all__ = ['torch', 'nn', 'F', 'BinaryAccuracy', 'BinaryAUROC', 'BinaryF1Score',
            'count_hooks', 'init_weights', 'LayerStats', 'LSUVReport', 'lsuv_init', 'batch_targets', 'check_batch',
            'check_preds', 'check_loss', 'per_item_loss', 'loader_targets', 'peek_targets', 'buffers_kept_on_error',
            'first_batch_step', 'Position', 'DeferredInterrupt', 'WeightedMean', 'lr_for_groups', 'check_lr', 'Learner',
-           'weight_problems', 'read_checkpoint', 'MomentumLearner', 'LabelSmoothingCrossEntropy', 'conv_block',
-           'simple_cnn', 'ResBlock', 'resnet', 'cnn_layers', 'AdaptiveConcatPool2d', 'BasicBlock', 'Bottleneck',
-           'xresnet', 'xresnet18', 'xresnet34', 'xresnet50', 'PerParamOptimizer', 'SGD', 'Momentum', 'RMSProp', 'Adam',
-           'AdamW', 'LAMB', 'weight_decay', 'l2_reg', 'sgd_step', 'average_grad', 'average_sqr_grad', 'step_stat',
-           'rms_step', 'adam_step', 'StatsOptimizer', 'sgd_opt', 'rmsprop_opt', 'adam_opt', 'denormalize',
+           'TrainingLoop', 'weight_problems', 'read_checkpoint', 'MomentumLearner', 'LabelSmoothingCrossEntropy',
+           'conv_block', 'simple_cnn', 'ResBlock', 'resnet', 'cnn_layers', 'AdaptiveConcatPool2d', 'BasicBlock',
+           'Bottleneck', 'xresnet', 'xresnet18', 'xresnet34', 'xresnet50', 'PerParamOptimizer', 'SGD', 'Momentum',
+           'RMSProp', 'Adam', 'AdamW', 'LAMB', 'weight_decay', 'l2_reg', 'sgd_step', 'average_grad', 'average_sqr_grad',
+           'step_stat', 'rms_step', 'adam_step', 'StatsOptimizer', 'sgd_opt', 'rmsprop_opt', 'adam_opt', 'denormalize',
            'show_images', 'show_batch', 'AugmentS', 'per_sample', 'mixup', 'rand_box', 'cutmix', 'MixUpS', 'CutMixS',
            'checkpoints', 'latest_checkpoint', 'check_writable', 'CheckpointS', 'tensor_stats', 'summarize',
            'describe_change', 'fingerprint', 'Change', 'TraceS', 'sync_op', 'Sync', 'SyncAuditS', 'DebugS', 'DeviceS',
            'valley_lr', 'steep_lr', 'minimum_lr', 'LRFindResult', 'LRFindS', 'MetricsS', 'conv_macs',
            'conv_transpose_macs', 'linear_macs', 'norm_macs', 'mha_macs', 'module_macs', 'leaf_modules', 'LayerInfo',
-           'ModelSummary', 'summary', 'ModelMonitorS', 'activation_stats', 'ActivationStatsS', 'mean_std',
-           'NormalizationS', 'AUTOCAST_DTYPES', 'resolve_precision', 'make_scaler', 'MixedPrecisionS', 'ChannelsLastS',
-           'CompileS', 'plot_losses', 'ProgressS', 'annealer', 'sched_lin', 'sched_cos', 'sched_no', 'sched_exp',
-           'combine_scheds', 'cos_1cycle_anneal', 'one_cycle_scheds', 'flat_cos_scheds', 'get_hyper', 'set_hyper',
-           'ParamSchedulerS', 'SchedulerS', 'EarlyStoppingS', 'CSVLoggerS', 'opt_grads', 'grad_norm', 'GradClipS',
-           'GradAccumS', 'first_nonfinite_module', 'TerminateOnNaNS', 'EMAS', 'POOL_TYPES', 'HEAD_ATTRS', 'BN_TYPES',
-           'is_pool', 'default_splitter', 'FrozenBnS', 'concat_pool', 'cut_body', 'n_features', 'make_head',
-           'adapt_head']
+           'ModelSummary', 'summary', 'ModelMonitorS', 'activation_stats', 'ActivationStatsS', 'module_label',
+           'mean_std', 'NormalizationS', 'AUTOCAST_DTYPES', 'resolve_precision', 'make_scaler', 'MixedPrecisionS',
+           'ChannelsLastS', 'CompileS', 'phase_table', 'epoch_table', 'in_kernel', 'Bar', 'ProgressView', 'plot_losses',
+           'ProgressS', 'annealer', 'sched_lin', 'sched_cos', 'sched_no', 'sched_exp', 'combine_scheds',
+           'cos_1cycle_anneal', 'one_cycle_scheds', 'flat_cos_scheds', 'get_hyper', 'set_hyper', 'ParamSchedulerS',
+           'SchedulerS', 'summary_writer', 'momentum_of', 'is_image_batch', 'TensorBoardS', 'EarlyStoppingS',
+           'CSVLoggerS', 'opt_grads', 'grad_norm', 'GradClipS', 'GradAccumS', 'first_nonfinite_module',
+           'TerminateOnNaNS', 'EMAS', 'POOL_TYPES', 'HEAD_ATTRS', 'BN_TYPES', 'is_pool', 'default_splitter',
+           'FrozenBnS', 'concat_pool', 'cut_body', 'n_features', 'make_head', 'adapt_head']
 
 # %% ../nbs/99_all.ipynb #65bdd645
 import warnings
@@ -68,7 +69,7 @@ from .init import init_weights, LayerStats, LSUVReport, lsuv_init
 from .learner import (
     batch_targets, check_batch, check_preds, check_loss, per_item_loss, loader_targets, peek_targets,
     buffers_kept_on_error, first_batch_step, Position, DeferredInterrupt, WeightedMean, lr_for_groups, check_lr,
-    Learner, weight_problems, read_checkpoint, MomentumLearner)
+    Learner, TrainingLoop, weight_problems, read_checkpoint, MomentumLearner)
 from .losses import LabelSmoothingCrossEntropy
 from .models import (
     conv_block, simple_cnn, ResBlock, resnet, cnn_layers, AdaptiveConcatPool2d, BasicBlock, Bottleneck, xresnet,
@@ -86,14 +87,15 @@ from .subs.lr_find import valley_lr, steep_lr, minimum_lr, LRFindResult, LRFindS
 from .subs.metrics import MetricsS
 from .subs.monitor import (
     conv_macs, conv_transpose_macs, linear_macs, norm_macs, mha_macs, module_macs, leaf_modules, LayerInfo,
-    ModelSummary, summary, ModelMonitorS, activation_stats, ActivationStatsS)
+    ModelSummary, summary, ModelMonitorS, activation_stats, ActivationStatsS, module_label)
 from .subs.normalize import mean_std, NormalizationS
 from .subs.precision import (
     AUTOCAST_DTYPES, resolve_precision, make_scaler, MixedPrecisionS, ChannelsLastS, CompileS)
-from .subs.progress import plot_losses, ProgressS
+from .subs.progress import phase_table, epoch_table, in_kernel, Bar, ProgressView, plot_losses, ProgressS
 from .subs.schedule import (
     annealer, sched_lin, sched_cos, sched_no, sched_exp, combine_scheds, cos_1cycle_anneal, one_cycle_scheds,
     flat_cos_scheds, get_hyper, set_hyper, ParamSchedulerS, SchedulerS)
+from .subs.tensorboard import summary_writer, momentum_of, is_image_batch, TensorBoardS
 from .subs.tracking import EarlyStoppingS, CSVLoggerS
 from .subs.training import (
     opt_grads, grad_norm, GradClipS, GradAccumS, first_nonfinite_module, TerminateOnNaNS, EMAS)
@@ -117,22 +119,24 @@ _all_ = ['torch', 'nn', 'F', 'BinaryAccuracy', 'BinaryAUROC', 'BinaryF1Score', '
          'LayerStats', 'LSUVReport', 'lsuv_init', 'batch_targets', 'check_batch', 'check_preds', 'check_loss',
          'per_item_loss', 'loader_targets', 'peek_targets', 'buffers_kept_on_error', 'first_batch_step',
          'Position', 'DeferredInterrupt', 'WeightedMean', 'lr_for_groups', 'check_lr', 'Learner',
-         'weight_problems', 'read_checkpoint', 'MomentumLearner', 'LabelSmoothingCrossEntropy', 'conv_block',
-         'simple_cnn', 'ResBlock', 'resnet', 'cnn_layers', 'AdaptiveConcatPool2d', 'BasicBlock', 'Bottleneck',
-         'xresnet', 'xresnet18', 'xresnet34', 'xresnet50', 'PerParamOptimizer', 'SGD', 'Momentum', 'RMSProp',
-         'Adam', 'AdamW', 'LAMB', 'weight_decay', 'l2_reg', 'sgd_step', 'average_grad', 'average_sqr_grad',
-         'step_stat', 'rms_step', 'adam_step', 'StatsOptimizer', 'sgd_opt', 'rmsprop_opt', 'adam_opt',
-         'denormalize', 'show_images', 'show_batch', 'AugmentS', 'per_sample', 'mixup', 'rand_box', 'cutmix',
-         'MixUpS', 'CutMixS', 'checkpoints', 'latest_checkpoint', 'check_writable', 'CheckpointS',
-         'tensor_stats', 'summarize', 'describe_change', 'fingerprint', 'Change', 'TraceS', 'sync_op', 'Sync',
-         'SyncAuditS', 'DebugS', 'DeviceS', 'valley_lr', 'steep_lr', 'minimum_lr', 'LRFindResult', 'LRFindS',
-         'MetricsS', 'conv_macs', 'conv_transpose_macs', 'linear_macs', 'norm_macs', 'mha_macs',
-         'module_macs', 'leaf_modules', 'LayerInfo', 'ModelSummary', 'summary', 'ModelMonitorS',
-         'activation_stats', 'ActivationStatsS', 'mean_std', 'NormalizationS', 'AUTOCAST_DTYPES',
-         'resolve_precision', 'make_scaler', 'MixedPrecisionS', 'ChannelsLastS', 'CompileS', 'plot_losses',
-         'ProgressS', 'annealer', 'sched_lin', 'sched_cos', 'sched_no', 'sched_exp', 'combine_scheds',
-         'cos_1cycle_anneal', 'one_cycle_scheds', 'flat_cos_scheds', 'get_hyper', 'set_hyper',
-         'ParamSchedulerS', 'SchedulerS', 'EarlyStoppingS', 'CSVLoggerS', 'opt_grads', 'grad_norm',
-         'GradClipS', 'GradAccumS', 'first_nonfinite_module', 'TerminateOnNaNS', 'EMAS', 'POOL_TYPES',
-         'HEAD_ATTRS', 'BN_TYPES', 'is_pool', 'default_splitter', 'FrozenBnS', 'concat_pool', 'cut_body',
-         'n_features', 'make_head', 'adapt_head']
+         'TrainingLoop', 'weight_problems', 'read_checkpoint', 'MomentumLearner',
+         'LabelSmoothingCrossEntropy', 'conv_block', 'simple_cnn', 'ResBlock', 'resnet', 'cnn_layers',
+         'AdaptiveConcatPool2d', 'BasicBlock', 'Bottleneck', 'xresnet', 'xresnet18', 'xresnet34', 'xresnet50',
+         'PerParamOptimizer', 'SGD', 'Momentum', 'RMSProp', 'Adam', 'AdamW', 'LAMB', 'weight_decay', 'l2_reg',
+         'sgd_step', 'average_grad', 'average_sqr_grad', 'step_stat', 'rms_step', 'adam_step',
+         'StatsOptimizer', 'sgd_opt', 'rmsprop_opt', 'adam_opt', 'denormalize', 'show_images', 'show_batch',
+         'AugmentS', 'per_sample', 'mixup', 'rand_box', 'cutmix', 'MixUpS', 'CutMixS', 'checkpoints',
+         'latest_checkpoint', 'check_writable', 'CheckpointS', 'tensor_stats', 'summarize', 'describe_change',
+         'fingerprint', 'Change', 'TraceS', 'sync_op', 'Sync', 'SyncAuditS', 'DebugS', 'DeviceS', 'valley_lr',
+         'steep_lr', 'minimum_lr', 'LRFindResult', 'LRFindS', 'MetricsS', 'conv_macs', 'conv_transpose_macs',
+         'linear_macs', 'norm_macs', 'mha_macs', 'module_macs', 'leaf_modules', 'LayerInfo', 'ModelSummary',
+         'summary', 'ModelMonitorS', 'activation_stats', 'ActivationStatsS', 'module_label', 'mean_std',
+         'NormalizationS', 'AUTOCAST_DTYPES', 'resolve_precision', 'make_scaler', 'MixedPrecisionS',
+         'ChannelsLastS', 'CompileS', 'phase_table', 'epoch_table', 'in_kernel', 'Bar', 'ProgressView',
+         'plot_losses', 'ProgressS', 'annealer', 'sched_lin', 'sched_cos', 'sched_no', 'sched_exp',
+         'combine_scheds', 'cos_1cycle_anneal', 'one_cycle_scheds', 'flat_cos_scheds', 'get_hyper',
+         'set_hyper', 'ParamSchedulerS', 'SchedulerS', 'summary_writer', 'momentum_of', 'is_image_batch',
+         'TensorBoardS', 'EarlyStoppingS', 'CSVLoggerS', 'opt_grads', 'grad_norm', 'GradClipS', 'GradAccumS',
+         'first_nonfinite_module', 'TerminateOnNaNS', 'EMAS', 'POOL_TYPES', 'HEAD_ATTRS', 'BN_TYPES',
+         'is_pool', 'default_splitter', 'FrozenBnS', 'concat_pool', 'cut_body', 'n_features', 'make_head',
+         'adapt_head']

@@ -57,9 +57,25 @@ def _diff(a: dict, b: dict) -> dict:
 
 
 def files_on_disk(root) -> dict:
-    "Every file under `root` (relative path -> bytes)."
-    root = Path(root)
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob('*')) if p.is_file()}
+    "Every file under `root` (relative path -> bytes); TensorBoard event files by their events, without clock times."
+    root, files, n_events = Path(root), {}, {}
+    for p in sorted(root.rglob('*')):
+        if not p.is_file(): continue
+        if 'tfevents' not in p.name: files[str(p.relative_to(root))] = p.read_bytes(); continue
+        key = str(p.parent.relative_to(root))   # names hold a time, host and pid: number them per folder instead
+        n_events[key] = n_events.get(key, 0) + 1
+        files[f'{key}/events#{n_events[key]}'] = _events(p)
+    return files
+
+
+def _events(path) -> list:
+    "The events of a TensorBoard file, serialised, with their wall-clock times removed."
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    out = []
+    for e in EventFileLoader(str(path)).Load():
+        e.wall_time = 0
+        out.append(e.SerializeToString(deterministic=True))
+    return out
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from nntrain.losses import LabelSmoothingCrossEntropy
 from nntrain.subs.augment import AugmentS, CutMixS, MixUpS
 from nntrain.subs.checkpoint import CheckpointS
 from nntrain.subs.debug import DebugS, SyncAuditS, TraceS
+from nntrain.subs.tensorboard import TensorBoardS
 from nntrain.subs.device import DeviceS
 from nntrain.subs.lr_find import LRFindS
 from nntrain.subs.metrics import MetricsS
@@ -88,6 +89,8 @@ REGISTRY = {
     'TraceS': (TraceS, tiny_classifier, {}),
     'SyncAuditS': (SyncAuditS, tiny_classifier, {}),
     'DebugS': (lambda: DebugS('after_loss', f=lambda learn: None), tiny_classifier, {}),
+    'TensorBoardS': (lambda: TensorBoardS('tb'), with_metrics, {}),
+    'ProgressS+table=phase': (lambda: ProgressS(table='phase'), tiny_classifier, {}),
 }
 if hasattr(torch.amp, 'GradScaler'):
     REGISTRY['MixedPrecisionS+fp16'] = (lambda: MixedPrecisionS('fp16'), tiny_classifier, {})
