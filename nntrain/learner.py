@@ -526,6 +526,27 @@ def validate(self: Learner, dl=None) -> dict:
         rows = self.history
     return dict(rows[-1]) if rows else {'loss': avg.mean.value().item()}
 
+# %% ../nbs/03_learner.ipynb #a64411f0
+def _group():
+    "The default torch.distributed process group, or None (none started, or torch built without distributed)."
+    d = torch.distributed
+    return d.group.WORLD if d.is_available() and d.is_initialized() else None
+
+@patch(as_prop=True)
+def rank(self: Learner) -> int:
+    "This process's rank in the torch.distributed process group (0 without one, e.g. not launched by torchrun)."
+    return torch.distributed.get_rank() if _group() is not None else 0
+
+@patch(as_prop=True)
+def world_size(self: Learner) -> int:
+    "The number of processes training together (1 without a process group)."
+    return torch.distributed.get_world_size() if _group() is not None else 1
+
+@patch(as_prop=True)
+def is_main(self: Learner) -> bool:
+    "Is this the main process (rank 0)? Only it displays progress, writes logs and checkpoints."
+    return self.rank == 0
+
 # %% ../nbs/03_learner.ipynb #103ee9e9
 @patch
 def show_training_loop(self: Learner, kind: str = 'fit') -> None:
@@ -719,8 +740,9 @@ def _apply_state(self: Learner, state: dict, with_opt: bool, resume: bool = True
 
 @patch
 def save(self: Learner, path) -> Path:
-    "Write `state_dict()` to `path` atomically (temporary file, fsync, rename)."
-    return atomic_save(self.state_dict(), path)
+    "Write `state_dict()` to `path` atomically (temporary file, fsync, rename); distributed, call it on every rank."
+    state = self.state_dict()   # on every rank: gathering it may be a collective (each rank's RNG, sharded weights)
+    return atomic_save(state, path) if self.is_main else Path(path)
 
 def read_checkpoint(path) -> dict:
     "Load a checkpoint file with `weights_only=True`; a file that is not one gets an error saying what it is."

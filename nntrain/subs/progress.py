@@ -38,9 +38,10 @@ class ProgressS(Subscriber):
     def __init__(self, plot: bool = False, comment_every: float = 0.5):
         self.plot, self.comment_every = plot, comment_every
         self.mbar = self.pbar = None
+        self.main = True   # distributed: only the main rank displays
 
     def _guard(self, f, *args) -> None:
-        if self.failed: return
+        if self.failed or not self.main: return
         try: f(*args)
         except Exception as e:   # display only: never let it stop training
             self.failed = True
@@ -48,7 +49,7 @@ class ProgressS(Subscriber):
 
     # events: each one guarded
     def before_fit(self, learn):
-        self.failed, self.columns, self.n_rows = False, None, len(learn.history)
+        self.failed, self.columns, self.n_rows, self.main = False, None, len(learn.history), learn.is_main
         self._losses, self.train_steps, self.train_losses, self.valid_steps, self.valid_losses = [], [], [], [], []
         self._guard(self._start_fit, learn)
 

@@ -83,10 +83,11 @@ class CSVLoggerS(Subscriber):
 
     def __init__(self, path='history.csv', append: bool = False):
         self.path, self.append = Path(path), append
-        self._columns = None
+        self._columns, self._main = None, True
 
     def before_fit(self, learn):
-        self._n_rows = len(learn.history)
+        self._n_rows, self._main = len(learn.history), learn.is_main
+        if not self._main: return   # distributed: every rank has the same rows; the main rank writes them
         if not self.append and self._columns is None and self.path.exists(): self.path.unlink()
         if self.path.exists() and self._columns is None:
             with open(self.path, newline='') as f: self._columns = next(csv.reader(f), None)
@@ -94,7 +95,7 @@ class CSVLoggerS(Subscriber):
     def after_epoch(self, learn):
         rows = learn.history[self._n_rows:]
         self._n_rows = len(learn.history)
-        if not rows: return
+        if not rows or not self._main: return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         new_file = not self.path.exists()
         if self._columns is None: self._columns = list(rows[0])
