@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import signal
 import sys
@@ -205,14 +206,21 @@ def fsdp_opt(learn, opt, plain):
         set_optimizer_state_dict(learn.model, new, full, options=_full_options())
     return new
 
+def _by_position(plain, opt, state: dict) -> dict:
+    "An optimizer state keyed by parameter names (as `get_optimizer_state_dict` gives it) keyed by position instead."
+    names = {id(p): n for n, p in plain.named_parameters()}
+    params = [p for g in opt.param_groups for p in g['params']]
+    index = {names[id(p)]: i for i, p in enumerate(params)}
+    return {'state': {index[n]: s for n, s in state['state'].items()},
+            'param_groups': [{**g, 'params': [index[n] for n in g['params']]} for g in state['param_groups']]}
+
 def gather_fsdp(learn, plain, opt) -> None:
     "Copy the sharded model's weights and optimizer state, gathered (a collective), into `plain` and `opt`."
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
     weights = get_model_state_dict(learn.model, options=_full_options())
     state = get_optimizer_state_dict(learn.model, learn.opt, options=_full_options()) if learn.opt is not None else None
     plain.load_state_dict(weights)
-    if state is not None and opt is not None: set_optimizer_state_dict(plain, opt, state, options=_full_options())
+    if state is not None and opt is not None: opt.load_state_dict(_by_position(plain, opt, state))
 
 # %% ../../nbs/42_distributed.ipynb #0b18eaec
 class _Run:
@@ -221,6 +229,12 @@ class _Run:
         self.learn, self.kind, self.collective = learn, kind, kind != 'predict'   # predict: decided by its loader
         self.stop, self.exc, self.final_rng = 0, None, None
         self.undo, self.sharded, self.plain, self.opt, self.gathered, self.sigint = [], set(), None, None, False, None
+
+def _like(wrapper: Callable, f: Callable, owner) -> Callable:
+    "`wrapper` named like `f` and owned by `owner`, so errors and `show_training_loop` name the real subscriber."
+    wrapper = functools.wraps(f)(wrapper)
+    wrapper.__self__ = owner
+    return wrapper
 
 class DistributedS(Subscriber):
     "Data-parallel runs under `torchrun`: DDP (or FSDP2) around the model, one shard of the data per rank, agreed stops."
@@ -309,9 +323,9 @@ class DistributedS(Subscriber):
         "Every rank must take the same number of steps (else collectives pair wrongly or hang): check before the first."
         lengths = all_gather_objects(n)
         if learn.training and len(set(lengths)) > 1:
-            raise ValueError(f'the ranks have different numbers of training batches {lengths} (rank: batches '
-                             f'{dict(enumerate(lengths))}): every rank must take the same number of steps. Give every '
-                             'rank the same data (DistributedS shards it), or equal shards of your own')
+            raise ValueError(f'the ranks have different numbers of training batches (by rank: {lengths}): every rank '
+                             'must take the same number of steps. Give every rank the same data (DistributedS shards '
+                             'it), or shards of equal length of your own')
         if min(lengths) == 0:
             raise ValueError(f'some ranks have no {"training" if learn.training else "validation"} batch (batches per '
                              f'rank: {lengths}): use fewer ranks or more data')
@@ -325,14 +339,14 @@ class DistributedS(Subscriber):
                 run = self._run()
                 if run is not None and run.kind == 'fit': self._agree(run.learn, run)
                 return f(*args)
-            return step
+            return _like(step, f, owner)
         def handler(*args):
             try: return f(*args)
             except CancelFitException as e:
                 run = self._run()
                 if run is None or not run.collective or self.world_size == 1: raise
                 run.stop, run.exc = max(run.stop, 1), run.exc or e   # agreed later, at the same batch on every rank
-        return handler
+        return _like(handler, f, owner)
 
     def _interrupt(self, signum, frame) -> None:
         run = self._run()
