@@ -14,7 +14,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from nntrain.core import Subscriber
 from nntrain.learner import read_checkpoint
+from nntrain.subs.checkpoint import CheckpointS
 from nntrain.subs.distributed import DistributedS
 from nntrain.subs.metrics import MetricsS
 from nntrain.subs.training import GradAccumS
@@ -135,7 +137,7 @@ def test_fsdp2_fits_and_saves_a_full_state_dict(runs):
     ref = learner(16, opt_func=momentum)
     ref.fit(2)
     assert close(r0['fsdp'], weights(ref))   # the same optimization as one process (momentum carried between fits)
-    alone = learner(16, [DistributedS()], opt_func=momentum)
+    alone = learner(16, [DistributedS(), CheckpointS(runs['out'] / 'alone_ckpt')], opt_func=momentum)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         alone.load(runs['out'] / 'fsdp.pt')
@@ -143,3 +145,19 @@ def test_fsdp2_fits_and_saves_a_full_state_dict(runs):
     buffers = [alone.opt.state[p]['momentum_buffer'] for p in alone.model.parameters()]
     assert all(torch.allclose(b, ref.opt.state[p]['momentum_buffer'], atol=1e-6)
                for b, p in zip(buffers, ref.model.parameters()))
+    # a checkpoint written mid-fit (step 6 of 8) holds the full weights and optimizer state, with plain keys
+    snap = Snapshot(6)
+    learner(16, [snap], opt_func=momentum).fit(2)
+    state = read_checkpoint(runs['out'] / 'fsdp_ckpt' / 'step-6.pt')
+    assert close(state['model'], snap.weights)
+    alone = learner(16, [DistributedS(), CheckpointS(runs['out'] / 'alone_ckpt')], opt_func=momentum)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        alone.load(runs['out'] / 'fsdp_ckpt' / 'step-6.pt')
+    assert same(weights(alone), state['model']) and alone.global_step == 6 and len(alone.opt.state) == 4
+
+class Snapshot(Subscriber):
+    "The weights after optimizer step `n`."
+    def __init__(self, n): self.n, self.weights = n, None
+    def after_step(self, learn):
+        if learn.global_step == self.n: self.weights = weights(learn)

@@ -28,7 +28,8 @@ from ..learner import _Collect
 # %% auto #0
 __all__ = ['launched_by_torchrun', 'is_distributed', 'init_distributed', 'get_rank', 'get_world_size', 'rank0_first', 'all_max',
            'all_gather_objects', 'interleave', 'ShardedTensorLoader', 'StrideSampler', 'is_sharded', 'can_shard',
-           'shard_loader', 'loader_seed', 'PlainKeysDDP', 'to_sync_bn', 'fsdp_opt', 'gather_fsdp', 'DistributedS']
+           'shard_loader', 'loader_seed', 'PlainKeysDDP', 'to_sync_bn', 'FullStateDict', 'full_state_dicts', 'fsdp_opt',
+           'gather_fsdp', 'DistributedS']
 
 # %% ../../nbs/42_distributed.ipynb #8a32e384
 _TORCHRUN_VARS = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')
@@ -192,6 +193,39 @@ def _full_options(**kw):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
     return StateDictOptions(full_state_dict=True, **kw)
 
+class FullStateDict:
+    "Mixed into an FSDP2 module: `state_dict()` gathers the full weights on every rank (a collective); loading shards them."
+    def state_dict(self, *args, **kwargs):
+        if args or kwargs or self._nntrain_inside: return super().state_dict(*args, **kwargs)
+        if self._nntrain_closed:
+            raise RuntimeError('the sharded (FSDP) weights cannot be gathered after an error: gathering is a collective '
+                               'and the other ranks may be gone')
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+        self._nntrain_inside = True   # get_model_state_dict calls state_dict() itself
+        try: return get_model_state_dict(self, options=_full_options())
+        finally: self._nntrain_inside = False
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if self._nntrain_inside: return super().load_state_dict(state_dict, strict, assign)
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+        self._nntrain_inside = True
+        try: return set_model_state_dict(self, state_dict, options=_full_options(strict=strict))
+        finally: self._nntrain_inside = False
+
+def full_state_dicts(model, opt) -> None:
+    "Make an FSDP2 `model`'s and its optimizer's `state_dict()` gather full, plain-keyed states (collectives)."
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    model.__class__ = type(type(model).__name__, (FullStateDict, type(model)), {})
+    model._nntrain_inside, model._nntrain_closed = False, False
+    if opt is None: return
+    def opt_state():
+        if model._nntrain_inside: return type(opt).state_dict(opt)   # get_optimizer_state_dict reads the raw one
+        if model._nntrain_closed: raise RuntimeError('the sharded (FSDP) optimizer state cannot be gathered after an error')
+        model._nntrain_inside = True
+        try: return _by_position(model, opt, get_optimizer_state_dict(model, opt, options=_full_options()))
+        finally: model._nntrain_inside = False
+    opt.state_dict = opt_state   # positions, like a plain optimizer's: it loads into one
+
 def fsdp_opt(learn, opt, plain):
     "An optimizer like `opt` (same kind, hyper-parameters and state) over `learn.model`'s sharded parameters."
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
@@ -215,12 +249,11 @@ def _by_position(plain, opt, state: dict) -> dict:
             'param_groups': [{**g, 'params': [index[n] for n in g['params']]} for g in state['param_groups']]}
 
 def gather_fsdp(learn, plain, opt) -> None:
-    "Copy the sharded model's weights and optimizer state, gathered (a collective), into `plain` and `opt`."
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-    weights = get_model_state_dict(learn.model, options=_full_options())
-    state = get_optimizer_state_dict(learn.model, learn.opt, options=_full_options()) if learn.opt is not None else None
+    "Copy the sharded model's weights and optimizer state, gathered (collectives), into `plain` and `opt`."
+    weights = learn.model.state_dict()   # full, as `full_state_dicts` made it
+    state = learn.opt.state_dict() if learn.opt is not None and opt is not None else None
     plain.load_state_dict(weights)
-    if state is not None and opt is not None: opt.load_state_dict(_by_position(plain, opt, state))
+    if state is not None: opt.load_state_dict(state)
 
 # %% ../../nbs/42_distributed.ipynb #0b18eaec
 class _Run:
@@ -276,6 +309,7 @@ class DistributedS(Subscriber):
             from torch.distributed.fsdp import fully_shard
             learn.model = fully_shard(copy.deepcopy(run.plain))   # shards in place: the plain model stays whole
             if learn.opt is not None: run.opt, learn.opt = learn.opt, fsdp_opt(learn, learn.opt, run.plain)
+            full_state_dicts(learn.model, learn.opt)
         else:
             cuda = next(run.plain.parameters()).is_cuda
             learn.model = PlainKeysDDP(run.plain, device_ids=[torch.cuda.current_device()] if cuda else None)
@@ -284,10 +318,11 @@ class DistributedS(Subscriber):
         "Put the plain model (and, under FSDP, its optimizer) back; no collective."
         if run.plain is None: return
         if self.fsdp:
-            if not run.gathered:
+            if not run.gathered:   # after an error: no collective, so the sharded model stays (it cannot be saved)
                 warnings.warn('DistributedS(fsdp=True): the fit ended by an error, so the sharded weights were not '
-                              'gathered; learn.model holds its weights from before this fit', RuntimeWarning)
-            if run.opt is not None: learn.opt = run.opt
+                              'gathered: learn.model stays sharded and cannot be saved', RuntimeWarning)
+                learn.model._nntrain_closed, run.plain = True, None
+                return
         learn.model, run.plain = run.plain, None
 
     def _gather_back(self, learn, run: _Run) -> None:

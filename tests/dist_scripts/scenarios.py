@@ -154,7 +154,8 @@ def group_main(out: Path):
     res['list_loader'] = _error(lambda: learn.fit(1))
     # 7: FSDP2: 2 ranks x 8 with momentum, in two fits (the second shards the first's optimizer state); a full state
     # dict saved by the main rank
-    learn = learner(8, [DistributedS(fsdp=True)], opt_func=momentum)
+    learn = learner(8, [DistributedS(fsdp=True), CheckpointS(out / 'fsdp_ckpt', every=3, keep=1, monitor=None)],
+                    opt_func=momentum)
     learn.fit(1)
     learn.fit(1)
     res['fsdp'], res['fsdp_type'] = weights(learn), type(learn.model).__name__
