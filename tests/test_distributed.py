@@ -88,6 +88,24 @@ def test_ranks_agree_metrics_are_exact_shards_are_disjoint(runs):
     assert r0['infer'].shape == (3, 3)   # infer(x) runs locally, no collective
     assert 'lr_find runs in one process' in r0['lr_find'] and 'lr_find runs in one process' in r1['lr_find']
 
+def test_dataloaders_get_a_distributed_sampler(runs):
+    r0, r1 = runs['ranks']
+    x = data()[0]
+    for epoch in (0, 1):   # disjoint shards covering the set, in a new order each epoch (set_epoch)
+        idx = [[int((x == row).all(1).nonzero()) for row in r['dl']['seen'][epoch]] for r in (r0, r1)]
+        assert not set(idx[0]) & set(idx[1]) and sorted(idx[0] + idx[1]) == list(range(64))
+    assert not torch.equal(r0['dl']['seen'][0], r0['dl']['seen'][1])
+    assert r0['dl']['sampler'] == 'RandomSampler'   # put back after the fit
+    # early stopping decided the same on both ranks: 2 epochs of 3
+    rows0, rows1 = r0['dl']['history'], r1['dl']['history']
+    assert len(rows0) == len(rows1) == 4 and [r['loss'] for r in rows0] == [r['loss'] for r in rows1]
+    alone = learner(16, [MetricsS(MulticlassAccuracy())])
+    alone.model.load_state_dict(r0['dl']['weights'])
+    row = alone.validate()   # the unpadded validation shards give the exact whole-set metrics
+    assert rows0[-1]['loss'] == pytest.approx(row['loss'], abs=1e-6)
+    assert rows0[-1]['multiclass_accuracy'] == pytest.approx(row['multiclass_accuracy'], abs=1e-6)
+    assert 'sync_bn=True) needs the model on GPUs' in r0['sync_bn']
+
 def test_grad_accum_one_allreduce_per_step(runs):
     alone = learner(16, [GradAccumS(2)])
     alone.fit(2)

@@ -303,6 +303,10 @@ class DistributedS(Subscriber):
             signal.signal(signal.SIGINT, self._interrupt)
 
     def _wrap(self, learn, run: _Run) -> None:
+        param = next(learn.model.parameters(), None)
+        if self.sync_bn and (param is None or param.device.type == 'cpu'):
+            raise ValueError('DistributedS(sync_bn=True) needs the model on GPUs (SyncBatchNorm does not run on the '
+                             f'CPU), but it is on {None if param is None else param.device}: add DeviceS(), or drop sync_bn')
         run.plain = learn.model
         if self.sync_bn: run.undo.append(to_sync_bn(run.plain))
         if self.fsdp:

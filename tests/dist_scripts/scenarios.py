@@ -19,11 +19,12 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from torcheval.metrics import MulticlassAccuracy
 
 from nntrain.core import CancelFitException, Order, Subscriber, set_seed
-from nntrain.data import DataLoaders
+from nntrain.data import DataLoaders, MappedLoader
 from nntrain.learner import Learner
 from nntrain.subs.checkpoint import CheckpointS
 from nntrain.subs.distributed import DistributedS
 from nntrain.subs.metrics import MetricsS
+from nntrain.subs.tracking import EarlyStoppingS
 from nntrain.subs.training import GradAccumS, TerminateOnNaNS
 from nntrain.testing import failing
 
@@ -48,11 +49,12 @@ momentum = partial(torch.optim.SGD, momentum=0.9)
 def weights(learn): return {k: v.detach().clone() for k, v in learn.model.state_dict().items()}
 
 class Seen(Subscriber):
-    "The training inputs this rank saw in its first epoch."
+    "The training inputs this rank saw, by epoch."
     order = Order.METRICS
-    def __init__(self): self.xs = []
+    def __init__(self): self.xs = {}
     def before_batch(self, learn):
-        if learn.training and learn.epoch == 0: self.xs.append(learn.batch[0].clone())
+        if learn.training: self.xs.setdefault(learn.epoch, []).append(learn.batch[0].clone())
+    def seen(self): return {e: torch.cat(xs) for e, xs in self.xs.items()}
 
 class CountAllReduce(Subscriber):
     "Register a DDP comm hook (once DistributedS has wrapped the model) that counts gradient all-reduces."
@@ -114,11 +116,25 @@ def group_main(out: Path):
     res['ddp'] = weights(learn)
     res['model_type'] = type(learn.model).__name__
     res['history'] = learn.history
-    res['seen'] = torch.cat(seen.xs)
+    res['seen'] = seen.seen()[0]
     res['preds'] = learn.get_preds()
     res['validate'] = learn.validate()
     res['infer'] = learn.infer(data()[2][:3])
     res['lr_find'] = _error(lambda: learn.lr_find())
+    # 2b: torch DataLoaders in MappedLoaders: a DistributedSampler (set_epoch) for training, unpadded validation; early
+    # stopping (the accuracy never improves by 1) after epoch 1 on both ranks
+    xt, yt, xv, yv = data()
+    seen = Seen()
+    train = MappedLoader(DataLoader(TensorDataset(xt, yt), batch_size=8, shuffle=True,
+                                    generator=torch.Generator().manual_seed(0)))
+    valid = MappedLoader(DataLoader(TensorDataset(xv, yv), batch_size=5))
+    learn = learner(8, [DistributedS(), MetricsS(MulticlassAccuracy()), seen,
+                        EarlyStoppingS('multiclass_accuracy', mode='max', min_delta=1., patience=1)])
+    learn.dls = DataLoaders(train, valid)
+    learn.fit(3)
+    res['dl'] = {'weights': weights(learn), 'history': learn.history, 'seen': seen.seen(),
+                 'sampler': type(train.dl.sampler).__name__}
+    res['sync_bn'] = _error(lambda: learner(8, [DistributedS(sync_bn=True)]).fit(1))
     # 3: gradient accumulation: one all-reduce per optimizer step
     count = CountAllReduce()
     learn = learner(8, [DistributedS(), GradAccumS(2), count])
