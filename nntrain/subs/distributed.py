@@ -273,12 +273,13 @@ class DistributedS(Subscriber):
     "Data-parallel runs under `torchrun`: DDP (or FSDP2) around the model, one shard of the data per rank, agreed stops."
     order = Order.NORMALIZE   # after DeviceS has moved the model, before anything draws random numbers (augmentation)
 
-    def __init__(self, fsdp: bool = False, sync_bn: bool = False, timeout: timedelta = timedelta(minutes=10)):
+    def __init__(self, fsdp: bool = False, sync_bn: bool = False, timeout: timedelta = timedelta(minutes=10),
+                 **wrap_kwargs):   # for DDP (e.g. find_unused_parameters=True) or fully_shard (e.g. mp_policy=...)
         check_bool('fsdp', fsdp)
         check_bool('sync_bn', sync_bn)
         if not isinstance(timeout, timedelta) or timeout.total_seconds() <= 0:
             raise ValueError(f'timeout must be a positive datetime.timedelta, got {timeout!r}')
-        self.fsdp, self.sync_bn, self.timeout = fsdp, sync_bn, timeout
+        self.fsdp, self.sync_bn, self.timeout, self.wrap_kwargs = fsdp, sync_bn, timeout, wrap_kwargs
         self.active = init_distributed(timeout)   # without torchrun: False, and every event does nothing
         self.rank, self.world_size = get_rank(), get_world_size()
         self._runs, self._pending_rng, self._closing = [], None, None
@@ -304,6 +305,9 @@ class DistributedS(Subscriber):
 
     def _wrap(self, learn, run: _Run) -> None:
         param = next(learn.model.parameters(), None)
+        if param is not None and param.device.type == 'cpu' and dist.get_backend() == 'nccl':
+            raise ValueError('the model is on the CPU but the ranks talk over nccl (GPUs): add DeviceS() to the '
+                             'subscribers to put each rank\'s model on its GPU')
         if self.sync_bn and (param is None or param.device.type == 'cpu'):
             raise ValueError('DistributedS(sync_bn=True) needs the model on GPUs (SyncBatchNorm does not run on the '
                              f'CPU), but it is on {None if param is None else param.device}: add DeviceS(), or drop sync_bn')
@@ -311,12 +315,13 @@ class DistributedS(Subscriber):
         if self.sync_bn: run.undo.append(to_sync_bn(run.plain))
         if self.fsdp:
             from torch.distributed.fsdp import fully_shard
-            learn.model = fully_shard(copy.deepcopy(run.plain))   # shards in place: the plain model stays whole
+            learn.model = fully_shard(copy.deepcopy(run.plain), **self.wrap_kwargs)   # shards in place: the plain model stays whole
             if learn.opt is not None: run.opt, learn.opt = learn.opt, fsdp_opt(learn, learn.opt, run.plain)
             full_state_dicts(learn.model, learn.opt)
         else:
             cuda = next(run.plain.parameters()).is_cuda
-            learn.model = PlainKeysDDP(run.plain, device_ids=[torch.cuda.current_device()] if cuda else None)
+            learn.model = PlainKeysDDP(run.plain, device_ids=[torch.cuda.current_device()] if cuda else None,
+                                        **self.wrap_kwargs)
 
     def _unwrap(self, learn, run: _Run) -> None:
         "Put the plain model (and, under FSDP, its optimizer) back; no collective."
