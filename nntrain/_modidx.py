@@ -352,6 +352,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                                 'nntrain/subs/distributed.py'),
                                           'nntrain.subs.distributed.DistributedS._run': ( 'distributed.html#distributeds._run',
                                                                                           'nntrain/subs/distributed.py'),
+                                          'nntrain.subs.distributed.DistributedS._sync_average_loss': ( 'distributed.html#distributeds._sync_average_loss',
+                                                                                                        'nntrain/subs/distributed.py'),
                                           'nntrain.subs.distributed.DistributedS._unwrap': ( 'distributed.html#distributeds._unwrap',
                                                                                              'nntrain/subs/distributed.py'),
                                           'nntrain.subs.distributed.DistributedS._wrap': ( 'distributed.html#distributeds._wrap',

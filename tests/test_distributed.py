@@ -85,6 +85,8 @@ def test_ranks_agree_metrics_are_exact_shards_are_disjoint(runs):
     preds, targets = alone.get_preds()
     for r in (r0, r1):
         assert torch.allclose(r['preds'][0], preds, atol=1e-6) and torch.equal(r['preds'][1], targets)
+    plain = learner(16).validate()['loss']
+    assert r0['validate_alone']['loss'] == pytest.approx(plain, abs=1e-6) == r1['validate_alone']['loss']
     assert r0['infer'].shape == (3, 3)   # infer(x) runs locally, no collective
     assert 'lr_find runs in one process' in r0['lr_find'] and 'lr_find runs in one process' in r1['lr_find']
 

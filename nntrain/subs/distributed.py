@@ -23,7 +23,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Itera
 
 from ..core import CancelFitException, Order, Subscriber, check_bool, rng_state, set_rng_state
 from ..data import MappedLoader, TensorLoader
-from ..learner import _Collect
+from ..learner import WeightedMean, _AverageLoss, _Collect
 
 # %% auto #0
 __all__ = ['launched_by_torchrun', 'is_distributed', 'init_distributed', 'get_rank', 'get_world_size', 'rank0_first', 'all_max',
@@ -417,6 +417,15 @@ class DistributedS(Subscriber):
         self._agree(learn, run)   # a stop asked for during the last phase
         self._gather_back(learn, run)
         if run.kind == 'predict' and run.collective and self.world_size > 1: self._gather_preds(learn)
+        if run.kind == 'validate' and self.world_size > 1: self._sync_average_loss(learn)
+
+    def _sync_average_loss(self, learn) -> None:
+        "`validate()`'s own loss (kept when no MetricsS makes a row): over every rank's shard, on every rank."
+        for avg in (s for s in learn.subs if isinstance(s, _AverageLoss)):
+            totals = torch.stack(avg.mean.totals()) if len(avg.mean) else torch.zeros(2, device=_comm_device())
+            dist.all_reduce(totals)
+            avg.mean = WeightedMean()
+            avg.mean.add(totals[0] / totals[1], totals[1].item())
 
     def _gather_preds(self, learn) -> None:
         "Every rank's predictions, in dataset order, on every rank (shards are strided: item j of rank r is r + j*world)."

@@ -120,6 +120,7 @@ def group_main(out: Path):
     res['preds'] = learn.get_preds()
     res['validate'] = learn.validate()
     res['infer'] = learn.infer(data()[2][:3])
+    res['validate_alone'] = learner(8, [DistributedS()]).validate()   # no MetricsS: validate's own loss, synced
     res['lr_find'] = _error(lambda: learn.lr_find())
     # 2b: torch DataLoaders in MappedLoaders: a DistributedSampler (set_epoch) for training, unpadded validation; early
     # stopping (the accuracy never improves by 1) after epoch 1 on both ranks
