@@ -168,9 +168,10 @@ def shard_loader(dl, rank: int, world: int, pad: bool, seed: int = 0) -> Callabl
     return lambda: _set(inner, **old)
 
 def loader_seed(dl) -> int:
-    "A seed for a `DistributedSampler`, read from the loader's generator without advancing it (0 without one)."
+    "A seed for a `DistributedSampler`: from the loader's generator, without advancing it; else from `set_seed`'s seed."
     gen = getattr(_inner(dl), 'generator', None)
-    if not isinstance(gen, torch.Generator): return 0
+    # torch.initial_seed() is what torch.manual_seed / set_seed set: a script that seeds itself resumes exactly
+    if not isinstance(gen, torch.Generator): return torch.initial_seed() % 2**62
     return int(torch.randint(2**62, (), generator=torch.Generator().set_state(gen.get_state())))
 
 # %% ../../nbs/42_distributed.ipynb #bababb2f
