@@ -148,7 +148,8 @@ def test_stops_are_agreed(runs):
 
 def test_unequal_loaders_are_refused(runs):
     for r in runs['ranks']:
-        assert r['uneven'].startswith('ValueError: the ranks have different numbers of training batches (by rank: [4, 3])')
+        assert r['uneven'].startswith('ValueError: the ranks have different numbers of training batches')
+        assert '(by rank: [4, 3])' in r['uneven']
         assert r['list_loader'].startswith('TypeError: DistributedS cannot shard a list')
 
 def test_fsdp2_fits_and_saves_a_full_state_dict(runs):

@@ -43,7 +43,7 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 def init_distributed(timeout: timedelta = timedelta(minutes=10)) -> bool:
-    "Join the process group `torchrun` describes, once (nccl on CUDA, gloo on CPU); False when not launched by torchrun."
+    "Join the process group `torchrun` describes, once (nccl on CUDA, gloo on CPU); False when not under torchrun."
     if is_distributed(): return True
     if not (dist.is_available() and launched_by_torchrun()): return False
     if torch.cuda.is_available():
@@ -132,10 +132,11 @@ def _inner(dl):
 def is_sharded(dl) -> bool:
     "Does `dl` already yield one rank's shard (sharded here, or given a `DistributedSampler` by its maker)?"
     dl = _inner(dl)
-    return isinstance(dl, ShardedTensorLoader) or isinstance(getattr(dl, 'sampler', None), (DistributedSampler, StrideSampler))
+    sampler = getattr(dl, 'sampler', None)
+    return isinstance(dl, ShardedTensorLoader) or isinstance(sampler, (DistributedSampler, StrideSampler))
 
 def can_shard(dl) -> bool:
-    "Can `shard_loader` shard `dl`: a plain `TensorLoader`, or a map-style torch `DataLoader` (maybe in `MappedLoader`)?"
+    "Can `shard_loader` shard `dl`: a plain `TensorLoader`, a map-style torch `DataLoader` (maybe in `MappedLoader`)?"
     dl = _inner(dl)
     if type(dl) is TensorLoader or is_sharded(dl): return True
     return (isinstance(dl, DataLoader) and not isinstance(dl.dataset, IterableDataset) and dl.batch_size is not None
@@ -176,7 +177,7 @@ def loader_seed(dl) -> int:
 
 # %% ../../nbs/42_distributed.ipynb #bababb2f
 class PlainKeysDDP(DistributedDataParallel):
-    "DDP whose `state_dict` and `load_state_dict` are the wrapped module's: checkpoints carry plain keys (no `module.`)."
+    "DDP whose `state_dict` and `load_state_dict` are the wrapped module's: checkpoints have plain keys (no `module.`)."
     def state_dict(self, *args, **kwargs): return self.module.state_dict(*args, **kwargs)
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         return self.module.load_state_dict(state_dict, strict, assign)
@@ -195,12 +196,12 @@ def _full_options(**kw):
     return StateDictOptions(full_state_dict=True, **kw)
 
 class FullStateDict:
-    "Mixed into an FSDP2 module: `state_dict()` gathers the full weights on every rank (a collective); loading shards them."
+    "Mixed into an FSDP2 module: `state_dict()` gathers the full weights on every rank (a collective); loading shards."
     def state_dict(self, *args, **kwargs):
         if args or kwargs or self._nntrain_inside: return super().state_dict(*args, **kwargs)
         if self._nntrain_closed:
-            raise RuntimeError('the sharded (FSDP) weights cannot be gathered after an error: gathering is a collective '
-                               'and the other ranks may be gone')
+            raise RuntimeError('the sharded (FSDP) weights cannot be gathered after an error: gathering is a '
+                               'collective and the other ranks may be gone')
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
         self._nntrain_inside = True   # get_model_state_dict calls state_dict() itself
         try: return get_model_state_dict(self, options=_full_options())
@@ -221,7 +222,8 @@ def full_state_dicts(model, opt) -> None:
     if opt is None: return
     def opt_state():
         if model._nntrain_inside: return type(opt).state_dict(opt)   # get_optimizer_state_dict reads the raw one
-        if model._nntrain_closed: raise RuntimeError('the sharded (FSDP) optimizer state cannot be gathered after an error')
+        if model._nntrain_closed:
+            raise RuntimeError('the sharded (FSDP) optimizer state cannot be gathered after an error')
         model._nntrain_inside = True
         try: return _by_position(model, opt, get_optimizer_state_dict(model, opt, options=_full_options()))
         finally: model._nntrain_inside = False
@@ -234,7 +236,8 @@ def fsdp_opt(learn, opt, plain):
     if len(groups) != len(opt.param_groups):
         raise ValueError(f'the splitter gives {len(groups)} parameter groups on the sharded model, '
                          f'{len(opt.param_groups)} on the plain one')
-    new = learn.opt_func([{'params': g, 'lr': old['lr']} for g, old in zip(groups, opt.param_groups)], opt.param_groups[-1]['lr'])
+    new = learn.opt_func([{'params': g, 'lr': old['lr']} for g, old in zip(groups, opt.param_groups)],
+                         opt.param_groups[-1]['lr'])
     for g, old in zip(new.param_groups, opt.param_groups): g.update({k: v for k, v in old.items() if k != 'params'})
     if opt.state:   # e.g. loaded from a checkpoint: shard it like the parameters
         full = get_optimizer_state_dict(plain, opt, options=_full_options())
@@ -271,7 +274,7 @@ def _like(wrapper: Callable, f: Callable, owner) -> Callable:
     return wrapper
 
 class DistributedS(Subscriber):
-    "Data-parallel runs under `torchrun`: DDP (or FSDP2) around the model, one shard of the data per rank, agreed stops."
+    "Data-parallel runs under `torchrun`: DDP (or FSDP2) around the model, a shard of the data per rank, agreed stops."
     order = Order.NORMALIZE   # after DeviceS has moved the model, before anything draws random numbers (augmentation)
 
     def __init__(self, fsdp: bool = False, sync_bn: bool = False, timeout: timedelta = timedelta(minutes=10),
@@ -311,12 +314,14 @@ class DistributedS(Subscriber):
                              'subscribers to put each rank\'s model on its GPU')
         if self.sync_bn and (param is None or param.device.type == 'cpu'):
             raise ValueError('DistributedS(sync_bn=True) needs the model on GPUs (SyncBatchNorm does not run on the '
-                             f'CPU), but it is on {None if param is None else param.device}: add DeviceS(), or drop sync_bn')
+                             f'CPU), but it is on {None if param is None else param.device}: add DeviceS(), or drop '
+                             'sync_bn')
         run.plain = learn.model
         if self.sync_bn: run.undo.append(to_sync_bn(run.plain))
         if self.fsdp:
             from torch.distributed.fsdp import fully_shard
-            learn.model = fully_shard(copy.deepcopy(run.plain), **self.wrap_kwargs)   # shards in place: the plain model stays whole
+            # fully_shard shards in place: a copy, so the plain model stays whole
+            learn.model = fully_shard(copy.deepcopy(run.plain), **self.wrap_kwargs)
             if learn.opt is not None: run.opt, learn.opt = learn.opt, fsdp_opt(learn, learn.opt, run.plain)
             full_state_dicts(learn.model, learn.opt)
         else:
@@ -336,7 +341,7 @@ class DistributedS(Subscriber):
         learn.model, run.plain = run.plain, None
 
     def _gather_back(self, learn, run: _Run) -> None:
-        "Under FSDP, at a point every rank reaches: the full weights and optimizer state into the plain model (a collective)."
+        "Under FSDP, where every rank gets to: the full weights and optimizer state into the plain model (collectives)."
         if run.kind != 'fit' or not self.fsdp or run.gathered or run.plain is None: return
         gather_fsdp(learn, run.plain, run.opt)
         run.gathered = True
@@ -429,7 +434,7 @@ class DistributedS(Subscriber):
             avg.mean.add(totals[0] / totals[1], totals[1].item())
 
     def _gather_preds(self, learn) -> None:
-        "Every rank's predictions, in dataset order, on every rank (shards are strided: item j of rank r is r + j*world)."
+        "Every rank's predictions, in dataset order, on every rank (strided shards: item j of rank r is r + j*world)."
         for collect in (s for s in learn.subs if isinstance(s, _Collect)):
             for name in ('preds', 'targets', 'losses'):
                 local = getattr(collect, name)
