@@ -181,7 +181,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'nntrain.learner._check_other_loaders': ('learner.html#_check_other_loaders', 'nntrain/learner.py'),
                                  'nntrain.learner._compose': ('learner.html#_compose', 'nntrain/learner.py'),
                                  'nntrain.learner._describe': ('learner.html#_describe', 'nntrain/learner.py'),
-                                 'nntrain.learner._group': ('learner.html#_group', 'nntrain/learner.py'),
+                                 'nntrain.learner._in_group': ('learner.html#_in_group', 'nntrain/learner.py'),
                                  'nntrain.learner._is_labels': ('learner.html#_is_labels', 'nntrain/learner.py'),
                                  'nntrain.learner._is_weights': ('learner.html#_is_weights', 'nntrain/learner.py'),
                                  'nntrain.learner._note_failure': ('learner.html#_note_failure', 'nntrain/learner.py'),

@@ -527,20 +527,19 @@ def validate(self: Learner, dl=None) -> dict:
     return dict(rows[-1]) if rows else {'loss': avg.mean.value().item()}
 
 # %% ../nbs/03_learner.ipynb #a64411f0
-def _group():
-    "The default torch.distributed process group, or None (none started, or torch built without distributed)."
-    d = torch.distributed
-    return d.group.WORLD if d.is_available() and d.is_initialized() else None
+def _in_group() -> bool:
+    "Is there a torch.distributed process group (e.g. started under torchrun by DistributedS)?"
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 @patch(as_prop=True)
 def rank(self: Learner) -> int:
     "This process's rank in the torch.distributed process group (0 without one, e.g. not launched by torchrun)."
-    return torch.distributed.get_rank() if _group() is not None else 0
+    return torch.distributed.get_rank() if _in_group() else 0
 
 @patch(as_prop=True)
 def world_size(self: Learner) -> int:
     "The number of processes training together (1 without a process group)."
-    return torch.distributed.get_world_size() if _group() is not None else 1
+    return torch.distributed.get_world_size() if _in_group() else 1
 
 @patch(as_prop=True)
 def is_main(self: Learner) -> bool:
