@@ -115,6 +115,7 @@ def test_grad_accum_one_allreduce_per_step(runs):
     assert close(r0['accum'], weights(alone)) and same(r0['accum'], r1['accum'])
     # 32 items per rank in batches of 8: 4 micro-batches, 2 steps an epoch; the tiny model has one gradient bucket
     assert r0['accum_steps'] == 4 and r0['accum_calls'] == r1['accum_calls'] == 4
+    assert close(r0['fsdp_accum'], weights(alone)) and same(r0['fsdp_accum'], r1['fsdp_accum'])   # under FSDP2 too
 
 def test_resume_after_sigkill_is_bitwise_equal(runs):
     rc, out, _ = runs['kill']

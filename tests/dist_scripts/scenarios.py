@@ -177,6 +177,9 @@ def group_main(out: Path):
     learn.fit(1)
     res['fsdp'], res['fsdp_type'] = weights(learn), type(learn.model).__name__
     learn.save(out / 'fsdp.pt')
+    learn = learner(8, [DistributedS(fsdp=True), GradAccumS(2)])   # FSDP2's no-sync: set_requires_gradient_sync
+    learn.fit(2)
+    res['fsdp_accum'] = weights(learn)
     return res
 
 if __name__ == '__main__':
