@@ -108,6 +108,9 @@ def test_dataloaders_get_a_distributed_sampler(runs):
     assert rows0[-1]['multiclass_accuracy'] == pytest.approx(row['multiclass_accuracy'], abs=1e-6)
     assert 'sync_bn=True) needs the model on GPUs' in r0['sync_bn']
 
+def test_rank0_first(runs):
+    assert (runs['out'] / 'first.log').read_text().split('\n')[:4] == ['0 start', '0 end', '1 start', '1 end']
+
 def test_grad_accum_one_allreduce_per_step(runs):
     alone = learner(16, [GradAccumS(2)])
     alone.fit(2)

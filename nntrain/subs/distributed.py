@@ -62,14 +62,16 @@ def get_world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 @contextmanager
-def rank0_first():
-    "Rank 0 runs the body first (a download, a cache), then the other ranks, who find its result; alone it just runs."
+def rank0_first(local: bool = False):
+    "Rank 0 runs the body first (a download, a cache), then the others, who find its result; `local`: rank 0 per machine."
+    check_bool('local', local)
     if not init_distributed() or dist.get_world_size() == 1:
         yield
         return
-    if dist.get_rank() != 0: dist.barrier()
+    first = (int(os.environ.get('LOCAL_RANK', dist.get_rank())) if local else dist.get_rank()) == 0
+    if not first: dist.barrier()
     yield
-    if dist.get_rank() == 0: dist.barrier()   # an error on rank 0 skips this: its exit ends the others' wait
+    if first: dist.barrier()   # an error in the body skips this: the process exits, ending the others' wait
 
 # %% ../../nbs/42_distributed.ipynb #ad7e5d8c
 def _comm_device() -> torch.device:

@@ -22,7 +22,7 @@ from nntrain.core import CancelFitException, Order, Subscriber, set_seed
 from nntrain.data import DataLoaders, MappedLoader
 from nntrain.learner import Learner
 from nntrain.subs.checkpoint import CheckpointS
-from nntrain.subs.distributed import DistributedS
+from nntrain.subs.distributed import DistributedS, rank0_first
 from nntrain.subs.metrics import MetricsS
 from nntrain.subs.tracking import EarlyStoppingS
 from nntrain.subs.training import GradAccumS, TerminateOnNaNS
@@ -109,6 +109,11 @@ def _error(f):
 
 def group_main(out: Path):
     res = {}
+    rank = int(os.environ['RANK'])
+    with rank0_first():   # rank 0 first, then the others
+        with open(out / 'first.log', 'a') as f: f.write(f'{rank} start\n')
+        time.sleep(0.3)
+        with open(out / 'first.log', 'a') as f: f.write(f'{rank} end\n')
     # 1, 2: DDP 2 x 8 == 1 x 16; identical weights; synced metrics; disjoint shards; get_preds; validate
     seen = Seen()
     learn = learner(8, [DistributedS(), MetricsS(MulticlassAccuracy()), seen])
@@ -150,7 +155,6 @@ def group_main(out: Path):
     learn.fit(3, resume=True)
     res['resumed'] = weights(learn)
     # 5: TerminateOnNaNS on rank 1 only (its loss is made NaN at batch 2); a stop on rank 0; Ctrl-C on rank 1
-    rank = int(os.environ['RANK'])
     learn = learner(8, [DistributedS(), At('after_loss', 2, _nan_loss, rank=1)] + ([TerminateOnNaNS()] if rank else []))
     learn.fit(2)
     res['nan'] = (learn.epoch, learn.iter, learn.global_step, weights(learn))
