@@ -52,6 +52,7 @@ CANCELS = (CancelFitException, CancelEpochException, CancelBatchException, Cance
 class Order:
     "Reference `order` values for subscribers; lower runs first at every event. Every shipped subscriber uses one."
     DEVICE = -30      # batches must be on the device before anything touches them
+    DISTRIBUTED = -25 # wraps the model once DeviceS has moved it; shards before anything draws random numbers
     NORMALIZE = -20
     AUGMENT = -10
     DEFAULT = 0

@@ -552,6 +552,26 @@ def validate(self: Learner, dl=None) -> dict:
         rows = self.history
     return dict(rows[-1]) if rows else {'loss': avg.mean.value().item()}
 
+# %% ../nbs/03_learner.ipynb #a64411f0
+def _in_group() -> bool:
+    "Is there a torch.distributed process group (e.g. started under torchrun by DistributedS)?"
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+@patch(as_prop=True)
+def rank(self: Learner) -> int:
+    "This process's rank in the torch.distributed process group (0 without one, e.g. not launched by torchrun)."
+    return torch.distributed.get_rank() if _in_group() else 0
+
+@patch(as_prop=True)
+def world_size(self: Learner) -> int:
+    "The number of processes training together (1 without a process group)."
+    return torch.distributed.get_world_size() if _in_group() else 1
+
+@patch(as_prop=True)
+def is_main(self: Learner) -> bool:
+    "Is this the main process (rank 0)? Only it displays progress, writes logs and checkpoints."
+    return self.rank == 0
+
 # %% ../nbs/03_learner.ipynb #103ee9e9
 class TrainingLoop:
     "Who runs at each event of a kind of run, and who provides each step: text, markdown and HTML tables."
@@ -759,8 +779,9 @@ def _apply_state(self: Learner, state: dict, with_opt: bool, resume: bool = True
 
 @patch
 def save(self: Learner, path) -> Path:
-    "Write `state_dict()` to `path` atomically (temporary file, fsync, rename)."
-    return atomic_save(self.state_dict(), path)
+    "Write `state_dict()` to `path` atomically (temporary file, fsync, rename); distributed, call it on every rank."
+    state = self.state_dict()   # on every rank: gathering it may be a collective (each rank's RNG, sharded weights)
+    return atomic_save(state, path) if self.is_main else Path(path)
 
 def read_checkpoint(path) -> dict:
     "Load a checkpoint file with `weights_only=True`; a file that is not one gets an error saying what it is."

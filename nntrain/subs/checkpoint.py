@@ -63,10 +63,13 @@ class CheckpointS(Subscriber):
         self.best = math.inf if mode == 'min' else -math.inf
         self._ready = self._finished = self._epoch_unsaved = False
 
-    def _save(self, learn, name: str) -> Path: return atomic_save(learn.state_dict(), self.folder / name)
+    def _save(self, learn, name: str) -> Path:
+        state = learn.state_dict()   # on every rank: gathering it may be a collective; the main rank writes it
+        return atomic_save(state, self.folder / name) if learn.is_main else self.folder / name
 
     def _rotate(self, learn) -> None:
         self._save(learn, f'step-{learn.global_step}.pt')
+        if not learn.is_main: return
         for old in checkpoints(self.folder)[:-self.keep] if self.keep else []: old.unlink()
 
     def before_fit(self, learn):

@@ -139,10 +139,10 @@ class ProgressS(Subscriber):
         check_choice('table', table, ('epoch', 'phase'))
         self.plot, self.comment_every, self.table = plot, comment_every, table
         self._losses, self.train_steps, self.train_losses, self.valid_steps, self.valid_losses = [], [], [], [], []
-        self.view, self._depth = None, 0
+        self.view, self._depth, self.failed, self.quiet = None, 0, False, False
 
     def _guard(self, f, *args) -> None:
-        if self.failed: return
+        if self.failed or self.quiet: return
         try: f(*args)
         except Exception as e:   # display only: never let it stop training
             self.failed = True
@@ -153,6 +153,7 @@ class ProgressS(Subscriber):
         self._depth += 1
         if self._depth > 1: return
         self.failed, self.n_rows, self.rows, self.printed = False, len(learn.history), [], 0
+        self.quiet = not learn.is_main   # distributed training: only the main rank displays
         self._losses, self.train_steps, self.train_losses, self.valid_steps, self.valid_losses = [], [], [], [], []
         self._done = False
         self._guard(self._start_fit, learn)
@@ -167,6 +168,7 @@ class ProgressS(Subscriber):
         if self._depth == 1: self._done = True
 
     def cleanup_fit(self, learn):
+        if not self._depth: return   # an earlier subscriber's before_fit failed: this one never started
         try:
             # stopped by an error or a Ctrl-C (not a cancel, which is no error): the bars stay, marked
             if self._depth == 1: self._guard(self._end_fit, learn, not self._done and sys.exc_info()[1] is not None)

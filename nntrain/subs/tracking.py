@@ -92,10 +92,11 @@ class CSVLoggerS(Subscriber):
         if not isinstance(path, (str, os.PathLike)): raise TypeError(f'path must be a file path, got {path!r}')
         check_bool('append', append)
         self.path, self.append = Path(path), append
-        self._columns = None
+        self._columns, self._main = None, True
 
     def before_fit(self, learn):
-        self._n_rows = len(learn.history)
+        self._n_rows, self._main = len(learn.history), learn.is_main
+        if not self._main: return   # distributed: every rank has the same rows; the main rank writes them
         if self.path.is_dir():
             raise IsADirectoryError(f'CSVLoggerS: path {str(self.path)!r} is a folder: give a file name')
         check_writable(self.path.parent, 'CSVLoggerS')   # before any training, and before an old log is removed
@@ -106,7 +107,7 @@ class CSVLoggerS(Subscriber):
     def after_epoch(self, learn):
         rows = learn.history[self._n_rows:]
         self._n_rows = len(learn.history)
-        if not rows: return
+        if not rows or not self._main: return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         new_file = not self.path.exists()
         if self._columns is None: self._columns = list(rows[0])

@@ -15,7 +15,8 @@ from ..core import (
     CancelFitException, CancelStepException, Order, Subscriber, check_choice, check_int, check_number)
 
 # %% auto #0
-__all__ = ['opt_grads', 'grad_norm', 'GradClipS', 'GradAccumS', 'first_nonfinite_module', 'TerminateOnNaNS', 'EMAS']
+__all__ = ['opt_grads', 'grad_norm', 'GradClipS', 'set_grad_sync', 'GradAccumS', 'first_nonfinite_module', 'TerminateOnNaNS',
+           'EMAS']
 
 # %% ../../nbs/18_training.ipynb #eae27794
 def opt_grads(learn) -> list[torch.Tensor]:
@@ -55,6 +56,11 @@ class GradClipS(Subscriber):
             nn.utils.clip_grad_value_(params, self.max_norm)
 
 # %% ../../nbs/18_training.ipynb #2e2fe355
+def set_grad_sync(model: nn.Module, sync: bool) -> None:
+    "Under DDP or FSDP2, whether the next backward pass all-reduces gradients (set before its forward); else nothing."
+    if hasattr(model, 'require_backward_grad_sync'): model.require_backward_grad_sync = sync   # DDP's no_sync flag
+    elif callable(getattr(model, 'set_requires_gradient_sync', None)): model.set_requires_gradient_sync(sync)
+
 class GradAccumS(Subscriber):
     "One optimizer step per `n_acc` training batches, with gradients averaged as for one batch `n_acc` times larger."
     order = Order.ACCUMULATE
@@ -67,13 +73,20 @@ class GradAccumS(Subscriber):
     def before_epoch(self, learn):
         if learn.training: self._discard(learn)   # a pass cut short (CancelEpochException) left partial sums
 
+    def before_batch(self, learn):
+        # Distributed (DDP, FSDP2): only a group's last micro-batch all-reduces its gradients. DDP reads the flag in
+        # the forward pass, so it is set here, before it: deciding after backward desynchronises the ranks.
+        if learn.training: set_grad_sync(learn.model, self.count + 1 >= self.n_acc or learn.iter >= learn.n_iter - 1)
+
     def after_backward(self, learn):
         self.count += 1
         if self.count < self.n_acc and learn.iter < learn.n_iter - 1: raise CancelStepException()
         n, self.count = self.count, 0
         if n > 1: torch._foreach_div_(opt_grads(learn), n)
 
-    def cleanup_fit(self, learn): self._discard(learn)   # a fit stopped mid-group must not leak into the next
+    def cleanup_fit(self, learn):
+        self._discard(learn)   # a fit stopped mid-group must not leak into the next
+        set_grad_sync(learn.model, True)
 
     def _discard(self, learn):
         if self.count and learn.opt is not None: learn.opt.zero_grad()
