@@ -25,17 +25,21 @@ __all__ = ['torch', 'nn', 'F', 'BinaryAccuracy', 'BinaryAUROC', 'BinaryF1Score',
            'show_images', 'show_batch', 'AugmentS', 'per_sample', 'mixup', 'rand_box', 'cutmix', 'MixUpS', 'CutMixS',
            'checkpoints', 'latest_checkpoint', 'check_writable', 'CheckpointS', 'tensor_stats', 'summarize',
            'describe_change', 'fingerprint', 'Change', 'TraceS', 'sync_op', 'Sync', 'SyncAuditS', 'DebugS', 'DeviceS',
-           'valley_lr', 'steep_lr', 'minimum_lr', 'LRFindResult', 'LRFindS', 'MetricsS', 'conv_macs',
-           'conv_transpose_macs', 'linear_macs', 'norm_macs', 'mha_macs', 'module_macs', 'leaf_modules', 'LayerInfo',
-           'ModelSummary', 'summary', 'ModelMonitorS', 'activation_stats', 'ActivationStatsS', 'module_label',
-           'mean_std', 'NormalizationS', 'AUTOCAST_DTYPES', 'resolve_precision', 'make_scaler', 'MixedPrecisionS',
-           'ChannelsLastS', 'CompileS', 'phase_table', 'epoch_table', 'in_kernel', 'Bar', 'ProgressView', 'plot_losses',
-           'ProgressS', 'annealer', 'sched_lin', 'sched_cos', 'sched_no', 'sched_exp', 'combine_scheds',
-           'cos_1cycle_anneal', 'one_cycle_scheds', 'flat_cos_scheds', 'get_hyper', 'set_hyper', 'ParamSchedulerS',
-           'SchedulerS', 'summary_writer', 'momentum_of', 'is_image_batch', 'TensorBoardS', 'EarlyStoppingS',
-           'CSVLoggerS', 'opt_grads', 'grad_norm', 'GradClipS', 'GradAccumS', 'first_nonfinite_module',
-           'TerminateOnNaNS', 'EMAS', 'POOL_TYPES', 'HEAD_ATTRS', 'BN_TYPES', 'is_pool', 'default_splitter',
-           'FrozenBnS', 'concat_pool', 'cut_body', 'n_features', 'make_head', 'adapt_head']
+           'launched_by_torchrun', 'is_distributed', 'init_distributed', 'get_rank', 'get_world_size', 'rank0_first',
+           'all_max', 'all_gather_objects', 'interleave', 'ShardedTensorLoader', 'StrideSampler', 'is_sharded',
+           'can_shard', 'shard_loader', 'loader_seed', 'PlainKeysDDP', 'to_sync_bn', 'FullStateDict',
+           'full_state_dicts', 'fsdp_opt', 'gather_fsdp', 'DistributedS', 'valley_lr', 'steep_lr', 'minimum_lr',
+           'LRFindResult', 'LRFindS', 'MetricsS', 'conv_macs', 'conv_transpose_macs', 'linear_macs', 'norm_macs',
+           'mha_macs', 'module_macs', 'leaf_modules', 'LayerInfo', 'ModelSummary', 'summary', 'ModelMonitorS',
+           'activation_stats', 'ActivationStatsS', 'module_label', 'mean_std', 'NormalizationS', 'AUTOCAST_DTYPES',
+           'resolve_precision', 'make_scaler', 'MixedPrecisionS', 'ChannelsLastS', 'CompileS', 'phase_table',
+           'epoch_table', 'in_kernel', 'Bar', 'ProgressView', 'plot_losses', 'ProgressS', 'annealer', 'sched_lin',
+           'sched_cos', 'sched_no', 'sched_exp', 'combine_scheds', 'cos_1cycle_anneal', 'one_cycle_scheds',
+           'flat_cos_scheds', 'get_hyper', 'set_hyper', 'ParamSchedulerS', 'SchedulerS', 'summary_writer',
+           'momentum_of', 'is_image_batch', 'TensorBoardS', 'EarlyStoppingS', 'CSVLoggerS', 'opt_grads', 'grad_norm',
+           'GradClipS', 'set_grad_sync', 'GradAccumS', 'first_nonfinite_module', 'TerminateOnNaNS', 'EMAS',
+           'POOL_TYPES', 'HEAD_ATTRS', 'BN_TYPES', 'is_pool', 'default_splitter', 'FrozenBnS', 'concat_pool',
+           'cut_body', 'n_features', 'make_head', 'adapt_head']
 
 # %% ../nbs/99_all.ipynb #65bdd645
 import warnings
@@ -83,6 +87,10 @@ from .subs.checkpoint import checkpoints, latest_checkpoint, check_writable, Che
 from .subs.debug import (
     tensor_stats, summarize, describe_change, fingerprint, Change, TraceS, sync_op, Sync, SyncAuditS, DebugS)
 from .subs.device import DeviceS
+from .subs.distributed import (
+    launched_by_torchrun, is_distributed, init_distributed, get_rank, get_world_size, rank0_first, all_max,
+    all_gather_objects, interleave, ShardedTensorLoader, StrideSampler, is_sharded, can_shard, shard_loader,
+    loader_seed, PlainKeysDDP, to_sync_bn, FullStateDict, full_state_dicts, fsdp_opt, gather_fsdp, DistributedS)
 from .subs.lr_find import valley_lr, steep_lr, minimum_lr, LRFindResult, LRFindS
 from .subs.metrics import MetricsS
 from .subs.monitor import (
@@ -98,7 +106,7 @@ from .subs.schedule import (
 from .subs.tensorboard import summary_writer, momentum_of, is_image_batch, TensorBoardS
 from .subs.tracking import EarlyStoppingS, CSVLoggerS
 from .subs.training import (
-    opt_grads, grad_norm, GradClipS, GradAccumS, first_nonfinite_module, TerminateOnNaNS, EMAS)
+    opt_grads, grad_norm, GradClipS, set_grad_sync, GradAccumS, first_nonfinite_module, TerminateOnNaNS, EMAS)
 from .transfer import (
     POOL_TYPES, HEAD_ATTRS, BN_TYPES, is_pool, default_splitter, FrozenBnS, concat_pool, cut_body, n_features,
     make_head, adapt_head)
@@ -127,7 +135,11 @@ _all_ = ['torch', 'nn', 'F', 'BinaryAccuracy', 'BinaryAUROC', 'BinaryF1Score', '
          'StatsOptimizer', 'sgd_opt', 'rmsprop_opt', 'adam_opt', 'denormalize', 'show_images', 'show_batch',
          'AugmentS', 'per_sample', 'mixup', 'rand_box', 'cutmix', 'MixUpS', 'CutMixS', 'checkpoints',
          'latest_checkpoint', 'check_writable', 'CheckpointS', 'tensor_stats', 'summarize', 'describe_change',
-         'fingerprint', 'Change', 'TraceS', 'sync_op', 'Sync', 'SyncAuditS', 'DebugS', 'DeviceS', 'valley_lr',
+         'fingerprint', 'Change', 'TraceS', 'sync_op', 'Sync', 'SyncAuditS', 'DebugS', 'DeviceS',
+         'launched_by_torchrun', 'is_distributed', 'init_distributed', 'get_rank', 'get_world_size',
+         'rank0_first', 'all_max', 'all_gather_objects', 'interleave', 'ShardedTensorLoader', 'StrideSampler',
+         'is_sharded', 'can_shard', 'shard_loader', 'loader_seed', 'PlainKeysDDP', 'to_sync_bn',
+         'FullStateDict', 'full_state_dicts', 'fsdp_opt', 'gather_fsdp', 'DistributedS', 'valley_lr',
          'steep_lr', 'minimum_lr', 'LRFindResult', 'LRFindS', 'MetricsS', 'conv_macs', 'conv_transpose_macs',
          'linear_macs', 'norm_macs', 'mha_macs', 'module_macs', 'leaf_modules', 'LayerInfo', 'ModelSummary',
          'summary', 'ModelMonitorS', 'activation_stats', 'ActivationStatsS', 'module_label', 'mean_std',
@@ -136,7 +148,7 @@ _all_ = ['torch', 'nn', 'F', 'BinaryAccuracy', 'BinaryAUROC', 'BinaryF1Score', '
          'plot_losses', 'ProgressS', 'annealer', 'sched_lin', 'sched_cos', 'sched_no', 'sched_exp',
          'combine_scheds', 'cos_1cycle_anneal', 'one_cycle_scheds', 'flat_cos_scheds', 'get_hyper',
          'set_hyper', 'ParamSchedulerS', 'SchedulerS', 'summary_writer', 'momentum_of', 'is_image_batch',
-         'TensorBoardS', 'EarlyStoppingS', 'CSVLoggerS', 'opt_grads', 'grad_norm', 'GradClipS', 'GradAccumS',
-         'first_nonfinite_module', 'TerminateOnNaNS', 'EMAS', 'POOL_TYPES', 'HEAD_ATTRS', 'BN_TYPES',
-         'is_pool', 'default_splitter', 'FrozenBnS', 'concat_pool', 'cut_body', 'n_features', 'make_head',
-         'adapt_head']
+         'TensorBoardS', 'EarlyStoppingS', 'CSVLoggerS', 'opt_grads', 'grad_norm', 'GradClipS',
+         'set_grad_sync', 'GradAccumS', 'first_nonfinite_module', 'TerminateOnNaNS', 'EMAS', 'POOL_TYPES',
+         'HEAD_ATTRS', 'BN_TYPES', 'is_pool', 'default_splitter', 'FrozenBnS', 'concat_pool', 'cut_body',
+         'n_features', 'make_head', 'adapt_head']

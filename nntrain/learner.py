@@ -741,7 +741,8 @@ def _state_problems(self: Learner, state, with_opt: bool) -> list[str]:
     if with_opt and state.get('opt') is not None: problems += self._opt_problems(state['opt'], state.get('opt_type'))
     keys = dict(self._sub_keys())
     missing = [k for k in state.get('subs', {}) if k not in keys]
-    if missing: problems.append(f'the checkpoint has state for subscribers this learner lacks: {missing}')
+    if missing: problems.append(f'the checkpoint has state for subscribers this learner lacks: {missing} (add them, '
+                                'e.g. DistributedS(), which does nothing in a single process)')
     return problems
 
 @patch

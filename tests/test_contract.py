@@ -20,6 +20,7 @@ from nntrain.subs.checkpoint import CheckpointS
 from nntrain.subs.debug import DebugS, SyncAuditS, TraceS
 from nntrain.subs.tensorboard import TensorBoardS
 from nntrain.subs.device import DeviceS
+from nntrain.subs.distributed import DistributedS
 from nntrain.subs.lr_find import LRFindS
 from nntrain.subs.metrics import MetricsS
 from nntrain.subs.monitor import ActivationStatsS, ModelMonitorS
@@ -90,6 +91,7 @@ REGISTRY = {
     'SyncAuditS': (SyncAuditS, tiny_classifier, {}),
     'DebugS': (lambda: DebugS('after_loss', f=lambda learn: None), tiny_classifier, {}),
     'TensorBoardS': (lambda: TensorBoardS('tb'), with_metrics, {}),
+    'DistributedS': (DistributedS, tiny_classifier, {}),   # alone (no torchrun): does nothing, changes nothing
     'ProgressS+table=phase': (lambda: ProgressS(table='phase'), tiny_classifier, {}),
 }
 if hasattr(torch.amp, 'GradScaler'):
