@@ -367,10 +367,10 @@ def test_activation_stats_survive_a_cancel_and_plot():
     assert [len(l.get_ydata()) for l in means.get_lines() + stds.get_lines()] == [n] * 2 * len(acts.names)
     assert list(stds.get_lines()[-1].get_ydata()) == acts.stats['3']['std'].tolist()
     for fig in (acts.color_dim(), acts.dead_chart(per_unit=True)):   # one panel per module, a picture in each
-        assert [ax.get_title() for ax in fig.axes[:len(acts.names)]] == acts.names
+        assert [ax.get_title().split(':')[0] for ax in fig.axes[:len(acts.names)]] == acts.names
         assert all(ax.get_images() for ax in fig.axes[:len(acts.names)])
     dead = acts.dead_chart().axes
-    assert [ax.get_title() for ax in dead[:len(acts.names)]] == acts.names
+    assert [ax.get_title().split(':')[0] for ax in dead[:len(acts.names)]] == acts.names
     assert all(len(ax.get_lines()[0].get_ydata()) == n for ax in dead[:len(acts.names)])
     with pytest.raises(ValueError): ActivationStatsS(every=0)
 
