@@ -221,3 +221,21 @@ def test_a_missing_validation_loader_is_named():
     learn = Learner(nn.Linear(1, 1), (synth_dls().train, None), F.mse_loss)
     with pytest.raises(ValueError, match='no validation loader'): learn.fit(1)
     learn.fit(1, valid=False)
+
+
+def test_validate_from_a_subscriber_leaves_the_metrics_of_the_phase_in_progress():
+    "A subscriber ordered before MetricsS validates at the end of each training pass: every row still comes out."
+    from torcheval.metrics import MulticlassAccuracy
+    from nntrain.subs.metrics import MetricsS
+    class ValidateEarly(Subscriber):
+        def after_epoch(self, learn):
+            if learn.training: self.row = learn.validate()
+    def make():
+        torch.manual_seed(0)
+        return tiny_classifier(subs=[MetricsS(accuracy=MulticlassAccuracy(), flush_every=8)])
+    a, b = make(), make()
+    a.fit(2, subs=[ValidateEarly()])
+    b.fit(2)
+    assert [(r['epoch'], r['phase']) for r in a.history] == [(0, 'train'), (0, 'valid'), (1, 'train'), (1, 'valid')]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != 'time'} for r in rows]
+    assert strip(a.history) == strip(b.history)
