@@ -527,7 +527,10 @@ _RUN_STATE = ('run_kind', 'model', 'loss_func', 'opt', 'lr', 'scaler', 'global_s
 def separate_run(self: Learner, kind: str, subs=()):
     "Inside: a `validate`, `predict` or `lr_find` run with extra `subs`; on leaving, the learner's state is as before."
     if kind not in RUNS or kind == 'fit': raise ValueError(f"kind must be one of {RUNS[1:]}, got {kind!r}")
-    if kind == 'lr_find' and self._in_loop: raise RuntimeError(f'lr_find cannot run during a {self.run_kind}')
+    if self._in_loop:   # subscribers keep per-run state (set up in before_fit, undone in cleanup_fit): runs do not nest
+        what = {'validate': 'validation', 'predict': 'prediction', 'lr_find': 'learning-rate search'}[kind]
+        raise RuntimeError(f'cannot start a {what} during a {self.run_kind} (from a subscriber?): runs do not nest. Read '
+                           'the valid pass\'s results in after_epoch (learn.history[-1]), or validate after the fit.')
     saved, old_subs = {n: getattr(self, n) for n in _RUN_STATE}, self.subs
     self._set_subs(old_subs + list(subs))
     self.run_kind, self._in_loop, self.history = kind, False, []   # rows made in here are returned, not kept

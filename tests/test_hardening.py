@@ -172,28 +172,27 @@ def test_a_fit_inside_a_fit_is_refused_and_the_learner_stays_usable():
     class Search(Subscriber):
         def after_epoch(self, learn): learn.lr_find(num_it=3)
     importlib.import_module("nntrain.subs.lr_find")   # patches lr_find onto Learner
-    with pytest.raises(RuntimeError, match='lr_find cannot run during a fit'): learn.fit(1, subs=[Search()])
+    with pytest.raises(RuntimeError, match='cannot start a learning-rate search during a fit'): learn.fit(1, subs=[Search()])
     learn.fit(1)
     assert learn.global_step == 1 + 4 + 4
 
 
-def test_validate_inside_a_fit_leaves_the_fit_as_it_was():
-    "A subscriber may validate mid-fit (a separate run): the outer fit's counters, batch and history are untouched."
-    seen = []
-    class Peek(Subscriber):
-        def after_step(self, learn):
-            if learn.iter == 1:
-                state = (learn.epoch, learn.iter, learn.training, learn.n_iter, learn.run_kind, len(learn.history))
-                seen.append(learn.validate()['loss'])
-                assert state == (learn.epoch, learn.iter, learn.training, learn.n_iter, learn.run_kind,
-                                 len(learn.history))
-                assert learn.model.training and torch.is_grad_enabled()
-    a, b = synth_learner(), synth_learner()
-    handler = signal.getsignal(signal.SIGINT)
-    a.fit(2, subs=[Peek()])
-    b.fit(2)
-    assert len(seen) == 2 and torch.equal(a.model.weight, b.model.weight)
-    assert signal.getsignal(signal.SIGINT) is handler   # nested runs put the Ctrl-C handler back in order
+@pytest.mark.parametrize('call', ['validate', 'get_preds', 'infer', 'tta', 'lr_find'])
+def test_any_run_started_inside_a_fit_is_refused_and_leaves_the_fit_usable(call):
+    "Subscribers keep per-run state (EMA parameters, a compiled model, metric buffers): runs do not nest."
+    importlib.import_module('nntrain.subs.lr_find')   # patches lr_find onto Learner
+    calls = {'validate': lambda l: l.validate(), 'get_preds': lambda l: l.get_preds(),
+             'infer': lambda l: l.infer(torch.zeros(2, 1)), 'tta': lambda l: l.tta(transform=lambda x: x),
+             'lr_find': lambda l: l.lr_find(num_it=3)}
+    class Inside(Subscriber):
+        def after_step(self, learn): calls[call](learn)
+    learn, handler = synth_learner(), signal.getsignal(signal.SIGINT)
+    before = state_of(learn)
+    with pytest.raises(RuntimeError, match='cannot start a .* during a fit'): learn.fit(1, subs=[Inside()])
+    assert learn.run_kind is None and learn.subs == [] and signal.getsignal(signal.SIGINT) is handler
+    assert learn.global_step == 1 and before['counters'][0] == 0
+    learn.fit(1)
+    assert learn.global_step == 5
 
 
 # -- first-batch checks -------------------------------------------------------------------------------------------
@@ -222,20 +221,3 @@ def test_a_missing_validation_loader_is_named():
     with pytest.raises(ValueError, match='no validation loader'): learn.fit(1)
     learn.fit(1, valid=False)
 
-
-def test_validate_from_a_subscriber_leaves_the_metrics_of_the_phase_in_progress():
-    "A subscriber ordered before MetricsS validates at the end of each training pass: every row still comes out."
-    from torcheval.metrics import MulticlassAccuracy
-    from nntrain.subs.metrics import MetricsS
-    class ValidateEarly(Subscriber):
-        def after_epoch(self, learn):
-            if learn.training: self.row = learn.validate()
-    def make():
-        torch.manual_seed(0)
-        return tiny_classifier(subs=[MetricsS(accuracy=MulticlassAccuracy(), flush_every=8)])
-    a, b = make(), make()
-    a.fit(2, subs=[ValidateEarly()])
-    b.fit(2)
-    assert [(r['epoch'], r['phase']) for r in a.history] == [(0, 'train'), (0, 'valid'), (1, 'train'), (1, 'valid')]
-    strip = lambda rows: [{k: v for k, v in r.items() if k != 'time'} for r in rows]
-    assert strip(a.history) == strip(b.history)

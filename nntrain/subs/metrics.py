@@ -5,7 +5,6 @@
 # %% ../../nbs/12_metrics.ipynb #9fea65ed
 from __future__ import annotations
 
-import copy
 import re
 import time
 
@@ -52,27 +51,6 @@ class MetricsS(Subscriber):
                              'time): pass them under other names, e.g. MetricsS(train_loss=...)')
         check_int('flush_every', flush_every)
         self.flush_every = flush_every   # buffered prediction elements before a metric update
-        self._depth, self._outer = 0, []
-
-    # A run inside a fit (a subscriber calling `learn.validate()`) uses this subscriber too: it must leave the
-    # phase in progress (its buffers and the torcheval metrics' states) as it found it.
-    def before_fit(self, learn):
-        self._depth += 1
-        if self._depth > 1: self._outer.append(self._phase_state())
-
-    def cleanup_fit(self, learn):
-        if not self._depth: return   # an earlier subscriber's before_fit failed: this one never started
-        if self._depth > 1: self._set_phase_state(self._outer.pop())
-        self._depth -= 1
-
-    def _phase_state(self) -> tuple:
-        metrics = {n: copy.deepcopy(m.state_dict()) for n, m in self.metrics.items()}
-        return (getattr(self, '_loss', None), getattr(self, '_preds', []), getattr(self, '_targets', []),
-                getattr(self, '_buffered', 0), getattr(self, '_start', 0.), metrics)
-
-    def _set_phase_state(self, state: tuple) -> None:
-        self._loss, self._preds, self._targets, self._buffered, self._start, metrics = state
-        for n, m in self.metrics.items(): m.load_state_dict(metrics[n])
 
     def before_epoch(self, learn):
         self._loss, self._preds, self._targets, self._buffered = WeightedMean(), [], [], 0

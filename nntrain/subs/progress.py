@@ -15,7 +15,7 @@ import torch
 from fastcore.imports import in_colab, ipython_shell
 from fastprogress.fastprogress import force_console_behavior, format_time
 
-from ..core import Order, Subscriber, check_choice, check_number
+from ..core import Order, Subscriber, check_bool, check_choice, check_number
 
 # %% auto #0
 __all__ = ['phase_table', 'epoch_table', 'in_kernel', 'Bar', 'ProgressView', 'plot_losses', 'ProgressS']
@@ -134,9 +134,12 @@ class ProgressS(Subscriber):
     runs = ('fit', 'validate')
     update_every = 0.2   # seconds between two refreshes of the notebook display within a phase
 
-    def __init__(self, plot: bool = False, comment_every: float = 0.5, table: str = 'epoch'):
+    def __init__(self, plot: bool = False, comment_every: float = 0.5, table: str = 'epoch',
+                 notebook: bool | None = None):   # None: a notebook display in a Jupyter kernel, else console bars
         check_number('comment_every', comment_every, low=0)
         check_choice('table', table, ('epoch', 'phase'))
+        if notebook is not None: check_bool('notebook', notebook)
+        self.force_notebook = notebook
         self.plot, self.comment_every, self.table = plot, comment_every, table
         self._losses, self.train_steps, self.train_losses, self.valid_steps, self.valid_losses = [], [], [], [], []
         self.view, self._depth, self.failed, self.quiet = None, 0, False, False
@@ -148,10 +151,13 @@ class ProgressS(Subscriber):
             self.failed = True
             warnings.warn(f'ProgressS stopped displaying after an error ({e!r}); training continues.')
 
-    # events: each one guarded; a run inside the fit (a subscriber's `learn.validate()`) leaves the display alone
+    _FIT_DATA = ('rows', '_losses', 'train_steps', 'train_losses', 'valid_steps', 'valid_losses')
+
+    # events: each one guarded; a validation shows its own row, then leaves the last fit's table and plot data
     def before_fit(self, learn):
         self._depth += 1
         if self._depth > 1: return
+        self._kept = None if learn.run_kind == 'fit' else {n: getattr(self, n, []) for n in self._FIT_DATA}
         self.failed, self.n_rows, self.rows, self.printed = False, len(learn.history), [], 0
         self.quiet = not learn.is_main   # distributed training: only the main rank displays
         self._losses, self.train_steps, self.train_losses, self.valid_steps, self.valid_losses = [], [], [], [], []
@@ -172,10 +178,14 @@ class ProgressS(Subscriber):
         try:
             # stopped by an error or a Ctrl-C (not a cancel, which is no error): the bars stay, marked
             if self._depth == 1: self._guard(self._end_fit, learn, not self._done and sys.exc_info()[1] is not None)
-        finally: self._depth -= 1
+        finally:
+            self._depth -= 1
+            if not self._depth and self._kept is not None:
+                for n, v in self._kept.items(): setattr(self, n, v)
 
     def _start_fit(self, learn):
-        self.notebook, self._last_comment, self._shown = in_kernel(), 0., 0.
+        self.notebook = in_kernel() if self.force_notebook is None else self.force_notebook
+        self._last_comment, self._shown = 0., 0.
         self.epochs, self.batches = Bar(learn.n_epochs, 'epoch'), None
         self._plot_out = None
         if self.notebook:
