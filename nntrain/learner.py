@@ -30,7 +30,7 @@ from .data import DataLoaders, loader_state, set_loader_state
 # %% auto #0
 __all__ = ['batch_targets', 'check_batch', 'check_preds', 'check_loss', 'per_item_loss', 'loader_targets', 'peek_targets',
            'buffers_kept_on_error', 'first_batch_step', 'Position', 'DeferredInterrupt', 'WeightedMean',
-           'lr_for_groups', 'check_lr', 'Learner', 'TrainingLoop', 'weight_problems', 'read_checkpoint',
+           'lr_for_groups', 'check_lr', 'Learner', 'TrainingLoop', 'plain_module', 'weight_problems', 'read_checkpoint',
            'MomentumLearner']
 
 # %% ../nbs/03_learner.ipynb #02763b97
@@ -275,7 +275,19 @@ def _check_fit_args(learn, n_epochs, lr, subs, train, valid, reset_opt, resume, 
 # %% ../nbs/03_learner.ipynb #de792fc6
 def _plain_step(name: str, step: Callable) -> None: step()
 
-_REFUSED_FIT_KEEPS = ('opt', 'n_epochs', 'epoch', 'n_iter', 'iter', 'pct_train', 'training', 'dl', '_pos')
+_REFUSED_FIT_KEEPS = ('opt', 'lr', 'n_epochs', 'epoch', 'n_iter', 'iter', 'pct_train', 'training', 'dl', '_pos',
+                      '_resume_rng')
+
+def _refused_fit_state(learn, state: dict | None = None) -> dict | None:
+    "Read (no `state`) or put back what a fit refused before its first step must leave as it was, hyper-parameters too."
+    if state is None:
+        state = {n: getattr(learn, n) for n in _REFUSED_FIT_KEEPS}
+        opt = state['opt']
+        state['groups'] = None if opt is None else [{k: v for k, v in g.items() if k != 'params'} for g in opt.param_groups]
+        return state
+    for n in _REFUSED_FIT_KEEPS: setattr(learn, n, state[n])
+    if state['opt'] is not None:
+        for g, saved in zip(state['opt'].param_groups, state['groups']): g.update(saved)
 _STAGE_CANCEL = {'fit': CancelFitException, 'epoch': CancelEpochException, 'batch': CancelBatchException}
 
 class Learner:
@@ -385,18 +397,19 @@ class Learner:
             valid: bool = True, reset_opt: bool = False, resume: bool = False, n_batches: int | None = None) -> None:
         "Train for `n_epochs` (each a train pass, then a valid pass); `subs` are added for this fit only."
         _check_fit_args(self, n_epochs, lr, subs, train, valid, reset_opt, resume, n_batches)
-        if resume: self._prepare_resume(n_epochs, lr, reset_opt)
-        subs, step, before = list(subs), self.global_step, {n: getattr(self, n) for n in _REFUSED_FIT_KEEPS}
+        subs, step, before = list(subs), self.global_step, _refused_fit_state(self)
         self.add_subs(*subs)
         try:
+            if resume: self._prepare_resume(n_epochs, lr, reset_opt)
             if train: self._make_opt(lr, reset_opt)
             phases = [(dl, t) for dl, t, on in ((self.dls.train, True, train), (self.dls.valid, False, valid)) if on]
             self._run(n_epochs, phases, n_batches)
         except BaseException:
-            if self.global_step == step:   # refused before any step: optimizer and counters are as they were
-                for n, v in before.items(): setattr(self, n, v)
+            if self.global_step == step: _refused_fit_state(self, before)   # refused before any step: as it was
             raise
-        finally: self.remove_subs(*subs)
+        finally:
+            self._start = Position()
+            self.remove_subs(*subs)
 
     def _run(self, n_epochs: int, phases: list, n_batches: int | None = None) -> None:
         "Run the loop over `phases` ((loader, training?) pairs) as the current kind of run (a fit unless inside one)."
@@ -696,7 +709,7 @@ def state_dict(self: Learner) -> dict:
     "Everything needed to continue this run exactly: weights, optimizer, counters, history, RNG, loaders, subscribers."
     loaders = {n: loader_state(dl) for n, dl in (('train', self.dls.train), ('valid', self.dls.valid))}
     return {'format': _FORMAT,
-            'model': self.model.state_dict(),
+            'model': plain_module(self.model).state_dict(),
             'opt': None if self.opt is None else self.opt.state_dict(),
             'opt_type': None if self.opt is None else type(self.opt).__name__,
             'counters': {'global_step': self.global_step, 'n_epochs': self.n_epochs, 'position': list(self._pos)},
@@ -704,6 +717,10 @@ def state_dict(self: Learner) -> dict:
             'rng': rng_state(),
             'loaders': loaders,
             'subs': {k: s.state_dict() for k, s in self._sub_keys() if callable(getattr(s, 'state_dict', None))}}
+
+def plain_module(model: nn.Module) -> nn.Module:
+    "`model` without `torch.compile`'s wrapper: checkpoints hold the plain module's keys (no `_orig_mod.`)."
+    return getattr(model, '_orig_mod', model)
 
 def weight_problems(model: nn.Module, weights: dict) -> list[str]:
     "What stops `weights` from loading into `model`: missing and unexpected keys, different shapes (empty: it loads)."
@@ -740,7 +757,7 @@ def _state_problems(self: Learner, state, with_opt: bool) -> list[str]:
         return [f'this is not a learner state (it has {keys}); weights alone load with learn.load_weights(path)']
     if state.get('format', 1) > _FORMAT:
         return [f'written by a newer nntrain (format {state["format"]}); this one reads format {_FORMAT} or older']
-    problems = weight_problems(self.model, state['model'])
+    problems = weight_problems(plain_module(self.model), state['model'])
     if with_opt and state.get('opt') is not None: problems += self._opt_problems(state['opt'], state.get('opt_type'))
     keys = dict(self._sub_keys())
     missing = [k for k in state.get('subs', {}) if k not in keys]
@@ -767,7 +784,7 @@ def load_state_dict(self: Learner, state: dict, with_opt: bool = True) -> None:
 
 @patch
 def _apply_state(self: Learner, state: dict, with_opt: bool, resume: bool = True) -> None:
-    self.model.load_state_dict(state['model'])
+    plain_module(self.model).load_state_dict(state['model'])
     if with_opt and state.get('opt') is not None:
         if self.opt is None: self._make_opt(None, reset_opt=True)
         self.opt.load_state_dict(state['opt'])
@@ -819,10 +836,10 @@ def load_weights(self: Learner, path, state: dict | None = None) -> Learner:
     state = read_checkpoint(path) if state is None else state
     weights = state['model'] if isinstance(state, dict) and 'model' in state and 'counters' in state else state
     if not _is_weights(weights): raise ValueError(f'{path} holds no model weights')
-    problems = weight_problems(self.model, weights)
+    problems = weight_problems(plain_module(self.model), weights)
     if problems:
         raise ValueError(f'cannot load {path} into this model: ' + '; '.join(problems) + '. Nothing was changed.')
-    self.model.load_state_dict(weights)
+    plain_module(self.model).load_state_dict(weights)
     return self
 
 @patch

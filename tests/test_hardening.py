@@ -221,3 +221,31 @@ def test_a_missing_validation_loader_is_named():
     with pytest.raises(ValueError, match='no validation loader'): learn.fit(1)
     learn.fit(1, valid=False)
 
+
+
+def test_a_refused_fit_leaves_learning_rates_and_a_loaded_resume_as_they_were(tmp_path):
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    learn = Learner(nn.Linear(4, 3), DataLoaders.from_tensors(x, y, x, y, batch_size=8), lr=0.1)
+    learn.fit(1)
+    path = learn.save(tmp_path / 'run.pt')
+    learn.dls = DataLoaders.from_tensors(x, y + 5, x, y, batch_size=8)   # labels the model cannot predict
+    with pytest.raises(ValueError, match='labels must be in'): learn.fit(1, lr=0.5)
+    assert learn.lr == 0.1 and [g['lr'] for g in learn.opt.param_groups] == [0.1]
+    learn.dls = DataLoaders.from_tensors(x, y, x, y, batch_size=8)
+    learn.load(path)
+    with pytest.raises(TypeError, match='pass an instance'): learn.fit(1, resume=True, subs=[Counter])
+    with pytest.raises(ValueError, match='resume it with fit\\(1, resume=True\\)'): learn.fit(3, resume=True)
+    learn.fit(1, resume=True)   # the loaded state was kept through both refusals
+    assert learn.global_step == 4
+    learn.fit(2)                # and a plain fit afterwards starts at epoch 0
+    assert learn.global_step == 4 + 8
+
+
+def test_checkpoints_of_a_compiled_model_have_plain_keys_and_load(tmp_path):
+    from nntrain.subs.precision import CompileS
+    learn = tiny_classifier(subs=[CompileS(backend='eager')])
+    learn.fit(1)
+    path = learn.save(tmp_path / 'c.pt')
+    assert not any(k.startswith('_orig_mod') for k in torch.load(path, weights_only=True)['model'])
+    tiny_classifier(subs=[CompileS(backend='eager')]).load(path)
+    tiny_classifier().load(path)
