@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -17,10 +18,12 @@ from fastcore.basics import patch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from .core import rng_state, set_rng_state
+
 # %% auto #0
-__all__ = ['IMAGE_EXTENSIONS', 'TensorLoader', 'loader_state', 'set_loader_state', 'DataLoaders', 'ImageDecodeError',
-           'image_files', 'folder_items', 'pil_to_tensor', 'ImageFolderDataset', 'collate_images', 'uint8_to_float',
-           'MappedLoader', 'hf_ds_collate_fn']
+__all__ = ['IMAGE_EXTENSIONS', 'TensorLoader', 'loader_state', 'set_loader_state', 'undisturbed', 'DataLoaders',
+           'ImageDecodeError', 'image_files', 'folder_items', 'pil_to_tensor', 'ImageFolderDataset', 'collate_images',
+           'uint8_to_float', 'MappedLoader', 'hf_ds_collate_fn']
 
 # %% ../nbs/01_data.ipynb #fa6b3ec8
 def _check_int(name: str, value, low: int = 1, high: int | None = None, none_ok: bool = False) -> int | None:
@@ -134,6 +137,15 @@ def set_loader_state(dl, state: dict | None) -> None:
     if callable(getattr(dl, 'load_state_dict', None)): return dl.load_state_dict(state)
     gen = _torch_generator(dl)
     if gen is not None: gen.set_state(state['generator'])
+
+@contextmanager
+def undisturbed(dl):
+    "Inside: read `dl` freely (a peek, a measurement); on leaving, its shuffling state and every RNG are as before."
+    state, rng = loader_state(dl), rng_state()
+    try: yield dl
+    finally:
+        set_loader_state(dl, state)
+        set_rng_state(rng)
 
 # %% ../nbs/01_data.ipynb #42c55a59
 class DataLoaders:

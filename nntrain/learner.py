@@ -25,7 +25,7 @@ from torch import nn
 from .core import (CANCELS, EVENTS, RUNS, STEPS, CancelBatchException, CancelEpochException, CancelFitException,
                           CancelStepException, Order, Subscriber, add_note, atomic_save, build_table, check_bool,
                           check_int, check_number, note_origin, preserve_modes, rng_state, set_rng_state)
-from .data import DataLoaders, loader_state, set_loader_state
+from .data import DataLoaders, loader_state, set_loader_state, undisturbed
 
 # %% auto #0
 __all__ = ['batch_targets', 'check_batch', 'check_preds', 'check_loss', 'per_item_loss', 'loader_targets', 'peek_targets',
@@ -109,11 +109,7 @@ def loader_targets(dl) -> torch.Tensor | None:
 
 def peek_targets(dl):
     "The targets of `dl`'s first batch, leaving every random generator and the loader's shuffling state as they were."
-    state, rng = loader_state(dl), rng_state()
-    try: return batch_targets(next(iter(dl), None))
-    finally:
-        set_loader_state(dl, state)
-        set_rng_state(rng)
+    with undisturbed(dl): return batch_targets(next(iter(dl), None))
 
 @contextmanager
 def buffers_kept_on_error(model: nn.Module):

@@ -249,3 +249,15 @@ def test_checkpoints_of_a_compiled_model_have_plain_keys_and_load(tmp_path):
     assert not any(k.startswith('_orig_mod') for k in torch.load(path, weights_only=True)['model'])
     tiny_classifier(subs=[CompileS(backend='eager')]).load(path)
     tiny_classifier().load(path)
+
+
+def test_measuring_normalization_statistics_does_not_change_the_training_order():
+    "NormalizationS reads training batches in any kind of run: a validate() before the fit must not shift its data."
+    from nntrain.subs.normalize import NormalizationS
+    def run(validate_first):
+        torch.manual_seed(0)
+        learn = tiny_classifier(subs=[NormalizationS()])
+        if validate_first: learn.validate()
+        learn.fit(1)
+        return learn.model[0].weight.detach().clone()
+    assert torch.equal(run(False), run(True))

@@ -14,6 +14,7 @@ from fastcore.basics import patch
 from torch import nn
 
 from ..core import CancelFitException, Order, Subscriber, to_device
+from ..data import undisturbed
 from ..hooks import Hooks
 from ..learner import Learner
 
@@ -237,11 +238,8 @@ class _Recorder:
 
 # %% ../../nbs/19_monitor.ipynb #089e33ad
 def _peek_batch(dl):
-    "The first batch of `dl`, leaving its shuffling state as it was (the next epoch must not change)."
-    state = dl.state_dict() if hasattr(dl, 'state_dict') else None
-    try: return next(iter(dl))
-    finally:
-        if state is not None: dl.load_state_dict(state)
+    "The first batch of `dl`, leaving its shuffling state and the RNGs as they were (the next epoch must not change)."
+    with undisturbed(dl): return next(iter(dl))
 
 def _run_model(model: nn.Module, batch) -> None:
     x = batch[0] if isinstance(batch, (tuple, list)) else batch

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..core import Order, Subscriber, check_int
+from ..data import undisturbed
 from ..show import denormalize
 
 # %% auto #0
@@ -18,14 +19,15 @@ def mean_std(dl, n_batches: int | None = 8, per_channel: bool | None = None) -> 
     "Mean and standard deviation of the inputs of the first `n_batches` of `dl`: per channel, or one scalar."
     total = total_sq = None
     count = 0
-    for i, batch in enumerate(dl):
-        if n_batches is not None and i >= n_batches: break
-        x = batch[0].double()
-        channels = x.ndim >= 3 if per_channel is None else per_channel
-        dims = [d for d in range(x.ndim) if d != 1] if channels else list(range(x.ndim))
-        s, sq = x.sum(dims), (x * x).sum(dims)
-        total, total_sq = (s, sq) if total is None else (total + s, total_sq + sq)
-        count += x.numel() // (x.shape[1] if channels else 1)
+    with undisturbed(dl):   # measuring must not change the order the training batches come in
+        for i, batch in enumerate(dl):
+            if n_batches is not None and i >= n_batches: break
+            x = batch[0].double()
+            channels = x.ndim >= 3 if per_channel is None else per_channel
+            dims = [d for d in range(x.ndim) if d != 1] if channels else list(range(x.ndim))
+            s, sq = x.sum(dims), (x * x).sum(dims)
+            total, total_sq = (s, sq) if total is None else (total + s, total_sq + sq)
+            count += x.numel() // (x.shape[1] if channels else 1)
     if total is None: raise ValueError('cannot measure input statistics: the loader yielded no batches')
     mean = total / count
     std = (total_sq / count - mean * mean).clamp_min(0).sqrt()
