@@ -973,6 +973,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                              'nntrain/subs/tracking.py'),
                                        'nntrain.subs.tracking.EarlyStoppingS.after_fit': ( 'tracking.html#earlystoppings.after_fit',
                                                                                            'nntrain/subs/tracking.py'),
+                                       'nntrain.subs.tracking.EarlyStoppingS.before_fit': ( 'tracking.html#earlystoppings.before_fit',
+                                                                                            'nntrain/subs/tracking.py'),
                                        'nntrain.subs.tracking.EarlyStoppingS.cleanup_fit': ( 'tracking.html#earlystoppings.cleanup_fit',
                                                                                              'nntrain/subs/tracking.py'),
                                        'nntrain.subs.tracking.EarlyStoppingS.load_state_dict': ( 'tracking.html#earlystoppings.load_state_dict',

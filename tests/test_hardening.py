@@ -261,3 +261,53 @@ def test_measuring_normalization_statistics_does_not_change_the_training_order()
         learn.fit(1)
         return learn.model[0].weight.detach().clone()
     assert torch.equal(run(False), run(True))
+
+
+def test_a_refused_fit_leaves_an_old_csv_log_and_a_resumed_log_holds_every_row(tmp_path):
+    from nntrain.subs.metrics import MetricsS
+    from nntrain.subs.tracking import CSVLoggerS
+    log = tmp_path / 'log.csv'
+    log.write_text('epoch,phase,loss\n0,valid,1.0\n')
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    bad = Learner(nn.Linear(4, 3), DataLoaders.from_tensors(x, y + 5, x, y, batch_size=8), lr=0.1,
+                  subs=[MetricsS(), CSVLoggerS(log)])
+    with pytest.raises(ValueError, match='labels must be in'): bad.fit(1)
+    assert log.read_text() == 'epoch,phase,loss\n0,valid,1.0\n'
+    learn = Learner(nn.Linear(4, 3), DataLoaders.from_tensors(x, y, x, y, batch_size=8), lr=0.1,
+                    subs=[MetricsS(), CSVLoggerS(log)])
+    learn.fit(1)
+    path = learn.save(tmp_path / 'ck.pt')
+    resumed = Learner(nn.Linear(4, 3), DataLoaders.from_tensors(x, y, x, y, batch_size=8), lr=0.1,
+                      subs=[MetricsS(), CSVLoggerS(log)])
+    resumed.load(path)
+    resumed.fit(2)
+    assert len(log.read_text().splitlines()) == 1 + 6   # header, then every row of the history: none lost, none twice
+
+
+def test_early_stopping_with_restore_best_resumes_to_the_same_weights(tmp_path):
+    from nntrain.subs.metrics import MetricsS
+    from nntrain.subs.tracking import EarlyStoppingS
+    class Worse(Subscriber):   # makes the valid loss worse after epoch 0, so the best weights stay those of epoch 0
+        order = 81
+        def after_epoch(self, learn):
+            if not learn.training and learn.epoch > 0: learn.history[-1]['loss'] += 10
+    def make():
+        torch.manual_seed(0)
+        return tiny_classifier(subs=[MetricsS(), Worse(), EarlyStoppingS(patience=5, restore_best=True)])
+    straight = make()
+    straight.fit(3)
+    first = make()
+    with pytest.raises(RuntimeError, match='crash'): first.fit(3, subs=[_StopAfterEpoch(1)])
+    path = first.save(tmp_path / 'mid.pt')
+    resumed = make()
+    resumed.load(path)
+    resumed.fit(3, resume=True)
+    assert torch.equal(resumed.model[0].weight, straight.model[0].weight)
+
+
+class _StopAfterEpoch(Subscriber):
+    "Interrupt a fit once epoch `n` is over (as a crash would, leaving a checkpoint-able state)."
+    order = 99
+    def __init__(self, n): self.n = n
+    def after_epoch(self, learn):
+        if not learn.training and learn.epoch == self.n: raise RuntimeError('crash')

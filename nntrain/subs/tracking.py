@@ -66,6 +66,8 @@ class EarlyStoppingS(Subscriber):
             self.stopped_epoch = learn.epoch
             raise CancelFitException()
 
+    def before_fit(self, learn): self.stopped_epoch = None   # a stop belongs to the fit it ended
+
     def after_fit(self, learn): self._restore(learn)
 
     def cleanup_fit(self, learn):
@@ -77,10 +79,12 @@ class EarlyStoppingS(Subscriber):
             self._best_weights = None
 
     def state_dict(self) -> dict:
-        return {'best': self.best, 'best_epoch': self.best_epoch, 'wait': self.wait}
+        "The best value, its epoch, the epochs waited, and (with `restore_best`) the best weights: a resume ends alike."
+        return {'best': self.best, 'best_epoch': self.best_epoch, 'wait': self.wait, 'best_weights': self._best_weights}
 
     def load_state_dict(self, state: dict) -> None:
         self.best, self.best_epoch, self.wait = state['best'], state['best_epoch'], state['wait']
+        self._best_weights = state.get('best_weights')
 
 # %% ../../nbs/41_tracking.ipynb #7dd4bb98
 class CSVLoggerS(Subscriber):
@@ -99,9 +103,10 @@ class CSVLoggerS(Subscriber):
         if not self._main: return   # distributed: every rank has the same rows; the main rank writes them
         if self.path.is_dir():
             raise IsADirectoryError(f'CSVLoggerS: path {str(self.path)!r} is a folder: give a file name')
-        check_writable(self.path.parent, 'CSVLoggerS')   # before any training, and before an old log is removed
-        if not self.append and self._columns is None and self.path.exists(): self.path.unlink()
-        if self.path.exists() and self._columns is None:
+        check_writable(self.path.parent, 'CSVLoggerS')   # before any training
+        # An old log is replaced at the first write, not now: a fit refused on its first batch leaves it in place.
+        self._replace = not self.append and self._columns is None
+        if self.path.exists() and self._columns is None and self.append:
             with open(self.path, newline='') as f: self._columns = next(csv.reader(f), None)
 
     def after_epoch(self, learn):
@@ -109,6 +114,9 @@ class CSVLoggerS(Subscriber):
         self._n_rows = len(learn.history)
         if not rows or not self._main: return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self._replace:   # a new log mirrors the whole history (after a resume, the rows before it too)
+            self._replace, rows = False, learn.history
+            if self.path.exists(): self.path.unlink()
         new_file = not self.path.exists()
         if self._columns is None: self._columns = list(rows[0])
         with open(self.path, 'a', newline='') as f:
