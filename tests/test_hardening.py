@@ -311,3 +311,19 @@ class _StopAfterEpoch(Subscriber):
     def __init__(self, n): self.n = n
     def after_epoch(self, learn):
         if not learn.training and learn.epoch == self.n: raise RuntimeError('crash')
+
+
+def test_fit_one_cycle_resumes_exactly(tmp_path):
+    importlib.import_module('nntrain.subs.schedule')   # patches fit_one_cycle onto Learner
+    def make():
+        torch.manual_seed(0)
+        return tiny_classifier()
+    straight = make()
+    straight.fit_one_cycle(3, 0.1)
+    first = make()
+    with pytest.raises(RuntimeError, match='crash'): first.fit_one_cycle(3, 0.1, subs=[_StopAfterEpoch(0)])
+    path = first.save(tmp_path / 'mid.pt')
+    resumed = make()
+    resumed.load(path)
+    resumed.fit_one_cycle(3, 0.1, resume=True)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.model.state_dict().values(), straight.model.state_dict().values()))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 from typing import NamedTuple
 
 import matplotlib.pyplot as plt
@@ -19,6 +18,7 @@ from ..core import (
     set_rng_state)
 from ..data import loader_state, set_loader_state
 from ..learner import Learner
+from .progress import in_kernel
 from .schedule import sched_exp, sched_lin
 
 # %% auto #0
@@ -160,11 +160,6 @@ class _Snapshot:
         set_rng_state(self.rng)
 
 # %% ../../nbs/15_lr_find.ipynb #01cb290d
-def _in_notebook() -> bool:
-    "Is this running in a Jupyter kernel (where a figure left at the end of a cell is shown)?"
-    shell = getattr(sys.modules.get('IPython'), 'get_ipython', lambda: None)()
-    return shell is not None and type(shell).__name__ == 'ZMQInteractiveShell'
-
 @patch
 def lr_find(self: Learner, start_lr: float = 1e-7, end_lr: float = 10., num_it: int = 100, mode: str = 'exp',
             stop_div: bool = True, div_factor: float = 4., show_plot: bool | None = None) -> LRFindResult:
@@ -178,5 +173,5 @@ def lr_find(self: Learner, start_lr: float = 1e-7, end_lr: float = 10., num_it: 
             self.fit(math.ceil(num_it / max(len(self.dls.train), 1)), valid=False)
     finally: snap.restore(self)
     res = finder.result()
-    if show_plot or (show_plot is None and _in_notebook()): res.plot()   # in a notebook, the curve shows by default
+    if show_plot or (show_plot is None and in_kernel()): res.plot()   # in a notebook, the curve shows by default
     return res

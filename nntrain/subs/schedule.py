@@ -225,16 +225,20 @@ class SchedulerS(Subscriber):
 @patch
 def fit_one_cycle(self: Learner, n_epochs: int, lr_max=None, pct_start: float = 0.25, div: float = 25.,
                   div_final: float = 1e5, moms: tuple | None = (0.95, 0.85, 0.95), subs=(), train: bool = True,
-                  valid: bool = True, reset_opt: bool = False) -> ParamSchedulerS:
+                  valid: bool = True, reset_opt: bool = False, resume: bool = False,
+                  n_batches: int | None = None) -> ParamSchedulerS:
     "Fit with the one-cycle policy (`lr_max` defaults to `self.lr`); returns the `ParamSchedulerS` that recorded it."
     sched = ParamSchedulerS(one_cycle_scheds(self.lr if lr_max is None else lr_max, pct_start, div, div_final, moms))
-    self.fit(n_epochs, subs=[sched, *subs], train=train, valid=valid, reset_opt=reset_opt)
+    self.fit(n_epochs, subs=[sched, *subs], train=train, valid=valid, reset_opt=reset_opt, resume=resume,
+             n_batches=n_batches)
     return sched
 
 @patch
 def fit_flat_cos(self: Learner, n_epochs: int, lr=None, pct_start: float = 0.75, div_final: float = 1e5,
-                 subs=(), train: bool = True, valid: bool = True, reset_opt: bool = False) -> ParamSchedulerS:
+                 subs=(), train: bool = True, valid: bool = True, reset_opt: bool = False, resume: bool = False,
+                 n_batches: int | None = None) -> ParamSchedulerS:
     "Fit at a flat `lr` (default `self.lr`), then cosine-anneal it; returns the `ParamSchedulerS` that recorded it."
     sched = ParamSchedulerS(flat_cos_scheds(self.lr if lr is None else lr, pct_start, div_final))
-    self.fit(n_epochs, subs=[sched, *subs], train=train, valid=valid, reset_opt=reset_opt)
+    self.fit(n_epochs, subs=[sched, *subs], train=train, valid=valid, reset_opt=reset_opt, resume=resume,
+             n_batches=n_batches)
     return sched

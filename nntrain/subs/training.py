@@ -15,13 +15,17 @@ from ..core import (
     CancelFitException, CancelStepException, Order, Subscriber, check_choice, check_int, check_number)
 
 # %% auto #0
-__all__ = ['opt_grads', 'grad_norm', 'GradClipS', 'set_grad_sync', 'GradAccumS', 'first_nonfinite_module', 'TerminateOnNaNS',
-           'EMAS']
+__all__ = ['opt_params', 'opt_grads', 'grad_norm', 'GradClipS', 'set_grad_sync', 'GradAccumS', 'first_nonfinite_module',
+           'TerminateOnNaNS', 'EMAS']
 
 # %% ../../nbs/18_training.ipynb #eae27794
+def opt_params(learn) -> list[torch.Tensor]:
+    "The parameters the optimizer is about to update: those of every param group that have a gradient."
+    return [p for g in learn.opt.param_groups for p in g['params'] if p.grad is not None]
+
 def opt_grads(learn) -> list[torch.Tensor]:
     "The gradients the optimizer is about to use (parameters without a gradient left out)."
-    return [p.grad for g in learn.opt.param_groups for p in g['params'] if p.grad is not None]
+    return [p.grad for p in opt_params(learn)]
 
 def grad_norm(grads: list[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
     "Total `norm_type`-norm of `grads`, as one tensor on their device: no host sync."
@@ -47,7 +51,7 @@ class GradClipS(Subscriber):
         self.last_norm: torch.Tensor | None = None
 
     def after_backward(self, learn):
-        params = [p for g in learn.opt.param_groups for p in g['params'] if p.grad is not None]
+        params = opt_params(learn)
         if not params: return
         if self.mode == 'norm':
             self.last_norm = nn.utils.clip_grad_norm_(params, self.max_norm, self.norm_type)
@@ -155,9 +159,11 @@ class TerminateOnNaNS(Subscriber):
             bad = [n for n, p in model.named_parameters() if p.grad is not None and _nonfinite(p.grad)]
             if bad: what.append(f'gradient of {", ".join(bad[:3])}{", …" if len(bad) > 3 else ""}')
         if not what: return   # huge but finite gradients: only their norm overflowed
-        self.module = self._forensics(learn)
+        # Re-running the forward is a collective under FSDP, and this rank may be the only one stopping: not then.
+        self.module = self._forensics(learn) if learn.world_size == 1 else None
         where = (f'the first module to output a non-finite value is {self.module}' if self.module else
-                 'every module output was finite when the batch was run again')
+                 'every module output was finite when the batch was run again' if learn.world_size == 1 else
+                 'distributed: the forward was not run again to find the module')
         self.reason = (f'non-finite {" and ".join(what)} at epoch {learn.epoch}, batch {learn.iter}; {where}. '
                        'Training stopped before the optimizer step: the weights are those of the last good step.')
         warnings.warn(self.reason, RuntimeWarning, stacklevel=2)
