@@ -106,7 +106,7 @@ class TensorLoader:
     def device(self) -> torch.device: return self.tensors[0].device
 
     def state_dict(self) -> dict:
-        "The shuffling state: mid-epoch, the one this epoch's order was drawn from (a resume replays it); else the next."
+        "The shuffling state: mid-epoch, the one this epoch's order came from (a resume replays it); else the next."
         return {'generator': self.generator.get_state() if self._epoch_state is None else self._epoch_state}
 
     def load_state_dict(self, state: dict) -> None:
@@ -157,7 +157,8 @@ class DataLoaders:
 
     @classmethod
     def from_tensors(cls, x_train, y_train, x_valid, y_valid, batch_size: int = 64, valid_batch_size: int | None = None,
-                     shuffle: bool = True, drop_last: bool = False, device=None, seed: int | None = None) -> DataLoaders:
+                     shuffle: bool = True, drop_last: bool = False, device=None,
+                     seed: int | None = None) -> DataLoaders:
         "Loaders over in-memory tensors or arrays; the training loader shuffles, the validation loader does not."
         # inputs and targets are counted per split, so a mismatch names the split
         x_train, y_train = _as_tensors({'x_train': x_train, 'y_train': y_train})

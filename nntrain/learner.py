@@ -207,7 +207,7 @@ class WeightedMean:
         return total / count
 
 def lr_for_groups(lr: float | slice | list, n_groups: int) -> list[float]:
-    "One learning rate per param group: a number for all; `slice(hi)`: `hi/10` but the last; `slice(lo, hi)`: geometric."
+    "A learning rate per param group: a number for all; `slice(hi)`: `hi/10` but the last; `slice(lo, hi)`: geometric."
     if isinstance(lr, (list, tuple)):
         if len(lr) != n_groups: raise ValueError(f'{len(lr)} learning rates for {n_groups} param groups')
         return [float(v) for v in lr]
@@ -279,7 +279,8 @@ def _refused_fit_state(learn, state: dict | None = None) -> dict | None:
     if state is None:
         state = {n: getattr(learn, n) for n in _REFUSED_FIT_KEEPS}
         opt = state['opt']
-        state['groups'] = None if opt is None else [{k: v for k, v in g.items() if k != 'params'} for g in opt.param_groups]
+        groups = [] if opt is None else opt.param_groups
+        state['groups'] = [{k: v for k, v in g.items() if k != 'params'} for g in groups]
         return state
     for n in _REFUSED_FIT_KEEPS: setattr(learn, n, state[n])
     if state['opt'] is not None:
@@ -538,8 +539,8 @@ def separate_run(self: Learner, kind: str, subs=()):
     if kind not in RUNS or kind == 'fit': raise ValueError(f"kind must be one of {RUNS[1:]}, got {kind!r}")
     if self._in_loop:   # subscribers keep per-run state (set up in before_fit, undone in cleanup_fit): runs do not nest
         what = {'validate': 'validation', 'predict': 'prediction', 'lr_find': 'learning-rate search'}[kind]
-        raise RuntimeError(f'cannot start a {what} during a {self.run_kind} (from a subscriber?): runs do not nest. Read '
-                           'the valid pass\'s results in after_epoch (learn.history[-1]), or validate after the fit.')
+        raise RuntimeError(f'cannot start a {what} during a {self.run_kind} (from a subscriber?): runs do not nest. '
+                           'Read the valid pass\'s results in after_epoch (learn.history[-1]), or validate after the fit.')
     saved, old_subs = {n: getattr(self, n) for n in _RUN_STATE}, self.subs
     self._set_subs(old_subs + list(subs))
     self.run_kind, self._in_loop, self.history = kind, False, []   # rows made in here are returned, not kept

@@ -34,7 +34,8 @@ class ResBlock(nn.Module):
     "Two convolutions plus an identity path matched to the output shape, then ReLU."
     def __init__(self, n_in: int, n_out: int, stride: int = 2):
         super().__init__()
-        self.convs = nn.Sequential(conv_block(n_in, n_out, stride=1), conv_block(n_out, n_out, stride=stride, act=False))
+        self.convs = nn.Sequential(conv_block(n_in, n_out, stride=1),
+                                   conv_block(n_out, n_out, stride=stride, act=False))
         self.idconv = nn.Identity() if n_in == n_out else conv_block(n_in, n_out, kernel_size=1, stride=1, act=False)
         self.pool = nn.Identity() if stride == 1 else nn.AvgPool2d(2, ceil_mode=True)
         self.act = nn.ReLU(inplace=True)

@@ -22,7 +22,8 @@ def _as_images(x: torch.Tensor) -> torch.Tensor:
         if side * side != x.shape[1]: raise ValueError(f'cannot unflatten images of {x.shape[1]} values: not square')
         x = x.view(len(x), 1, side, side)
     if x.ndim == 3: x = x.unsqueeze(1)
-    if x.ndim != 4: raise ValueError(f'expected images shaped (N, C, H, W), (N, H, W) or (N, H*W), got {tuple(x.shape)}')
+    if x.ndim != 4:
+        raise ValueError(f'expected images shaped (N, C, H, W), (N, H, W) or (N, H*W), got {tuple(x.shape)}')
     return x
 
 def _channel_stat(name: str, v, x: torch.Tensor) -> torch.Tensor:

@@ -149,7 +149,8 @@ def test_learner_arguments_are_checked(kwargs, message):
 
 @pytest.mark.parametrize('kwargs, message', [
     (dict(lr=-0.1), 'got -0.1'), (dict(lr=float('inf')), 'got inf'), (dict(n_epochs=0), 'n_epochs must be an int >= 1'),
-    (dict(n_epochs=1.5), 'got 1.5'), (dict(train=False, valid=False), 'nothing to do'), (dict(train='yes'), 'train must be'),
+    (dict(n_epochs=1.5), 'got 1.5'), (dict(train=False, valid=False), 'nothing to do'),
+    (dict(train='yes'), 'train must be'),
     (dict(n_batches=0), 'n_batches'), (dict(subs=[Counter]), 'pass an instance'), (dict(resume=True), 'load() first'),
 ])
 def test_fit_arguments_are_checked_before_anything_changes(kwargs, message):
@@ -172,7 +173,8 @@ def test_a_fit_inside_a_fit_is_refused_and_the_learner_stays_usable():
     class Search(Subscriber):
         def after_epoch(self, learn): learn.lr_find(num_it=3)
     importlib.import_module("nntrain.subs.lr_find")   # patches lr_find onto Learner
-    with pytest.raises(RuntimeError, match='cannot start a learning-rate search during a fit'): learn.fit(1, subs=[Search()])
+    with pytest.raises(RuntimeError, match='cannot start a learning-rate search during a fit'):
+        learn.fit(1, subs=[Search()])
     learn.fit(1)
     assert learn.global_step == 1 + 4 + 4
 
@@ -326,4 +328,5 @@ def test_fit_one_cycle_resumes_exactly(tmp_path):
     resumed = make()
     resumed.load(path)
     resumed.fit_one_cycle(3, 0.1, resume=True)
-    assert all(torch.equal(a, b) for a, b in zip(resumed.model.state_dict().values(), straight.model.state_dict().values()))
+    pairs = zip(resumed.model.state_dict().values(), straight.model.state_dict().values())
+    assert all(torch.equal(a, b) for a, b in pairs)

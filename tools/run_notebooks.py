@@ -103,7 +103,8 @@ def main(argv=None) -> int:
     if args.check:
         library = library_hash()
         stale = [(p, why) for p in paths if (why := check(p, library))]
-        for p, why in stale: print(f'{p.relative_to(ROOT)}: {why}; run: python tools/run_notebooks.py {p.relative_to(ROOT)}')
+        for p, why in stale:
+            print(f'{p.relative_to(ROOT)}: {why}; run: python tools/run_notebooks.py {p.relative_to(ROOT)}')
         print(f'{len(paths) - len(stale)} of {len(paths)} notebooks hold outputs of their current code')
         return 1 if stale else 0
     failed = []

@@ -41,7 +41,8 @@ class EarlyStoppingS(Subscriber):
 
     def reset(self) -> None:
         "Forget the best value seen (a new run)."
-        self.best, self.best_epoch, self.wait, self.stopped_epoch = (math.inf if self.mode == 'min' else -math.inf), None, 0, None
+        self.best = math.inf if self.mode == 'min' else -math.inf
+        self.best_epoch, self.wait, self.stopped_epoch = None, 0, None
         self._best_weights = None
 
     def _improved(self, value: float) -> bool:
