@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .core import to_device
+from .core import preserve_modes, to_device
 from .hooks import Hooks
 
 # %% auto #0
@@ -135,30 +135,29 @@ def lsuv_init(model_or_learn, xb, modules=None, tol: float = 1e-3, max_iter: int
     if not named: raise ValueError('lsuv_init: the model has no Conv or Linear layer to calibrate; pass modules=')
     if learn is not None: xb = _learner_input(learn, xb)
     xb = to_device(xb, next(model.parameters()).device)
-    modes = [(m, m.training) for m in model.modules()]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     saved = [(m, m.weight.detach().clone(), None if _bias(m) is None else m.bias.detach().clone()) for _, m in named]
-    try:
-        model.train()   # batch norms normalise with the batch's statistics, as in training
-        for m in model.modules():
-            if isinstance(m, nn.modules.dropout._DropoutNd): m.eval()   # deterministic passes
-        with torch.no_grad():
-            named = _forward_order(model, xb, named, explicit=modules is not None)
-            iters = [_calibrate(model, xb, name, m, tol, max_iter) for name, m in named]
-            after = {}
-            def record(i, m, args, out):
-                if i not in after: after[i] = _out_stats(out)
-            with Hooks([m for _, m in named], record): _run(model, xb)
-    except BaseException:
-        with torch.no_grad():
-            for m, w, b in saved:
-                m.weight.copy_(w)
-                if b is not None: m.bias.copy_(b)
-        raise
-    finally:
-        for m, mode in modes: m.training = mode
-        with torch.no_grad():
-            for b, v in buffers: b.copy_(v)
+    with preserve_modes(model):
+        try:
+            model.train()   # batch norms normalise with the batch's statistics, as in training
+            for m in model.modules():
+                if isinstance(m, nn.modules.dropout._DropoutNd): m.eval()   # deterministic passes
+            with torch.no_grad():
+                named = _forward_order(model, xb, named, explicit=modules is not None)
+                iters = [_calibrate(model, xb, name, m, tol, max_iter) for name, m in named]
+                after = {}
+                def record(i, m, args, out):
+                    if i not in after: after[i] = _out_stats(out)
+                with Hooks([m for _, m in named], record): _run(model, xb)
+        except BaseException:
+            with torch.no_grad():
+                for m, w, b in saved:
+                    m.weight.copy_(w)
+                    if b is not None: m.bias.copy_(b)
+            raise
+        finally:
+            with torch.no_grad():
+                for b, v in buffers: b.copy_(v)
     report = LSUVReport([LayerStats(n, *after[i]) for i, (n, _) in enumerate(named)], iters)
     off = [r.name for r, (_, m) in zip(report, named)
            if not abs(r.std - 1) < tol or (_bias(m) is not None and not abs(r.mean) < tol)]

@@ -417,7 +417,7 @@ class Learner:
         self._unchecked, self._n_batches, self._in_loop = {t for _, t in phases}, n_batches, True
         grad = torch.is_grad_enabled()
         try:
-            with preserve_modes(self.model), DeferredInterrupt() as self._ctrl_c:   # one per run: runs may nest
+            with preserve_modes(self.model), DeferredInterrupt() as self._ctrl_c:
                 if self._stage('fit', self._epochs, phases) and self.opt is not None: self.opt.zero_grad()
         except BaseException as e:
             self._after_error(e)

@@ -13,7 +13,7 @@ import torch
 from fastcore.basics import patch
 from torch import nn
 
-from ..core import CancelFitException, Order, Subscriber, to_device
+from ..core import CancelFitException, Order, Subscriber, preserve_modes, to_device
 from ..data import undisturbed
 from ..hooks import Hooks
 from ..learner import Learner
@@ -245,12 +245,7 @@ def _run_model(model: nn.Module, batch) -> None:
     x = batch[0] if isinstance(batch, (tuple, list)) else batch
     param = next(model.parameters(), None)
     if param is not None: x = to_device(x, param.device)
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        with torch.no_grad(): model(x)
-    finally:
-        for m, mode in modes: m.training = mode
+    with preserve_modes(model), torch.no_grad(): model.eval()(x)
 
 def summary(learn_or_model: Learner | nn.Module, batch=None, modules=None) -> ModelSummary:
     "Shapes, parameters and per-item MACs of each leaf module (or of `modules`) from one forward pass on `batch`."
