@@ -10,21 +10,22 @@ __all__ = ['torch', 'nn', 'F', 'BinaryAccuracy', 'BinaryAUROC', 'BinaryF1Score',
            'CancelStepException', 'Order', 'Subscriber', 'check_subscriber', 'sort_subs', 'build_table', 'add_note',
            'note_origin', 'default_device', 'to_device', 'preserve_modes', 'set_seed', 'check_int', 'check_number',
            'check_choice', 'check_bool', 'rng_state', 'set_rng_state', 'atomic_save', 'IMAGE_EXTENSIONS',
-           'TensorLoader', 'loader_state', 'set_loader_state', 'DataLoaders', 'ImageDecodeError', 'image_files',
-           'folder_items', 'pil_to_tensor', 'ImageFolderDataset', 'collate_images', 'uint8_to_float', 'MappedLoader',
-           'hf_ds_collate_fn', 'mnist_sample', 'read_idx', 'write_idx', 'data_dir', 'DownloadError', 'sha256sum',
-           'download_url', 'mnist', 'fashion_mnist', 'unpack_tgz', 'imagenette', 'imagewoof', 'Hooks', 'Hook',
-           'count_hooks', 'init_weights', 'LayerStats', 'LSUVReport', 'lsuv_init', 'batch_targets', 'check_batch',
-           'check_preds', 'check_loss', 'per_item_loss', 'loader_targets', 'peek_targets', 'buffers_kept_on_error',
-           'first_batch_step', 'Position', 'DeferredInterrupt', 'WeightedMean', 'lr_for_groups', 'check_lr', 'Learner',
-           'TrainingLoop', 'weight_problems', 'read_checkpoint', 'MomentumLearner', 'LabelSmoothingCrossEntropy',
-           'conv_block', 'simple_cnn', 'ResBlock', 'resnet', 'cnn_layers', 'AdaptiveConcatPool2d', 'BasicBlock',
-           'Bottleneck', 'xresnet', 'xresnet18', 'xresnet34', 'xresnet50', 'PerParamOptimizer', 'SGD', 'Momentum',
-           'RMSProp', 'Adam', 'AdamW', 'LAMB', 'weight_decay', 'l2_reg', 'sgd_step', 'average_grad', 'average_sqr_grad',
-           'step_stat', 'rms_step', 'adam_step', 'StatsOptimizer', 'sgd_opt', 'rmsprop_opt', 'adam_opt', 'denormalize',
-           'show_images', 'show_batch', 'AugmentS', 'per_sample', 'mixup', 'rand_box', 'cutmix', 'MixUpS', 'CutMixS',
-           'checkpoints', 'latest_checkpoint', 'check_writable', 'CheckpointS', 'tensor_stats', 'summarize',
-           'describe_change', 'fingerprint', 'Change', 'TraceS', 'sync_op', 'Sync', 'SyncAuditS', 'DebugS', 'DeviceS',
+           'TensorLoader', 'loader_state', 'set_loader_state', 'undisturbed', 'DataLoaders', 'ImageDecodeError',
+           'image_files', 'folder_items', 'pil_to_tensor', 'ImageFolderDataset', 'collate_images', 'uint8_to_float',
+           'MappedLoader', 'hf_ds_collate_fn', 'mnist_sample', 'read_idx', 'write_idx', 'data_dir', 'DownloadError',
+           'sha256sum', 'download_url', 'mnist', 'fashion_mnist', 'unpack_tgz', 'imagenette', 'imagewoof', 'Hooks',
+           'Hook', 'count_hooks', 'init_weights', 'LayerStats', 'LSUVReport', 'lsuv_init', 'batch_targets',
+           'check_batch', 'check_preds', 'check_loss', 'per_item_loss', 'loader_targets', 'peek_targets',
+           'buffers_kept_on_error', 'first_batch_step', 'Position', 'DeferredInterrupt', 'WeightedMean',
+           'lr_for_groups', 'check_lr', 'Learner', 'TrainingLoop', 'plain_module', 'weight_problems', 'read_checkpoint',
+           'MomentumLearner', 'LabelSmoothingCrossEntropy', 'conv_block', 'simple_cnn', 'ResBlock', 'resnet',
+           'cnn_layers', 'AdaptiveConcatPool2d', 'BasicBlock', 'Bottleneck', 'xresnet', 'xresnet18', 'xresnet34',
+           'xresnet50', 'PerParamOptimizer', 'SGD', 'Momentum', 'RMSProp', 'Adam', 'AdamW', 'LAMB', 'weight_decay',
+           'l2_reg', 'sgd_step', 'average_grad', 'average_sqr_grad', 'step_stat', 'rms_step', 'adam_step',
+           'StatsOptimizer', 'sgd_opt', 'rmsprop_opt', 'adam_opt', 'denormalize', 'show_images', 'show_batch',
+           'AugmentS', 'per_sample', 'mixup', 'rand_box', 'cutmix', 'MixUpS', 'CutMixS', 'checkpoints',
+           'latest_checkpoint', 'check_writable', 'CheckpointS', 'tensor_stats', 'summarize', 'describe_change',
+           'fingerprint', 'Change', 'TraceS', 'sync_op', 'Sync', 'SyncAuditS', 'DebugS', 'DeviceS',
            'launched_by_torchrun', 'is_distributed', 'init_distributed', 'get_rank', 'get_world_size', 'rank0_first',
            'all_max', 'all_gather_objects', 'interleave', 'ShardedTensorLoader', 'StrideSampler', 'is_sharded',
            'can_shard', 'shard_loader', 'loader_seed', 'PlainKeysDDP', 'to_sync_bn', 'FullStateDict',
@@ -36,8 +37,8 @@ __all__ = ['torch', 'nn', 'F', 'BinaryAccuracy', 'BinaryAUROC', 'BinaryF1Score',
            'epoch_table', 'in_kernel', 'Bar', 'ProgressView', 'plot_losses', 'ProgressS', 'annealer', 'sched_lin',
            'sched_cos', 'sched_no', 'sched_exp', 'combine_scheds', 'cos_1cycle_anneal', 'one_cycle_scheds',
            'flat_cos_scheds', 'get_hyper', 'set_hyper', 'ParamSchedulerS', 'SchedulerS', 'summary_writer',
-           'momentum_of', 'is_image_batch', 'TensorBoardS', 'EarlyStoppingS', 'CSVLoggerS', 'opt_grads', 'grad_norm',
-           'GradClipS', 'set_grad_sync', 'GradAccumS', 'first_nonfinite_module', 'TerminateOnNaNS', 'EMAS',
+           'momentum_of', 'is_image_batch', 'TensorBoardS', 'EarlyStoppingS', 'CSVLoggerS', 'opt_params', 'opt_grads',
+           'grad_norm', 'GradClipS', 'set_grad_sync', 'GradAccumS', 'first_nonfinite_module', 'TerminateOnNaNS', 'EMAS',
            'POOL_TYPES', 'HEAD_ATTRS', 'BN_TYPES', 'is_pool', 'default_splitter', 'FrozenBnS', 'concat_pool',
            'cut_body', 'n_features', 'make_head', 'adapt_head']
 
@@ -63,8 +64,9 @@ from .core import (
     default_device, to_device, preserve_modes, set_seed, check_int, check_number, check_choice, check_bool,
     rng_state, set_rng_state, atomic_save)
 from .data import (
-    IMAGE_EXTENSIONS, TensorLoader, loader_state, set_loader_state, DataLoaders, ImageDecodeError, image_files,
-    folder_items, pil_to_tensor, ImageFolderDataset, collate_images, uint8_to_float, MappedLoader, hf_ds_collate_fn)
+    IMAGE_EXTENSIONS, TensorLoader, loader_state, set_loader_state, undisturbed, DataLoaders, ImageDecodeError,
+    image_files, folder_items, pil_to_tensor, ImageFolderDataset, collate_images, uint8_to_float, MappedLoader,
+    hf_ds_collate_fn)
 from .datasets import (
     mnist_sample, read_idx, write_idx, data_dir, DownloadError, sha256sum, download_url, mnist, fashion_mnist,
     unpack_tgz, imagenette, imagewoof)
@@ -73,7 +75,7 @@ from .init import init_weights, LayerStats, LSUVReport, lsuv_init
 from .learner import (
     batch_targets, check_batch, check_preds, check_loss, per_item_loss, loader_targets, peek_targets,
     buffers_kept_on_error, first_batch_step, Position, DeferredInterrupt, WeightedMean, lr_for_groups, check_lr,
-    Learner, TrainingLoop, weight_problems, read_checkpoint, MomentumLearner)
+    Learner, TrainingLoop, plain_module, weight_problems, read_checkpoint, MomentumLearner)
 from .losses import LabelSmoothingCrossEntropy
 from .models import (
     conv_block, simple_cnn, ResBlock, resnet, cnn_layers, AdaptiveConcatPool2d, BasicBlock, Bottleneck, xresnet,
@@ -105,8 +107,9 @@ from .subs.schedule import (
     flat_cos_scheds, get_hyper, set_hyper, ParamSchedulerS, SchedulerS)
 from .subs.tensorboard import summary_writer, momentum_of, is_image_batch, TensorBoardS
 from .subs.tracking import EarlyStoppingS, CSVLoggerS
-from .subs.training import (
-    opt_grads, grad_norm, GradClipS, set_grad_sync, GradAccumS, first_nonfinite_module, TerminateOnNaNS, EMAS)
+from nntrain.subs.training import (
+    opt_params, opt_grads, grad_norm, GradClipS, set_grad_sync, GradAccumS, first_nonfinite_module, TerminateOnNaNS,
+    EMAS)
 from .transfer import (
     POOL_TYPES, HEAD_ATTRS, BN_TYPES, is_pool, default_splitter, FrozenBnS, concat_pool, cut_body, n_features,
     make_head, adapt_head)
@@ -119,7 +122,7 @@ _all_ = ['torch', 'nn', 'F', 'BinaryAccuracy', 'BinaryAUROC', 'BinaryF1Score', '
          'CancelStepException', 'Order', 'Subscriber', 'check_subscriber', 'sort_subs', 'build_table',
          'add_note', 'note_origin', 'default_device', 'to_device', 'preserve_modes', 'set_seed', 'check_int',
          'check_number', 'check_choice', 'check_bool', 'rng_state', 'set_rng_state', 'atomic_save',
-         'IMAGE_EXTENSIONS', 'TensorLoader', 'loader_state', 'set_loader_state', 'DataLoaders',
+         'IMAGE_EXTENSIONS', 'TensorLoader', 'loader_state', 'set_loader_state', 'undisturbed', 'DataLoaders',
          'ImageDecodeError', 'image_files', 'folder_items', 'pil_to_tensor', 'ImageFolderDataset',
          'collate_images', 'uint8_to_float', 'MappedLoader', 'hf_ds_collate_fn', 'mnist_sample', 'read_idx',
          'write_idx', 'data_dir', 'DownloadError', 'sha256sum', 'download_url', 'mnist', 'fashion_mnist',
@@ -127,7 +130,7 @@ _all_ = ['torch', 'nn', 'F', 'BinaryAccuracy', 'BinaryAUROC', 'BinaryF1Score', '
          'LayerStats', 'LSUVReport', 'lsuv_init', 'batch_targets', 'check_batch', 'check_preds', 'check_loss',
          'per_item_loss', 'loader_targets', 'peek_targets', 'buffers_kept_on_error', 'first_batch_step',
          'Position', 'DeferredInterrupt', 'WeightedMean', 'lr_for_groups', 'check_lr', 'Learner',
-         'TrainingLoop', 'weight_problems', 'read_checkpoint', 'MomentumLearner',
+         'TrainingLoop', 'plain_module', 'weight_problems', 'read_checkpoint', 'MomentumLearner',
          'LabelSmoothingCrossEntropy', 'conv_block', 'simple_cnn', 'ResBlock', 'resnet', 'cnn_layers',
          'AdaptiveConcatPool2d', 'BasicBlock', 'Bottleneck', 'xresnet', 'xresnet18', 'xresnet34', 'xresnet50',
          'PerParamOptimizer', 'SGD', 'Momentum', 'RMSProp', 'Adam', 'AdamW', 'LAMB', 'weight_decay', 'l2_reg',
@@ -148,7 +151,7 @@ _all_ = ['torch', 'nn', 'F', 'BinaryAccuracy', 'BinaryAUROC', 'BinaryF1Score', '
          'plot_losses', 'ProgressS', 'annealer', 'sched_lin', 'sched_cos', 'sched_no', 'sched_exp',
          'combine_scheds', 'cos_1cycle_anneal', 'one_cycle_scheds', 'flat_cos_scheds', 'get_hyper',
          'set_hyper', 'ParamSchedulerS', 'SchedulerS', 'summary_writer', 'momentum_of', 'is_image_batch',
-         'TensorBoardS', 'EarlyStoppingS', 'CSVLoggerS', 'opt_grads', 'grad_norm', 'GradClipS',
+         'TensorBoardS', 'EarlyStoppingS', 'CSVLoggerS', 'opt_params', 'opt_grads', 'grad_norm', 'GradClipS',
          'set_grad_sync', 'GradAccumS', 'first_nonfinite_module', 'TerminateOnNaNS', 'EMAS', 'POOL_TYPES',
          'HEAD_ATTRS', 'BN_TYPES', 'is_pool', 'default_splitter', 'FrozenBnS', 'concat_pool', 'cut_body',
          'n_features', 'make_head', 'adapt_head']

@@ -477,6 +477,10 @@ def build(out: Path | str = '_site', nbs_dir: Path | str | None = None, execute:
     rows = ''.join(f'<tr><td><a href="{i.page}">{html.escape(i.title)}</a></td><td>{html.escape(i.summary)}</td></tr>'
                    for i in infos)
     intro = site.markdown(readme.read_text(encoding='utf-8')) if readme.exists() else f'<h1>{PKG}</h1>'
+    for src in re.findall(r'<img[^>]* src="([^":]+)"', intro):   # the README's own images (a relative path)
+        if (readme.parent / src).is_file():
+            (out / src).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(readme.parent / src, out / src)
     index = f'{intro}<h2 id="notebooks">Notebooks</h2><table class="nb-list">{rows}</table>'
     (out / 'index.html').write_text(page(PKG, index, site, 'index.html'), encoding='utf-8')
 
