@@ -30,17 +30,17 @@ __all__ = ['torch', 'nn', 'F', 'BinaryAccuracy', 'BinaryAUROC', 'BinaryF1Score',
            'all_max', 'all_gather_objects', 'interleave', 'ShardedTensorLoader', 'StrideSampler', 'is_sharded',
            'can_shard', 'shard_loader', 'loader_seed', 'PlainKeysDDP', 'to_sync_bn', 'FullStateDict',
            'full_state_dicts', 'fsdp_opt', 'gather_fsdp', 'DistributedS', 'valley_lr', 'steep_lr', 'minimum_lr',
-           'LRFindResult', 'LRFindS', 'MetricsS', 'conv_macs', 'conv_transpose_macs', 'linear_macs', 'norm_macs',
-           'mha_macs', 'module_macs', 'leaf_modules', 'LayerInfo', 'ModelSummary', 'summary', 'ModelMonitorS',
-           'activation_stats', 'ActivationStatsS', 'module_label', 'mean_std', 'NormalizationS', 'AUTOCAST_DTYPES',
-           'resolve_precision', 'make_scaler', 'MixedPrecisionS', 'ChannelsLastS', 'CompileS', 'phase_table',
-           'epoch_table', 'in_kernel', 'Bar', 'ProgressView', 'plot_losses', 'ProgressS', 'annealer', 'sched_lin',
-           'sched_cos', 'sched_no', 'sched_exp', 'combine_scheds', 'cos_1cycle_anneal', 'one_cycle_scheds',
-           'flat_cos_scheds', 'get_hyper', 'set_hyper', 'ParamSchedulerS', 'SchedulerS', 'summary_writer',
-           'momentum_of', 'is_image_batch', 'TensorBoardS', 'EarlyStoppingS', 'CSVLoggerS', 'opt_params', 'opt_grads',
-           'grad_norm', 'GradClipS', 'set_grad_sync', 'GradAccumS', 'first_nonfinite_module', 'TerminateOnNaNS', 'EMAS',
-           'POOL_TYPES', 'HEAD_ATTRS', 'BN_TYPES', 'is_pool', 'default_splitter', 'FrozenBnS', 'concat_pool',
-           'cut_body', 'n_features', 'make_head', 'adapt_head']
+           'LRFindResult', 'LRFindS', 'MetricsS', 'ModelMonitorS', 'activation_stats', 'ActivationStatsS',
+           'module_label', 'mean_std', 'NormalizationS', 'AUTOCAST_DTYPES', 'resolve_precision', 'make_scaler',
+           'MixedPrecisionS', 'ChannelsLastS', 'CompileS', 'phase_table', 'epoch_table', 'in_kernel', 'Bar',
+           'ProgressView', 'plot_losses', 'ProgressS', 'annealer', 'sched_lin', 'sched_cos', 'sched_no', 'sched_exp',
+           'combine_scheds', 'cos_1cycle_anneal', 'one_cycle_scheds', 'flat_cos_scheds', 'get_hyper', 'set_hyper',
+           'ParamSchedulerS', 'SchedulerS', 'summary_writer', 'momentum_of', 'is_image_batch', 'TensorBoardS',
+           'EarlyStoppingS', 'CSVLoggerS', 'opt_params', 'opt_grads', 'grad_norm', 'GradClipS', 'set_grad_sync',
+           'GradAccumS', 'first_nonfinite_module', 'TerminateOnNaNS', 'EMAS', 'conv_macs', 'conv_transpose_macs',
+           'linear_macs', 'norm_macs', 'mha_macs', 'first_tensor', 'module_macs', 'leaf_modules', 'pick_modules',
+           'LayerInfo', 'ModelSummary', 'LayerRecorder', 'summary', 'POOL_TYPES', 'HEAD_ATTRS', 'BN_TYPES', 'is_pool',
+           'default_splitter', 'FrozenBnS', 'concat_pool', 'cut_body', 'n_features', 'make_head', 'adapt_head']
 
 # %% ../nbs/99_all.ipynb #65bdd645
 import warnings
@@ -95,9 +95,7 @@ from .subs.distributed import (
     loader_seed, PlainKeysDDP, to_sync_bn, FullStateDict, full_state_dicts, fsdp_opt, gather_fsdp, DistributedS)
 from .subs.lr_find import valley_lr, steep_lr, minimum_lr, LRFindResult, LRFindS
 from .subs.metrics import MetricsS
-from .subs.monitor import (
-    conv_macs, conv_transpose_macs, linear_macs, norm_macs, mha_macs, module_macs, leaf_modules, LayerInfo,
-    ModelSummary, summary, ModelMonitorS, activation_stats, ActivationStatsS, module_label)
+from .subs.monitor import ModelMonitorS, activation_stats, ActivationStatsS, module_label
 from .subs.normalize import mean_std, NormalizationS
 from .subs.precision import (
     AUTOCAST_DTYPES, resolve_precision, make_scaler, MixedPrecisionS, ChannelsLastS, CompileS)
@@ -110,6 +108,9 @@ from .subs.tracking import EarlyStoppingS, CSVLoggerS
 from nntrain.subs.training import (
     opt_params, opt_grads, grad_norm, GradClipS, set_grad_sync, GradAccumS, first_nonfinite_module, TerminateOnNaNS,
     EMAS)
+from .summary import (
+    conv_macs, conv_transpose_macs, linear_macs, norm_macs, mha_macs, first_tensor, module_macs, leaf_modules,
+    pick_modules, LayerInfo, ModelSummary, LayerRecorder, summary)
 from .transfer import (
     POOL_TYPES, HEAD_ATTRS, BN_TYPES, is_pool, default_splitter, FrozenBnS, concat_pool, cut_body, n_features,
     make_head, adapt_head)
@@ -143,15 +144,16 @@ _all_ = ['torch', 'nn', 'F', 'BinaryAccuracy', 'BinaryAUROC', 'BinaryF1Score', '
          'rank0_first', 'all_max', 'all_gather_objects', 'interleave', 'ShardedTensorLoader', 'StrideSampler',
          'is_sharded', 'can_shard', 'shard_loader', 'loader_seed', 'PlainKeysDDP', 'to_sync_bn',
          'FullStateDict', 'full_state_dicts', 'fsdp_opt', 'gather_fsdp', 'DistributedS', 'valley_lr',
-         'steep_lr', 'minimum_lr', 'LRFindResult', 'LRFindS', 'MetricsS', 'conv_macs', 'conv_transpose_macs',
-         'linear_macs', 'norm_macs', 'mha_macs', 'module_macs', 'leaf_modules', 'LayerInfo', 'ModelSummary',
-         'summary', 'ModelMonitorS', 'activation_stats', 'ActivationStatsS', 'module_label', 'mean_std',
-         'NormalizationS', 'AUTOCAST_DTYPES', 'resolve_precision', 'make_scaler', 'MixedPrecisionS',
-         'ChannelsLastS', 'CompileS', 'phase_table', 'epoch_table', 'in_kernel', 'Bar', 'ProgressView',
-         'plot_losses', 'ProgressS', 'annealer', 'sched_lin', 'sched_cos', 'sched_no', 'sched_exp',
-         'combine_scheds', 'cos_1cycle_anneal', 'one_cycle_scheds', 'flat_cos_scheds', 'get_hyper',
-         'set_hyper', 'ParamSchedulerS', 'SchedulerS', 'summary_writer', 'momentum_of', 'is_image_batch',
-         'TensorBoardS', 'EarlyStoppingS', 'CSVLoggerS', 'opt_params', 'opt_grads', 'grad_norm', 'GradClipS',
-         'set_grad_sync', 'GradAccumS', 'first_nonfinite_module', 'TerminateOnNaNS', 'EMAS', 'POOL_TYPES',
-         'HEAD_ATTRS', 'BN_TYPES', 'is_pool', 'default_splitter', 'FrozenBnS', 'concat_pool', 'cut_body',
-         'n_features', 'make_head', 'adapt_head']
+         'steep_lr', 'minimum_lr', 'LRFindResult', 'LRFindS', 'MetricsS', 'ModelMonitorS', 'activation_stats',
+         'ActivationStatsS', 'module_label', 'mean_std', 'NormalizationS', 'AUTOCAST_DTYPES',
+         'resolve_precision', 'make_scaler', 'MixedPrecisionS', 'ChannelsLastS', 'CompileS', 'phase_table',
+         'epoch_table', 'in_kernel', 'Bar', 'ProgressView', 'plot_losses', 'ProgressS', 'annealer',
+         'sched_lin', 'sched_cos', 'sched_no', 'sched_exp', 'combine_scheds', 'cos_1cycle_anneal',
+         'one_cycle_scheds', 'flat_cos_scheds', 'get_hyper', 'set_hyper', 'ParamSchedulerS', 'SchedulerS',
+         'summary_writer', 'momentum_of', 'is_image_batch', 'TensorBoardS', 'EarlyStoppingS', 'CSVLoggerS',
+         'opt_params', 'opt_grads', 'grad_norm', 'GradClipS', 'set_grad_sync', 'GradAccumS',
+         'first_nonfinite_module', 'TerminateOnNaNS', 'EMAS', 'conv_macs', 'conv_transpose_macs',
+         'linear_macs', 'norm_macs', 'mha_macs', 'first_tensor', 'module_macs', 'leaf_modules',
+         'pick_modules', 'LayerInfo', 'ModelSummary', 'LayerRecorder', 'summary', 'POOL_TYPES', 'HEAD_ATTRS',
+         'BN_TYPES', 'is_pool', 'default_splitter', 'FrozenBnS', 'concat_pool', 'cut_body', 'n_features',
+         'make_head', 'adapt_head']

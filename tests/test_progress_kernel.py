@@ -17,7 +17,8 @@ assert nntrain.__file__.startswith({str(REPO)!r}), nntrain.__file__
 from torcheval.metrics import MulticlassAccuracy
 from nntrain.core import Subscriber
 from nntrain.subs.metrics import MetricsS
-from nntrain.subs.monitor import ModelMonitorS, summary
+from nntrain.subs.monitor import ModelMonitorS
+from nntrain.summary import summary
 from nntrain.subs.progress import ProgressS
 from nntrain.testing import tiny_classifier'''
 
