@@ -24,7 +24,8 @@ from torch import nn
 
 from .core import (CANCELS, EVENTS, RUNS, STEPS, CancelBatchException, CancelEpochException, CancelFitException,
                           CancelStepException, Order, Subscriber, add_note, atomic_save, build_table, check_bool,
-                          check_int, check_number, note_origin, preserve_modes, rng_state, set_rng_state)
+                          check_int, check_number, note_origin, preserve_modes, rng_state, set_rng_state,
+                          to_device)
 from .data import DataLoaders, loader_state, set_loader_state, undisturbed
 
 # %% auto #0
@@ -770,7 +771,8 @@ def load_state_dict(self: Learner, state: dict, with_opt: bool = True) -> None:
         hint = (' Nothing was changed. To start from its weights only: learn.load_weights(path); without its '
                 'optimizer state: learn.load(path, with_opt=False).')
         raise ValueError('cannot load this checkpoint into this learner: ' + '; '.join(problems) + '.' + hint)
-    backup = copy.deepcopy({k: v for k, v in self.state_dict().items() if k != 'rng'})
+    # a copy to put back if a subscriber refuses its state: on the CPU, not a second model in accelerator memory
+    backup = copy.deepcopy(to_device({k: v for k, v in self.state_dict().items() if k != 'rng'}, 'cpu'))
     opt = self.opt
     try: self._apply_state(state, with_opt)
     except BaseException as e:   # a subscriber refused its state: put back what was already applied
