@@ -1,5 +1,6 @@
 "ProgressS, summary and show_training_loop in a real Jupyter kernel: a notebook run by nbclient, its messages read."
 import asyncio
+import os
 from pathlib import Path
 
 import pytest
@@ -64,7 +65,8 @@ def run():
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(s) for s in CELLS])
     client = RecordingClient(nb, timeout=120, kernel_name='python3', allow_errors=True,
                              resources={'metadata': {'path': str(REPO)}})
-    client.execute()
+    # plots inline, as in Jupyter, also where the environment says MPLBACKEND=Agg (as .ci/run does)
+    client.execute(env={**os.environ, 'MPLBACKEND': 'module://matplotlib_inline.backend_inline'})
     return nb, client.msgs
 
 

@@ -13,6 +13,7 @@ or edited by hand. So after a change to the library, run them all again (a few m
 import argparse
 import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -68,7 +69,8 @@ def execute(path: Path, timeout: int = 900) -> float:
     nb = nbformat.read(path, as_version=4)
     start = time.time()
     client = NotebookClient(nb, timeout=timeout, kernel_name='python3', resources={'metadata': {'path': str(NBS)}})
-    with client.setup_kernel():
+    env = {**os.environ, 'MPLBACKEND': 'module://matplotlib_inline.backend_inline'}   # plots inline, even where Agg is set
+    with client.setup_kernel(env=env):
         for i, cell in enumerate(nb.cells):
             if cell.cell_type != 'code': continue
             if _skipped(cell): cell.outputs = []; continue
