@@ -69,7 +69,8 @@ def execute(path: Path, timeout: int = 900) -> float:
     nb = nbformat.read(path, as_version=4)
     start = time.time()
     client = NotebookClient(nb, timeout=timeout, kernel_name='python3', resources={'metadata': {'path': str(NBS)}})
-    env = {**os.environ, 'MPLBACKEND': 'module://matplotlib_inline.backend_inline'}   # plots inline, even where Agg is set
+    # plots inline, as in Jupyter, even where the environment sets MPLBACKEND=Agg
+    env = {**os.environ, 'MPLBACKEND': 'module://matplotlib_inline.backend_inline'}
     with client.setup_kernel(env=env):
         for i, cell in enumerate(nb.cells):
             if cell.cell_type != 'code': continue
