@@ -20,8 +20,9 @@ import torch
 # %% auto #0
 __all__ = ['EVENTS', 'STEPS', 'CANCELS', 'RUNS', 'CancelFitException', 'CancelEpochException', 'CancelBatchException',
            'CancelStepException', 'Order', 'Subscriber', 'check_subscriber', 'sort_subs', 'build_table', 'add_note',
-           'note_origin', 'default_device', 'to_device', 'preserve_modes', 'set_seed', 'check_int', 'check_number',
-           'check_choice', 'check_bool', 'rng_state', 'set_rng_state', 'atomic_save']
+           'note_origin', 'default_device', 'to_device', 'is_distributed', 'get_rank', 'get_world_size', 'comm_device',
+           'preserve_modes', 'set_seed', 'check_int', 'check_number', 'check_choice', 'check_bool', 'rng_state',
+           'set_rng_state', 'atomic_save']
 
 # %% ../nbs/00_core.ipynb #d0b81b93
 EVENTS = ('before_fit', 'before_epoch', 'before_batch',
@@ -167,6 +168,23 @@ def to_device(obj: Any, device: torch.device | str, non_blocking: bool = False) 
     if isinstance(obj, tuple) and hasattr(obj, '_fields'): return type(obj)(*map(move, obj))  # namedtuple
     if isinstance(obj, (list, tuple)): return type(obj)(map(move, obj))
     return obj
+
+def is_distributed() -> bool:
+    "Is there a `torch.distributed` process group (e.g. started under torchrun by `DistributedS`)?"
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+def get_rank() -> int:
+    "This process's rank (0 without a process group)."
+    return torch.distributed.get_rank() if is_distributed() else 0
+
+def get_world_size() -> int:
+    "The number of processes in the group (1 without one)."
+    return torch.distributed.get_world_size() if is_distributed() else 1
+
+def comm_device() -> torch.device:
+    "Where tensors for collectives live: the current CUDA device under nccl, else the CPU."
+    nccl = is_distributed() and torch.distributed.get_backend() == 'nccl'
+    return torch.device('cuda', torch.cuda.current_device()) if nccl else torch.device('cpu')
 
 # %% ../nbs/00_core.ipynb #6359fa30
 @contextmanager

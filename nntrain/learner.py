@@ -24,8 +24,8 @@ from torch import nn
 
 from .core import (CANCELS, EVENTS, RUNS, STEPS, CancelBatchException, CancelEpochException, CancelFitException,
                           CancelStepException, Order, Subscriber, add_note, atomic_save, build_table, check_bool,
-                          check_int, check_number, note_origin, preserve_modes, rng_state, set_rng_state,
-                          to_device)
+                          check_int, check_number, comm_device, get_rank, get_world_size, note_origin,
+                          preserve_modes, rng_state, set_rng_state, to_device)
 from .data import DataLoaders, loader_state, set_loader_state, undisturbed
 
 # %% auto #0
@@ -206,6 +206,12 @@ class WeightedMean:
         "The weighted mean, as a tensor."
         total, count = self.totals()
         return total / count
+
+    def synced(self) -> torch.Tensor:
+        "The weighted mean over every process of the group: one all-reduce of (sum, count) (a collective)."
+        totals = torch.stack(self.totals()).to(comm_device()) if self.values else torch.zeros(2, device=comm_device())
+        torch.distributed.all_reduce(totals)
+        return totals[0] / totals[1]
 
 def lr_for_groups(lr: float | slice | list, n_groups: int) -> list[float]:
     "A learning rate per param group: a number for all; `slice(hi)`: `hi/10` but the last; `slice(lo, hi)`: geometric."
@@ -567,19 +573,15 @@ def validate(self: Learner, dl=None) -> dict:
     return dict(rows[-1]) if rows else {'loss': avg.mean.value().item()}
 
 # %% ../nbs/03_learner.ipynb #a64411f0
-def _in_group() -> bool:
-    "Is there a torch.distributed process group (e.g. started under torchrun by DistributedS)?"
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
 @patch(as_prop=True)
 def rank(self: Learner) -> int:
     "This process's rank in the torch.distributed process group (0 without one, e.g. not launched by torchrun)."
-    return torch.distributed.get_rank() if _in_group() else 0
+    return get_rank()
 
 @patch(as_prop=True)
 def world_size(self: Learner) -> int:
     "The number of processes training together (1 without a process group)."
-    return torch.distributed.get_world_size() if _in_group() else 1
+    return get_world_size()
 
 @patch(as_prop=True)
 def is_main(self: Learner) -> bool:

@@ -21,15 +21,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset, RandomSampler, Sampler
 
-from ..core import CancelFitException, Order, Subscriber, check_bool, rng_state, set_rng_state
+from ..core import (CancelFitException, Order, Subscriber, check_bool, comm_device, get_rank, get_world_size,
+                          is_distributed, rng_state, set_rng_state)
 from ..data import MappedLoader, TensorLoader
 from ..learner import WeightedMean, _AverageLoss, _Collect
 
 # %% auto #0
-__all__ = ['launched_by_torchrun', 'is_distributed', 'init_distributed', 'get_rank', 'get_world_size', 'rank0_first', 'all_max',
-           'all_gather_objects', 'interleave', 'ShardedTensorLoader', 'StrideSampler', 'is_sharded', 'can_shard',
-           'shard_loader', 'loader_seed', 'PlainKeysDDP', 'to_sync_bn', 'FullStateDict', 'full_state_dicts', 'fsdp_opt',
-           'gather_fsdp', 'DistributedS']
+__all__ = ['launched_by_torchrun', 'init_distributed', 'rank0_first', 'all_max', 'all_gather_objects', 'interleave',
+           'ShardedTensorLoader', 'StrideSampler', 'is_sharded', 'can_shard', 'shard_loader', 'loader_seed',
+           'PlainKeysDDP', 'to_sync_bn', 'FullStateDict', 'full_state_dicts', 'fsdp_opt', 'gather_fsdp', 'DistributedS']
 
 # %% ../../nbs/42_distributed.ipynb #8a32e384
 _TORCHRUN_VARS = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')
@@ -37,10 +37,6 @@ _TORCHRUN_VARS = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_POR
 def launched_by_torchrun() -> bool:
     "Was this process started by `torchrun` (its environment names a rank, a world size and a master)?"
     return all(v in os.environ for v in _TORCHRUN_VARS)
-
-def is_distributed() -> bool:
-    "Is there a `torch.distributed` process group?"
-    return dist.is_available() and dist.is_initialized()
 
 def init_distributed(timeout: timedelta = timedelta(minutes=10)) -> bool:
     "Join the process group `torchrun` describes, once (nccl on CUDA, gloo on CPU); False when not under torchrun."
@@ -52,14 +48,6 @@ def init_distributed(timeout: timedelta = timedelta(minutes=10)) -> bool:
         dist.init_process_group('nccl', timeout=timeout, device_id=device)
     else: dist.init_process_group('gloo', timeout=timeout)
     return True
-
-def get_rank() -> int:
-    "This process's rank (0 without a process group)."
-    return dist.get_rank() if is_distributed() else 0
-
-def get_world_size() -> int:
-    "The number of processes in the group (1 without one)."
-    return dist.get_world_size() if is_distributed() else 1
 
 @contextmanager
 def rank0_first(local: bool = False):
@@ -74,12 +62,9 @@ def rank0_first(local: bool = False):
     if first: dist.barrier()   # an error in the body skips this: the process exits, ending the others' wait
 
 # %% ../../nbs/42_distributed.ipynb #ad7e5d8c
-def _comm_device() -> torch.device:
-    return torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else torch.device('cpu')
-
 def all_max(value: int) -> int:
     "The largest of every rank's `value` (a collective: every rank must call it)."
-    t = torch.tensor([value], device=_comm_device())
+    t = torch.tensor([value], device=comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
 
@@ -430,10 +415,9 @@ class DistributedS(Subscriber):
     def _sync_average_loss(self, learn) -> None:
         "`validate()`'s own loss (kept when no MetricsS makes a row): over every rank's shard, on every rank."
         for avg in (s for s in learn.subs if isinstance(s, _AverageLoss)):
-            totals = torch.stack(avg.mean.totals()) if len(avg.mean) else torch.zeros(2, device=_comm_device())
-            dist.all_reduce(totals)
+            mean = avg.mean.synced()
             avg.mean = WeightedMean()
-            avg.mean.add(totals[0] / totals[1], totals[1].item())
+            avg.mean.add(mean, 1)
 
     def _gather_preds(self, learn) -> None:
         "Every rank's predictions, in dataset order, on every rank (strided shards: item j of rank r is r + j*world)."

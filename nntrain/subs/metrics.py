@@ -9,7 +9,6 @@ import re
 import time
 
 import torch
-import torch.distributed as dist
 
 from ..core import Order, Subscriber, check_int
 from ..learner import WeightedMean, batch_targets
@@ -25,12 +24,6 @@ def _value(t: torch.Tensor):
     "A metric result as a Python number (or list, for per-class results)."
     t = t.detach()
     return t.item() if t.numel() == 1 else t.cpu().tolist()
-
-def _synced_loss(mean: WeightedMean) -> torch.Tensor:
-    "The weighted mean over every rank's batches: one all-reduce of (sum, count) (a collective)."
-    totals = torch.stack(mean.totals()) if len(mean) else torch.zeros(2)
-    dist.all_reduce(totals)
-    return totals[0] / totals[1]
 
 class MetricsS(Subscriber):
     "Batch-size-weighted loss and torcheval metrics per phase, accumulated on the device; rows go to `learn.history`."
@@ -78,7 +71,7 @@ class MetricsS(Subscriber):
         world = learn.world_size
         if not len(self._loss) and world == 1: return
         self._flush()
-        loss, metrics = self._loss.value() if world == 1 else _synced_loss(self._loss), self.metrics
+        loss, metrics = self._loss.value() if world == 1 else self._loss.synced(), self.metrics
         if world > 1 and metrics:   # every rank's shard, in one transfer: every rank appends the same row
             from torcheval.metrics.toolkit import sync_and_compute_collection
             results = sync_and_compute_collection(metrics)
