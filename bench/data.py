@@ -72,7 +72,8 @@ def bench_memory(n, bs, reps, device, n_slow):
     xs, ys = x[:n_slow].cpu(), y[:n_slow].cpu()     # the per-item path is slow: a subset gives the same rate
     tl = TensorLoader(x, y, batch_size=bs, shuffle=True, seed=0)
     tl8 = TensorLoader((x * 255).to(torch.uint8), y, batch_size=bs, shuffle=True, seed=0)
-    torch_dl = DataLoader(TensorDataset(xs, ys), batch_size=bs, shuffle=True, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    torch_dl = DataLoader(TensorDataset(xs, ys), batch_size=bs, shuffle=True, generator=gen)
     methods = {
         '(a) torch DataLoader, per-item collate': (lambda: torch_dl, n_slow),
         '(b) nntrain TensorLoader': (lambda: tl, n),

@@ -547,7 +547,7 @@ def separate_run(self: Learner, kind: str, subs=()):
     if self._in_loop:   # subscribers keep per-run state (set up in before_fit, undone in cleanup_fit): runs do not nest
         what = {'validate': 'validation', 'predict': 'prediction', 'lr_find': 'learning-rate search'}[kind]
         raise RuntimeError(f'cannot start a {what} during a {self.run_kind} (from a subscriber?): runs do not nest. '
-                           'Read the valid pass\'s results in after_epoch (learn.history[-1]), or validate after the fit.')
+                           'Read the valid pass\'s row in after_epoch (learn.history[-1]), or validate after the fit.')
     saved, old_subs = {n: getattr(self, n) for n in _RUN_STATE}, self.subs
     self._set_subs(old_subs + list(subs))
     self.run_kind, self._in_loop, self.history = kind, False, []   # rows made in here are returned, not kept

@@ -31,7 +31,7 @@ def make_idx_folder(folder, n_train=10, n_valid=6, gz=True, seed=0):
 @pytest.mark.parametrize('dtype', ['u1', 'i1', '>i2', '>i4', '>f4', '>f8'])
 @pytest.mark.parametrize('gz', [True, False])
 def test_idx_round_trip_every_type(tmp_path, dtype, gz):
-    a = (np.arange(60) - 7).reshape(3, 4, 5).astype(dtype) if dtype != 'u1' else np.arange(60, dtype='u1').reshape(3, 4, 5)
+    a = ((np.arange(60) - 7).astype(dtype) if dtype != 'u1' else np.arange(60, dtype='u1')).reshape(3, 4, 5)
     b = read_idx(write_idx(tmp_path / 'x.idx', a, compress=gz))
     assert b.shape == (3, 4, 5) and b.dtype == a.dtype.newbyteorder('=') and (b == a).all()
 
@@ -41,7 +41,8 @@ def test_idx_header_bytes_are_the_official_layout(tmp_path):
     p = write_idx(tmp_path / 'l.idx', np.array([3, 1, 4], dtype=np.uint8), compress=False)
     assert p.read_bytes() == bytes([0, 0, 8, 1, 0, 0, 0, 3, 3, 1, 4])
     # A file written by hand, not by write_idx, reads the same: int32, 2-d, big-endian.
-    raw = bytes([0, 0, 0x0C, 2, 0, 0, 0, 1, 0, 0, 0, 2]) + (258).to_bytes(4, 'big') + (-1).to_bytes(4, 'big', signed=True)
+    header = bytes([0, 0, 0x0C, 2, 0, 0, 0, 1, 0, 0, 0, 2])
+    raw = header + (258).to_bytes(4, 'big') + (-1).to_bytes(4, 'big', signed=True)
     (tmp_path / 'h.idx').write_bytes(raw)
     assert read_idx(tmp_path / 'h.idx').tolist() == [[258, -1]]
 
@@ -218,7 +219,8 @@ def test_from_folder_torchvision_v2_item_tfms_and_batch_tfms(tmp_path):
         seen.append(x.dtype)
         return x * 2 - 1
     tfm = v2.Compose([v2.RandomResizedCrop(12, antialias=True), v2.RandomHorizontalFlip()])
-    dls = DataLoaders.from_folder(tmp_path, item_tfms=tfm, valid_item_tfms=v2.Compose([v2.Resize(12), v2.CenterCrop(12)]),
+    valid_tfm = v2.Compose([v2.Resize(12), v2.CenterCrop(12)])
+    dls = DataLoaders.from_folder(tmp_path, item_tfms=tfm, valid_item_tfms=valid_tfm,
                                   batch_tfms=batch_tfm, batch_size=4, num_workers=0, seed=0)
     x, y = next(iter(dls.train))
     assert x.shape == (4, 3, 12, 12) and seen == [torch.float32] and x.min() >= -1 and x.max() <= 1 and x.min() < 0
@@ -253,7 +255,7 @@ def test_from_folder_workers_defaults_and_decode_error_names_file(tmp_path):
     dls = DataLoaders.from_folder(tmp_path, size=8, batch_size=4, num_workers=1, persistent_workers=False)
     n = sum(len(y) for _, y in dls.valid)                                            # a worker decodes fine
     assert n == 8
-    with pytest.raises(ImageDecodeError, match=rf'cannot decode image {bad}'):        # raised in a worker, re-raised here
+    with pytest.raises(ImageDecodeError, match=rf'cannot decode image {bad}'):   # raised in a worker, re-raised here
         for _ in dls.train: pass
     with pytest.raises(ImageDecodeError, match=rf'cannot decode image {bad}'):
         dls.train.dataset[dls.train.dataset.files.index(str(bad))]
@@ -366,7 +368,8 @@ def test_from_hf_dd_falls_back_to_collate():
     dls = DataLoaders.from_hf_dd(dd, 3, collate_fn=my_collate)
     assert isinstance(dls.train, MappedLoader) and [len(b[0]) for b in dls.train] == [3, 3] and seen == [3, 3]
     assert isinstance(DataLoaders.from_hf_dd(dd, 3, num_workers=0).train, MappedLoader)   # DataLoader options
-    with pytest.raises(ValueError, match='fast=True needs'): DataLoaders.from_hf_dd(dd, 3, collate_fn=my_collate, fast=True)
+    with pytest.raises(ValueError, match='fast=True needs'):
+        DataLoaders.from_hf_dd(dd, 3, collate_fn=my_collate, fast=True)
     mixed = hf.DatasetDict(train=hf.concatenate_datasets([hf_split(2), hf_split(2, size=(10, 10))]), valid=hf_split(2))
     assert isinstance(DataLoaders.from_hf_dd(mixed, 2).train, MappedLoader)             # mixed image sizes
     with pytest.raises(ValueError, match='expected a train split'):

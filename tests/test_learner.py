@@ -71,7 +71,10 @@ def test_cancel_step_keeps_gradients_and_runs_after_batch():
     assert learn.model.weight.grad is not None and learn.model.weight.grad.abs().sum() > 0   # accumulated, not zeroed
 
 
-@pytest.mark.parametrize('event', [e for e in EVENTS if not e.startswith('cleanup')] + ['cleanup_batch', 'cleanup_epoch'])
+EVENTS_TO_FAIL = [e for e in EVENTS if not e.startswith('cleanup')] + ['cleanup_batch', 'cleanup_epoch']
+
+
+@pytest.mark.parametrize('event', EVENTS_TO_FAIL)
 def test_error_in_any_event_runs_every_cleanup_and_restores_state(event):
     rec = Recorder()
     learn = two_by_two(raiser(event, lambda: RuntimeError(f'at {event}')), rec)
@@ -80,7 +83,8 @@ def test_error_in_any_event_runs_every_cleanup_and_restores_state(event):
         learn.fit(1)
     assert f'nntrain: raised in Raise_{event}.{event}' in info.value.__notes__
     assert rec.seen[-1] == 'cleanup_fit' and 'after_fit' not in rec.seen
-    if event not in ('before_fit', 'after_fit', 'cleanup_epoch'): assert 'cleanup_batch' in rec.seen or event == 'before_epoch'
+    if event not in ('before_fit', 'after_fit', 'cleanup_epoch'):
+        assert 'cleanup_batch' in rec.seen or event == 'before_epoch'
     assert learn.model.training is False and torch.is_grad_enabled()
     assert learn.preds is None and learn.loss is None
     learn.remove_subs(*[s for s in learn.subs if type(s).__name__.startswith('Raise_')])

@@ -12,8 +12,8 @@ from nntrain.data import DataLoaders
 from nntrain.learner import Learner
 from nntrain.models import resnet, simple_cnn
 from nntrain.subs.monitor import ActivationStatsS, Hooks, ModelMonitorS, activation_stats
-from nntrain.summary import (conv_macs, conv_transpose_macs, leaf_modules, linear_macs, mha_macs, module_macs, norm_macs,
-                             summary)
+from nntrain.summary import (conv_macs, conv_transpose_macs, leaf_modules, linear_macs, mha_macs, module_macs,
+                             norm_macs, summary)
 from nntrain.testing import tiny_classifier
 from tests.contract import n_hooks
 

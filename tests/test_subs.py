@@ -63,7 +63,8 @@ def test_device_moves_model_and_nested_batches():
     learn, dev = tiny_classifier(), DeviceS('meta')
     dev.before_fit(learn)
     assert {p.device.type for p in learn.model.parameters()} == {'meta'}
-    learn.batch = (torch.randn(2, 8), {'y': torch.zeros(2), 'w': [torch.ones(2), 3]}, Pair(torch.ones(1), torch.ones(1)))
+    nested = {'y': torch.zeros(2), 'w': [torch.ones(2), 3]}
+    learn.batch = (torch.randn(2, 8), nested, Pair(torch.ones(1), torch.ones(1)))
     dev.before_batch(learn)
     x, d, pair = learn.batch
     assert x.device.type == d['y'].device.type == d['w'][0].device.type == 'meta' and d['w'][1] == 3

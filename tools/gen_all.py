@@ -1,4 +1,4 @@
-"""Rewrite the import cells of nbs/99_all.ipynb from every module's `__all__` (after adding a module; then nbdev-export).
+"""Rewrite nbs/99_all.ipynb's import cells from every module's `__all__` (after adding a module; then nbdev-export).
 
     python tools/gen_all.py
 
