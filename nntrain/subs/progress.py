@@ -142,7 +142,7 @@ class ProgressS(Subscriber):
         self.force_notebook = notebook
         self.plot, self.comment_every, self.table = plot, comment_every, table
         self._losses, self.train_steps, self.train_losses, self.valid_steps, self.valid_losses = [], [], [], [], []
-        self.view, self._depth, self.failed, self.quiet = None, 0, False, False
+        self.view, self._started, self.failed, self.quiet = None, False, False, False
 
     def _guard(self, f, *args) -> None:
         if self.failed or self.quiet: return
@@ -155,8 +155,7 @@ class ProgressS(Subscriber):
 
     # events: each one guarded; a validation shows its own row, then leaves the last fit's table and plot data
     def before_fit(self, learn):
-        self._depth += 1
-        if self._depth > 1: return
+        self._started = True
         self._kept = None if learn.run_kind == 'fit' else {n: getattr(self, n, []) for n in self._FIT_DATA}
         self.failed, self.n_rows, self.rows, self.printed = False, len(learn.history), [], 0
         self.quiet = not learn.is_main   # distributed training: only the main rank displays
@@ -164,23 +163,19 @@ class ProgressS(Subscriber):
         self._done = False
         self._guard(self._start_fit, learn)
 
-    def before_epoch(self, learn):
-        if self._depth == 1: self._guard(self._start_epoch, learn)
-    def after_batch(self, learn):
-        if self._depth == 1: self._guard(self._batch, learn)
-    def after_epoch(self, learn):
-        if self._depth == 1: self._guard(self._end_epoch, learn)
-    def after_fit(self, learn):
-        if self._depth == 1: self._done = True
+    def before_epoch(self, learn): self._guard(self._start_epoch, learn)
+    def after_batch(self, learn): self._guard(self._batch, learn)
+    def after_epoch(self, learn): self._guard(self._end_epoch, learn)
+    def after_fit(self, learn): self._done = True
 
     def cleanup_fit(self, learn):
-        if not self._depth: return   # an earlier subscriber's before_fit failed: this one never started
+        if not self._started: return   # an earlier subscriber's before_fit failed: this one never started
         try:
             # stopped by an error or a Ctrl-C (not a cancel, which is no error): the bars stay, marked
-            if self._depth == 1: self._guard(self._end_fit, learn, not self._done and sys.exc_info()[1] is not None)
+            self._guard(self._end_fit, learn, not self._done and sys.exc_info()[1] is not None)
         finally:
-            self._depth -= 1
-            if not self._depth and self._kept is not None:
+            self._started = False
+            if self._kept is not None:
                 for n, v in self._kept.items(): setattr(self, n, v)
 
     def _start_fit(self, learn):
