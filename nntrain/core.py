@@ -34,6 +34,9 @@ EVENTS = ('before_fit', 'before_epoch', 'before_batch',
 STEPS = ('predict', 'get_loss', 'backward', 'step', 'zero_grad')
 "The replaceable steps of a batch. A subscriber defining one of these provides that step instead of the `Learner`."
 
+AROUNDS = tuple(f'around_{s}' for s in STEPS)
+"A subscriber defining `around_<step>(learn, step)` wraps that step, whoever provides it (e.g. autocast around predict)."
+
 # %% ../nbs/00_core.ipynb #0ed1fc68
 class CancelFitException(Exception):
     "Stop training now: `after_fit` is skipped, `cleanup_fit` runs."
@@ -84,12 +87,33 @@ class Subscriber:
 
 
 # %% ../nbs/00_core.ipynb #43c3ee4e
-_PREFIXES = ('before_', 'after_', 'cleanup_')
+_PREFIXES = ('before_', 'after_', 'cleanup_', 'around_')
+_HOOKS = EVENTS + AROUNDS
 
 def _suspicious(name: str) -> bool:
-    "Does `name` look like an attempt at an event name?"
-    if name in EVENTS or name.startswith('_'): return False
-    return name.startswith(_PREFIXES) or bool(difflib.get_close_matches(name, EVENTS, n=1, cutoff=0.85))
+    "Does `name` look like an attempt at an event (or `around_<step>`) name?"
+    if name in _HOOKS or name.startswith('_'): return False
+    return name.startswith(_PREFIXES) or bool(difflib.get_close_matches(name, _HOOKS, n=1, cutoff=0.85))
+
+def _is_subscriber(obj) -> bool:
+    "Is `obj` a subscriber: a `Subscriber`, or an object with an event, step or `around_<step>` method?"
+    if isinstance(obj, Subscriber): return True
+    if obj is None or isinstance(obj, (type, str, bytes, int, float, bool)): return False
+    return any(callable(getattr(obj, n, None)) for n in _HOOKS + STEPS)
+
+def check_subs(subs) -> None:
+    "Raise unless `subs` is a collection of subscribers, each once: `None`, a function, a class or a string is refused."
+    if isinstance(subs, (str, bytes)) or not hasattr(subs, '__iter__') or isinstance(subs, Subscriber):
+        raise TypeError(f'subs must be a list of subscribers, got {subs!r}')
+    subs = list(subs)
+    for i, s in enumerate(subs):
+        if isinstance(s, type) and (issubclass(s, Subscriber) or any(callable(getattr(s, n, None)) for n in _HOOKS)):
+            raise TypeError(f'subs[{i}] is the class {s.__name__}, not a subscriber: pass an instance, {s.__name__}()')
+        if not _is_subscriber(s):
+            what = 'a function' if callable(s) and not isinstance(s, type) else repr(s)
+            raise TypeError(f'subs[{i}] is {what}, not a subscriber (an object with event methods, e.g. a '
+                            f'Subscriber subclass instance); it would never run')
+        if any(s is t for t in subs[:i]): raise ValueError(f'subs[{i}] ({s!r}) appears twice in subs')
 
 def _did_you_mean(name: str, options) -> str:
     hint = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
@@ -114,15 +138,18 @@ def check_subscriber(sub) -> None:
                             f"runs = ('fit', 'validate'); kinds: {RUNS}")
     for attr in dir(type(sub)):
         if _suspicious(attr) and callable(getattr(sub, attr, None)):
-            raise ValueError(f'{name}.{attr} looks like an event handler but {attr!r} is not an event.'
-                             f'{_did_you_mean(attr, EVENTS)} Events: {", ".join(EVENTS)}.')
+            what = 'a step wrapper' if attr.startswith('around_') else 'an event handler'
+            valid = AROUNDS if attr.startswith('around_') else EVENTS
+            raise ValueError(f'{name}.{attr} looks like {what} but {attr!r} is not one.'
+                             f'{_did_you_mean(attr, valid)} Events: {", ".join(EVENTS)}; step wrappers: '
+                             f'{", ".join(AROUNDS)}.')
 
 def sort_subs(subs: Iterable) -> list:
     "Subscribers sorted by `order`; ties keep their given order."
     return sorted(subs, key=lambda s: getattr(s, 'order', 0))
 
-def build_table(subs: Iterable, run: str = 'fit') -> tuple[dict, dict]:
-    "Check `subs`; of those taking part in `run`: (event → bound methods, step → the subscriber providing it)."
+def build_table(subs: Iterable, run: str = 'fit') -> tuple[dict, dict, dict]:
+    "Check `subs`; of those in `run`: (event → bound methods, step → its provider, step → subscribers around it)."
     if run not in RUNS: raise ValueError(f'unknown kind of run {run!r}; kinds: {RUNS}')
     subs = sort_subs(subs)
     for s in subs: check_subscriber(s)
@@ -136,7 +163,8 @@ def build_table(subs: Iterable, run: str = 'fit') -> tuple[dict, dict]:
                 raise ValueError(f'both {type(steps[step]).__name__} and {type(s).__name__} provide the {step!r} step;'
                                  ' at most one subscriber may replace each step.')
             steps[step] = s
-    return table, steps
+    arounds = {step: [s for s in subs if callable(getattr(s, f'around_{step}', None))] for step in STEPS}
+    return table, steps, arounds
 
 
 # %% ../nbs/00_core.ipynb #8db32a1c

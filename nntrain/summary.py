@@ -12,6 +12,7 @@ import torch
 from fastcore.basics import patch
 from torch import nn
 
+from .batch import call_model, split_batch
 from .core import preserve_modes, to_device
 from .data import undisturbed
 from .hooks import Hooks
@@ -240,10 +241,10 @@ def _peek_batch(dl):
     with undisturbed(dl): return next(iter(dl))
 
 def _run_model(model: nn.Module, batch) -> None:
-    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    xb = split_batch(batch)[0]
     param = next(model.parameters(), None)
-    if param is not None: x = to_device(x, param.device)
-    with preserve_modes(model), torch.no_grad(): model.eval()(x)
+    if param is not None: xb = to_device(xb, param.device)
+    with preserve_modes(model), torch.no_grad(): call_model(model.eval(), xb)
 
 def summary(learn_or_model: Learner | nn.Module, batch=None, modules=None) -> ModelSummary:
     "Shapes, parameters and per-item MACs of each leaf module (or of `modules`) from one forward pass on `batch`."
@@ -256,7 +257,7 @@ def summary(learn_or_model: Learner | nn.Module, batch=None, modules=None) -> Mo
     try:
         rec.on = True
         if learn is None: _run_model(model, batch)
-        else: learn.get_preds(dl=[tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)])
+        else: learn.get_preds(dl=[batch])
         rec.on = False
         return rec.result()
     finally: rec.remove()

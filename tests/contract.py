@@ -13,7 +13,7 @@ from torch import nn
 
 from nntrain.core import set_seed
 from nntrain.learner import Learner
-from nntrain.subs import metrics as metrics_module
+from nntrain import run as run_module
 from nntrain.testing import failing, tiny_classifier
 
 __all__ = ['n_hooks', 'snapshot', 'check_contract', 'check_run_scopes', 'files_on_disk', 'same_state', 'observe',
@@ -135,18 +135,18 @@ def _run(factory, make_learner, folder: Path, middle: bool) -> dict:
 
 
 class _StillClock:
-    "Stands in for the `time` module in `nntrain.subs.metrics`: every row's `time` is 0, so runs compare bit for bit."
+    "Stands in for the `time` module in `nntrain.run`: every row's `time` is 0, so runs compare bit for bit."
     @staticmethod
     def perf_counter() -> float: return 0.
 
 
 def check_run_scopes(factory, make_learner, tmp_path: Path) -> None:
     "validate(), get_preds() and lr_find() between two fits leave history, files, sub state and weights bit for bit."
-    clock = metrics_module.time
-    metrics_module.time = _StillClock
+    clock = run_module.time
+    run_module.time = _StillClock
     try:
         plain = _run(factory, make_learner, tmp_path / 'plain', middle=False)
         mixed = _run(factory, make_learner, tmp_path / 'mixed', middle=True)
-    finally: metrics_module.time = clock
+    finally: run_module.time = clock
     for k in ('history', 'files', 'sub', 'weights', 'opt', 'counters', 'rng'):   # the objects differ between runs
         assert same_state(plain[k], mixed[k]), f'after validate/get_preds/lr_find, the next fit ends with other {k}'

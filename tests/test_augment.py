@@ -7,7 +7,8 @@ from torchvision.transforms import v2
 
 from nntrain.core import CancelFitException, Order, Subscriber, set_seed
 from nntrain.data import DataLoaders
-from nntrain.learner import Learner, per_item_loss
+from nntrain.batch import per_item_loss
+from nntrain.learner import Learner
 from nntrain.losses import LabelSmoothingCrossEntropy
 from nntrain.subs.augment import AugmentS, CutMixS, MixUpS, cutmix, mixup, per_sample, rand_box
 

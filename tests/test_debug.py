@@ -198,7 +198,7 @@ def test_standard_subscribers_together_and_the_documented_syncs():
     assert {(s.where, s.owner, s.what) for s in syncs} == {('after_backward', 'TerminateOnNaNS', 'bool()')}
     assert len(syncs) == 3    # one per checked training batch: 6 batches, every second one checked
     other = [(s.where, s.owner, s.level) for s in audit.syncs if s.level != 'batch']
-    assert other == [('after_epoch', 'MetricsS', 'epoch')] * 4   # one read per phase
+    assert other == [('(loop: _end_phase)', 'Learner', 'epoch')] * 4   # one read per phase: the loss of its row
 
 
 def test_fp16_gradient_scaler_syncs_twice_per_step():
@@ -234,7 +234,8 @@ def test_torch_is_left_as_it_was_after_a_fit_and_after_an_error():
     assert torch._C._len_torch_function_stack() == 0
     assert {m: torch.Tensor.__dict__.get(m) for m in TENSOR_METHODS} == before
     n = len(audit.syncs)
-    learn.loss.item()
+    assert learn.loss is None                    # the run, with its batch and loss, is gone
+    learn.model(torch.ones(2, 2)).sum().item()
     assert len(audit.syncs) == n                 # no longer counting
     with pytest.raises(RuntimeError, match='injected failure'): learn.fit(1, subs=[failing('after_batch', 1)])
     assert torch._C._len_torch_function_stack() == 0

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from nntrain.core import Subscriber
-from nntrain.learner import read_checkpoint
+from nntrain.state import read_checkpoint
 from nntrain.subs.checkpoint import CheckpointS
 from nntrain.subs.distributed import DistributedS
 from nntrain.subs.metrics import MetricsS

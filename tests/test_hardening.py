@@ -136,7 +136,7 @@ def test_files_that_are_not_checkpoints_say_what_they_are(tmp_path):
     (dict(loss_func=nn.CrossEntropyLoss), 'pass an instance, CrossEntropyLoss()'),
     (dict(loss_func='mse'), 'loss_func must be callable'),
     (dict(opt_func=torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)), 'pass its class instead'),
-    (dict(subs=[Counter]), 'Counter is a class, not a subscriber: pass an instance, Counter()'),
+    (dict(subs=[Counter]), 'subs[0] is the class Counter, not a subscriber: pass an instance, Counter()'),
     (dict(subs=Counter()), 'subs must be a list of subscribers'),
     (dict(model='linear'), 'model must be a torch.nn.Module'),
     (dict(dls=[1, 2, 3]), 'dls must be DataLoaders or a (train, valid) pair'),
@@ -151,7 +151,7 @@ def test_learner_arguments_are_checked(kwargs, message):
     (dict(lr=-0.1), 'got -0.1'), (dict(lr=float('inf')), 'got inf'), (dict(n_epochs=0), 'n_epochs must be an int >= 1'),
     (dict(n_epochs=1.5), 'got 1.5'), (dict(train=False, valid=False), 'nothing to do'),
     (dict(train='yes'), 'train must be'),
-    (dict(n_batches=0), 'n_batches'), (dict(subs=[Counter]), 'pass an instance'), (dict(resume=True), 'load() first'),
+    (dict(n_batches=0), 'n_batches'), (dict(subs=[Counter]), 'pass an instance'), (dict(resume=True), 'loaded with learn.load(path) first'),
 ])
 def test_fit_arguments_are_checked_before_anything_changes(kwargs, message):
     learn = trained(torch.optim.SGD)
@@ -168,7 +168,7 @@ def test_a_fit_inside_a_fit_is_refused_and_the_learner_stays_usable():
     class Nested(Subscriber):
         def after_step(self, learn): learn.fit(1)
     learn = synth_learner()
-    with pytest.raises(RuntimeError, match='a fit cannot run inside another run'): learn.fit(2, subs=[Nested()])
+    with pytest.raises(RuntimeError, match='cannot start a fit during a fit'): learn.fit(2, subs=[Nested()])
     assert learn.run_kind is None and learn.subs == [] and learn.global_step == 1
     class Search(Subscriber):
         def after_epoch(self, learn): learn.lr_find(num_it=3)

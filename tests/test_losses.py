@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nntrain.learner import per_item_loss
+from nntrain.batch import per_item_loss
 from nntrain.losses import LabelSmoothingCrossEntropy
 
 

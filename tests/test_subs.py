@@ -10,6 +10,7 @@ from torcheval.metrics import MulticlassAccuracy
 from nntrain.core import Order, Subscriber, to_device
 from nntrain.data import DataLoaders
 from nntrain.learner import Learner
+from nntrain.run import Run
 from nntrain.subs.device import DeviceS
 from nntrain.subs.metrics import MetricsS
 from nntrain.subs.normalize import NormalizationS, mean_std
@@ -64,6 +65,7 @@ def test_device_moves_model_and_nested_batches():
     dev.before_fit(learn)
     assert {p.device.type for p in learn.model.parameters()} == {'meta'}
     nested = {'y': torch.zeros(2), 'w': [torch.ones(2), 3]}
+    learn.run = Run('fit', [])   # a run in progress holds the batch
     learn.batch = (torch.randn(2, 8), nested, Pair(torch.ones(1), torch.ones(1)))
     dev.before_batch(learn)
     x, d, pair = learn.batch

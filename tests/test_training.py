@@ -160,7 +160,8 @@ def test_nan_on_third_batch_keeps_last_good_weights(opt_func):
     assert guard.module == '1 (Poison)'
     assert 'loss (nan)' in guard.reason and 'epoch 1, batch 2' in guard.reason and '1 (Poison)' in guard.reason
     assert n_hooks(learn.model) == 0
-    assert learn.epoch == 1   # stopped there: no third epoch
+    assert learn.state_dict()['counters']['position'] == [1, True, 2]   # stopped there: no third epoch
+    assert [r['epoch'] for r in learn.history] == [0, 0]
 
 
 def test_inf_loss_is_caught():

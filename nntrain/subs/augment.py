@@ -10,38 +10,92 @@ from typing import Callable
 
 import torch
 
+from ..batch import describe, get_input, per_item_loss, set_input
 from ..core import Order, Subscriber, check_bool, check_int, check_number
-from ..learner import per_item_loss
 
 # %% auto #0
 __all__ = ['AugmentS', 'per_sample', 'mixup', 'rand_box', 'cutmix', 'MixUpS', 'CutMixS']
 
 # %% ../../nbs/16_augment.ipynb #b39ff2d1
+_TARGET_KINDS = ('mask', 'boxes', None)
+
+def _wrap(t, kind: str | None, size: tuple):
+    "Target `t` as the torchvision `tv_tensors` type that makes v2 transforms move it with the image."
+    from torchvision import tv_tensors
+    if kind is None or isinstance(t, tv_tensors.TVTensor): return t
+    if kind == 'mask': return tv_tensors.Mask(t)
+    if t.shape[-1] != 4: raise ValueError(f"'boxes' targets must end in 4 coordinates (XYXY), got {tuple(t.shape)}")
+    return tv_tensors.BoundingBoxes(t.reshape(-1, 4), format='XYXY', canvas_size=size)   # one set for the batch
+
+def _auto_kind(t, x) -> str | None:
+    "A target's kind when not given: integer maps of the image's height and width are masks; others stay as they are."
+    from ..batch import is_index
+    return 'mask' if is_index(t) and t.ndim >= 2 and x.ndim >= 2 and t.shape[-2:] == x.shape[-2:] else None
+
+def _plain(t, like):
+    "A transformed value as a plain tensor, boxes in the shape they came in."
+    t = t.as_subclass(torch.Tensor) if isinstance(t, torch.Tensor) else t
+    return t.reshape(like.shape[:-1] + (4,)) if isinstance(like, torch.Tensor) and t.ndim == 2 and like.ndim == 3 else t
+
 class AugmentS(Subscriber):
-    "Apply `transform` to the inputs of each training batch (and validation batches with `on_valid`), on the device."
+    "Apply `transform` to each training batch's inputs (and targets: masks, boxes), on the device; `on_valid`: also valid."
     order = Order.AUGMENT
     runs = ('fit', 'validate')   # validate: only with `on_valid`, as in a fit's valid pass
 
-    def __init__(self, transform: Callable, on_train: bool = True, on_valid: bool = False):
+    def __init__(self, transform: Callable,   # inputs -> augmented inputs; with `targets`, (inputs, *targets) -> the same
+                 on_train: bool = True,       # augment training batches
+                 on_valid: bool = False,      # augment validation batches too
+                 targets=False,               # move targets with the image: True (masks found by shape), 'mask', 'boxes', or one kind per target
+                 key: str | None = None):     # the input to augment, when inputs are a mapping
         if not callable(transform): raise TypeError(f'transform must be callable, got {transform!r}')
         check_bool('on_train', on_train); check_bool('on_valid', on_valid)
-        self.transform, self.on_train, self.on_valid = transform, on_train, on_valid
+        kinds = targets if isinstance(targets, (tuple, list)) else (targets,)
+        if not isinstance(targets, bool) and not all(k in _TARGET_KINDS for k in kinds):
+            raise ValueError(f"targets must be True, False, 'mask', 'boxes', or a tuple of them (None: leave that "
+                             f'target as it is), got {targets!r}')
+        self.transform, self.on_train, self.on_valid, self.targets, self.key = transform, on_train, on_valid, targets, key
 
     @property
     def tta_transform(self) -> Callable:
-        "The transform `Learner.tta` reuses by default."
+        "The transform `tta` reuses by default: on the inputs alone (predictions are not targets)."
         return self.transform
 
     def before_batch(self, learn):
         if not (self.on_train if learn.training else self.on_valid): return
-        with torch.no_grad(): x = self.transform(learn.batch[0])
-        learn.batch = (x, *learn.batch[1:])
+        x = get_input(learn.xb, self.key)
+        with torch.no_grad():
+            if self.targets is False: learn.xb = set_input(learn.xb, self.transform(x), self.key)
+            else: self._joint(learn, x)
+
+    def _joint(self, learn, x) -> None:
+        "Inputs and targets through one call, so random parameters (a flip, a crop) are shared."
+        from torchvision import tv_tensors
+        yb = learn.yb
+        kinds = (self.targets if isinstance(self.targets, (tuple, list)) else
+                 [_auto_kind(t, x) if self.targets is True else self.targets for t in yb])
+        if len(kinds) != len(yb):
+            raise ValueError(f'AugmentS: {len(kinds)} target kinds for {len(yb)} targets ({describe(yb)})')
+        wrapped = [_wrap(t, k, tuple(x.shape[-2:])) for t, k in zip(yb, kinds)]
+        out = self.transform(tv_tensors.Image(x) if not isinstance(x, tv_tensors.TVTensor) else x, *wrapped)
+        if not isinstance(out, (tuple, list)) or len(out) != 1 + len(yb):
+            raise TypeError(f'AugmentS(targets=...): the transform must return (inputs, *targets), {1 + len(yb)} '
+                            f'values; got {describe(out)}')
+        learn.xb = set_input(learn.xb, _plain(out[0], x), self.key)
+        learn.yb = tuple(_plain(o, t) for o, t in zip(out[1:], yb))
 
     def __repr__(self): return f'AugmentS({self.transform!r}, on_train={self.on_train}, on_valid={self.on_valid})'
 
+def _item(x, i: int):
+    "Item `i` of a batch, keeping its torchvision `tv_tensors` type (so v2 transforms still recognise it)."
+    from torchvision import tv_tensors
+    return tv_tensors.wrap(x[i], like=x) if isinstance(x, tv_tensors.TVTensor) else x[i]
+
 def per_sample(transform: Callable) -> Callable:
     "Wrap `transform` so it is called once per sample of a batch (a fresh random draw each) and re-stacked."
-    def apply(x: torch.Tensor) -> torch.Tensor: return torch.stack([transform(xi) for xi in x])
+    def apply(x: torch.Tensor, *targets):
+        if not targets: return torch.stack([transform(xi) for xi in x])
+        outs = [transform(_item(x, i), *(_item(t, i) for t in targets)) for i in range(len(x))]
+        return tuple(torch.stack([o[j].as_subclass(torch.Tensor) for o in outs]) for j in range(1 + len(targets)))
     apply.__qualname__ = f'per_sample({transform!r})'
     return apply
 
@@ -94,10 +148,10 @@ class _MixS(Subscriber):
     order = Order.MIXUP
     runs = ('fit',)
 
-    def __init__(self, alpha: float, seed: int | None = None):
+    def __init__(self, alpha: float, seed: int | None = None, key: str | None = None):
         check_number('alpha', alpha, 0, low_open=True)
         check_int('seed', seed, min_value=0, allow_none=True)
-        self.alpha = alpha
+        self.alpha, self.key = alpha, key
         self.generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())) if seed is None else seed)
         self.lam = self.perm = self.y1 = self.y2 = None
         self._orig = None
@@ -105,6 +159,9 @@ class _MixS(Subscriber):
     def _mix(self, x, y, lam, perm): raise NotImplementedError
 
     def before_fit(self, learn):
+        if learn.loss_func is None:
+            raise ValueError(f'{type(self).__name__} blends the loss over two sets of targets, but loss_func is None '
+                             '(the model computes its own loss): give the learner a loss_func')
         if isinstance(learn.loss_func, _MixedLoss):
             raise ValueError(f'{type(self).__name__}: the loss is already mixed by {learn.loss_func!r}; '
                              'use one mixing subscriber per fit')
@@ -114,12 +171,16 @@ class _MixS(Subscriber):
     def before_batch(self, learn):
         self.lam = None
         if not learn.training: return
-        x, y = learn.batch[0], learn.batch[1]
+        if len(learn.yb) != 1:
+            raise ValueError(f'{type(self).__name__} mixes batches with one target, got {len(learn.yb)} '
+                             f'({describe(learn.yb)})')
+        x, y = get_input(learn.xb, self.key), learn.yb[0]
         lam = _beta(self.alpha, self.generator)
         perm = torch.randperm(len(x), generator=self.generator).to(x.device, non_blocking=True)
         x, self.y1, self.y2, self.lam = self._mix(x, y, lam, perm)
         self.perm = perm
-        learn.batch = (x, self.y1 if self.lam >= 0.5 else self.y2, *learn.batch[2:])
+        learn.xb = set_input(learn.xb, x, self.key)
+        learn.yb = (self.y1 if self.lam >= 0.5 else self.y2,)
 
     def cleanup_batch(self, learn): self.lam = self.perm = self.y1 = self.y2 = None
 
@@ -138,10 +199,16 @@ class _MixS(Subscriber):
 
 class MixUpS(_MixS):
     "MixUp on training batches: blend inputs with `lam ~ Beta(alpha, alpha)` and the loss of the two targets."
-    def __init__(self, alpha: float = 0.4, seed: int | None = None): super().__init__(alpha, seed)
+    def __init__(self, alpha: float = 0.4,         # Beta(alpha, alpha) draws the blend weight
+                 seed: int | None = None,          # seeds the draws (None: from torch's global generator)
+                 key: str | None = None):          # the input to mix, when inputs are a mapping
+        super().__init__(alpha, seed, key)
     def _mix(self, x, y, lam, perm): return (*mixup(x, y, lam, perm), lam)
 
 class CutMixS(_MixS):
     "CutMix on training batches: paste a box from a partner image; the loss weighs the targets by area kept."
-    def __init__(self, alpha: float = 1.0, seed: int | None = None): super().__init__(alpha, seed)
+    def __init__(self, alpha: float = 1.0,         # Beta(alpha, alpha) draws the area kept
+                 seed: int | None = None,          # seeds the draws (None: from torch's global generator)
+                 key: str | None = None):          # the input to mix, when inputs are a mapping
+        super().__init__(alpha, seed, key)
     def _mix(self, x, y, lam, perm): return cutmix(x, y, lam, perm, generator=self.generator)

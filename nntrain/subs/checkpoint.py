@@ -8,9 +8,11 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
 from pathlib import Path
 
 from ..core import Order, Subscriber, atomic_save, check_bool, check_choice, check_int
+from ..run import Position
 
 # %% auto #0
 __all__ = ['checkpoints', 'latest_checkpoint', 'check_writable', 'CheckpointS']
@@ -61,10 +63,11 @@ class CheckpointS(Subscriber):
         self.folder, self.every, self.keep = Path(folder), every, keep
         self.monitor, self.mode, self.save_on_interrupt = monitor, mode, save_on_interrupt
         self.best = math.inf if mode == 'min' else -math.inf
-        self._ready = self._finished = self._epoch_unsaved = False
+        self._ready = self._finished = self._epoch_unsaved = self._best_unsaved = self._step_due = False
 
-    def _save(self, learn, name: str) -> Path:
+    def _save(self, learn, name: str, exact: bool = True) -> Path:
         state = learn.state_dict()   # on every rank: gathering it may be a collective; the main rank writes it
+        state['exact'] = exact       # False: written after an error, part way through a batch
         return atomic_save(state, self.folder / name) if learn.is_main else self.folder / name
 
     def _rotate(self, learn) -> None:
@@ -73,45 +76,57 @@ class CheckpointS(Subscriber):
         for old in checkpoints(self.folder)[:-self.keep] if self.keep else []: old.unlink()
 
     def before_fit(self, learn):
-        self._ready, self._finished, self._epoch_unsaved = False, False, False
+        self._ready, self._finished, self._epoch_unsaved, self._best_unsaved, self._step_due = (False,) * 5
         check_writable(self.folder, 'CheckpointS')   # before any training: not after the first epoch
         self._ready = True
 
+    # A checkpoint is written once every subscriber is done with the step or epoch it ends: a step's at the end of its
+    # batch (metrics have seen it), an epoch's when the next phase starts or the fit ends (early stopping has counted
+    # it). Resuming from either continues exactly where the uninterrupted run went on.
     def before_epoch(self, learn):
-        # A training pass not followed by validation ended its epoch: the state now is that epoch's end.
-        if learn.training and self._epoch_unsaved: self._epoch_done(learn)
+        if self._epoch_unsaved: self._epoch_done(learn)
 
     def after_step(self, learn):
-        if self.every != 'epoch' and learn.global_step % self.every == 0: self._rotate(learn)
+        if self.every != 'epoch' and learn.global_step % self.every == 0: self._step_due = True
+
+    def after_batch(self, learn):
+        if self._step_due:
+            self._step_due = False
+            self._rotate(learn)
 
     def _epoch_done(self, learn) -> None:
         self._epoch_unsaved = False
+        if self._best_unsaved:
+            self._best_unsaved = False
+            self._save(learn, 'best.pt')
         if self.every == 'epoch': self._rotate(learn)
 
     def after_epoch(self, learn):
-        if learn.training:   # whether validation follows is known only when the next pass starts
-            self._epoch_unsaved = True
-            return
-        if self.monitor is not None and learn.history:
-            row = learn.history[-1]
-            if self.monitor not in row and row.get('phase') == 'valid' and row.get('epoch') == learn.epoch:
+        if not learn.training and self.monitor is not None and learn.run.rows:
+            row = learn.run.rows[-1]
+            if self.monitor not in row:
                 raise KeyError(f'CheckpointS monitors {self.monitor!r}, but the history rows have {list(row)}; add the '
                                'metric to MetricsS, monitor another column, or pass monitor=None')
-            value = row.get(self.monitor)
+            value = row[self.monitor]
             if value is not None and (value < self.best if self.mode == 'min' else value > self.best):
-                self.best = value
-                self._save(learn, 'best.pt')
-        self._epoch_done(learn)
+                self.best, self._best_unsaved = value, True
+        if learn.run.pos == Position(learn.epoch + 1): self._epoch_unsaved = True   # the epoch's last phase ended
 
     def after_fit(self, learn):
         if self._epoch_unsaved: self._epoch_done(learn)
         self._finished = True
 
     def cleanup_fit(self, learn):
-        # Reached only through an error or a cancel when after_fit did not run: keep what was learned so far.
-        # Not when before_fit found the folder unusable: the save would only fail again.
-        if self.save_on_interrupt and self._ready and not self._finished and learn.global_step > 0:
-            self._save(learn, 'interrupted.pt')
+        # Reached without after_fit: a cancel (e.g. early stopping) or an error. Not when before_fit found the folder
+        # unusable: the save would only fail again.
+        if not self._ready or self._finished: return
+        error = sys.exc_info()[1]
+        if error is None and self._epoch_unsaved: self._epoch_done(learn)   # cancelled at an epoch's end
+        elif self.save_on_interrupt and learn.global_step > 0:   # keep what was learned so far
+            # A Ctrl-C the loop honoured stopped between batches (a consistent state); another error may not have.
+            clean = error is None or getattr(error, 'nntrain_clean_stop', False)
+            self._save(learn, 'interrupted.pt', exact=clean)
+        self._step_due = self._epoch_unsaved = self._best_unsaved = False
 
     def state_dict(self) -> dict: return {'best': self.best}
     def load_state_dict(self, state: dict) -> None: self.best = state['best']

@@ -20,7 +20,7 @@ from fastcore.basics import patch
 from torch.overrides import TorchFunctionMode
 
 from ..core import EVENTS, RUNS, STEPS, Order, Subscriber, check_int
-from ..learner import Learner, first_batch_step
+from ..learner import Learner, checked_step
 
 # %% auto #0
 __all__ = ['tensor_stats', 'summarize', 'describe_change', 'fingerprint', 'Change', 'TraceS', 'sync_op', 'Sync', 'SyncAuditS',
@@ -361,6 +361,7 @@ class SyncAuditS(Subscriber):
         if not isinstance(cuda_debug, bool): raise TypeError(f'cuda_debug must be True or False, got {cuda_debug!r}')
         self.cuda_debug, self.syncs, self.batches, self.device = cuda_debug, [], {'train': 0, 'valid': 0}, None
         self.emulating, self._mode, self._learn, self._stack, self._in_batch = False, None, None, [], False
+        self._in_epoch = False
         self._tags, self._debug_mode = {}, None
 
     # -- the hook: know where we are -------------------------------------------------------------------------
@@ -390,8 +391,10 @@ class SyncAuditS(Subscriber):
     def before_fit(self, learn):
         if self._mode is None: self._start(learn)
 
+    def before_epoch(self, learn): self._in_epoch = True
     def before_batch(self, learn): self.batches['train' if learn.training else 'valid'] += 1
-    def cleanup_epoch(self, learn): self._in_batch = False
+    def cleanup_batch(self, learn): self._in_batch = False   # the loop's own work after a batch is per phase
+    def cleanup_epoch(self, learn): self._in_batch = self._in_epoch = False
     def cleanup_fit(self, learn): self._stop()
 
     def _start(self, learn) -> None:
@@ -464,7 +467,7 @@ class SyncAuditS(Subscriber):
         f = sys._getframe(1)
         while f is not None:
             code = f.f_code
-            if code is first_batch_step.__code__: check = True
+            if code is checked_step.__code__: check = True
             if site is None and not (code.co_filename.startswith(_TORCH_DIR) or code in _OWN_CODE): site = f
             f = f.f_back
         if site is None: loc, line, func = '?', '', '?'
@@ -476,7 +479,7 @@ class SyncAuditS(Subscriber):
             level = 'batch' if where in _BATCH_PLACES else 'epoch' if where in _EPOCH_EVENTS else 'fit'
         else:
             where, owner = f'(loop: {func})', 'Learner'
-            level = 'batch' if self._in_batch else 'fit'
+            level = 'batch' if self._in_batch else 'epoch' if self._in_epoch else 'fit'
         phase = None if learn is None or level == 'fit' else 'train' if learn.training else 'valid'
         batch = learn.iter if level == 'batch' and learn is not None else None
         epoch = getattr(learn, 'epoch', None)

@@ -24,7 +24,6 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Itera
 from ..core import (CancelFitException, Order, Subscriber, check_bool, comm_device, get_rank, get_world_size,
                           is_distributed, rng_state, set_rng_state)
 from ..data import MappedLoader, TensorLoader
-from ..learner import WeightedMean, _AverageLoss, _Collect
 
 # %% auto #0
 __all__ = ['launched_by_torchrun', 'init_distributed', 'rank0_first', 'all_max', 'all_gather_objects', 'interleave',
@@ -247,6 +246,10 @@ def gather_fsdp(learn, plain, opt) -> None:
     if state is not None: opt.load_state_dict(state)
 
 # %% ../../nbs/42_distributed.ipynb #0b18eaec
+def _gather_strided(t: torch.Tensor) -> torch.Tensor:
+    "Every rank's per-item tensor, in dataset order, on every rank (strided shards: item j of rank r is r + j*world)."
+    return interleave(all_gather_objects(t))
+
 class _Run:
     "What DistributedS keeps for one run: how it wrapped the model, what it sharded, whether a rank asked to stop."
     def __init__(self, learn, kind: str):
@@ -355,6 +358,7 @@ class DistributedS(Subscriber):
             inner.sampler.set_epoch(learn.epoch)
         self._check_lengths(learn, len(dl))
         learn.n_iter = min(learn.n_iter, len(dl))
+        learn.run.gather = _gather_strided   # each rank holds a stride of the data: results are combined over ranks
 
     def _check_lengths(self, learn, n: int) -> None:
         "Every rank must take the same number of steps (else collectives pair wrongly or hang): check before the first."
@@ -409,23 +413,6 @@ class DistributedS(Subscriber):
         if run is None: return
         self._agree(learn, run)   # a stop asked for during the last phase
         self._gather_back(learn, run)
-        if run.kind == 'predict' and run.collective and self.world_size > 1: self._gather_preds(learn)
-        if run.kind == 'validate' and self.world_size > 1: self._sync_average_loss(learn)
-
-    def _sync_average_loss(self, learn) -> None:
-        "`validate()`'s own loss (kept when no MetricsS makes a row): over every rank's shard, on every rank."
-        for avg in (s for s in learn.subs if isinstance(s, _AverageLoss)):
-            mean = avg.mean.synced()
-            avg.mean = WeightedMean()
-            avg.mean.add(mean, 1)
-
-    def _gather_preds(self, learn) -> None:
-        "Every rank's predictions, in dataset order, on every rank (strided shards: item j of rank r is r + j*world)."
-        for collect in (s for s in learn.subs if isinstance(s, _Collect)):
-            for name in ('preds', 'targets', 'losses'):
-                local = getattr(collect, name)
-                parts = all_gather_objects(torch.cat(local) if local else None)
-                setattr(collect, name, [interleave(parts)] if parts[0] is not None else [])
 
     def cleanup_fit(self, learn):
         "Undo what this run changed, with no collective: after an error the other ranks may be gone."

@@ -18,6 +18,7 @@ from ..core import (
     set_rng_state)
 from ..data import loader_state, set_loader_state
 from ..learner import Learner
+from ..run import Run
 from .progress import in_kernel
 from .schedule import sched_exp, sched_lin
 
@@ -137,7 +138,7 @@ def _named_tensors(model) -> dict:
     return {**{f'p:{k}': v for k, v in model.named_parameters()}, **{f'b:{k}': v for k, v in model.named_buffers()}}
 
 class _Snapshot:
-    "What the search changes beyond the learner's per-run state (which `separate_run` restores): tensors, RNG, subs."
+    "What the search changes that outlives it: the model's tensors and gradients, subscriber states, RNG, loaders."
     def __init__(self, learn: Learner):
         # Copies go to the CPU: no second copy of the model in accelerator memory. They are restored by name, into
         # whatever tensors the model holds then (moving a module to a device replaces its buffer objects).
@@ -166,12 +167,16 @@ def lr_find(self: Learner, start_lr: float = 1e-7, end_lr: float = 10., num_it: 
     "Run the LR range test on a fresh optimizer and restore everything afterwards; returns the suggestions."
     if show_plot is not None: check_bool('show_plot', show_plot)
     finder = LRFindS(start_lr, end_lr, num_it, mode, stop_div, div_factor)   # checks the other arguments
-    snap = _Snapshot(self)
+    self._refuse_nested('a learning-rate search')
+    snap, opt, step = _Snapshot(self), self.opt, self.global_step
     try:
-        with self.separate_run('lr_find', [finder]):   # counters, history, optimizer and subscribers come back
-            self.opt = self.opt_func([{'params': g} for g in self.param_groups()], start_lr)
-            self.fit(math.ceil(num_it / max(len(self.dls.train), 1)), valid=False)
-    finally: snap.restore(self)
+        self.opt = self.opt_func([{'params': g} for g in self.param_groups()], start_lr)
+        n_epochs = math.ceil(num_it / max(len(self.dls.train), 1))
+        self.execute(Run('lr_find', [(self.dls.train, True)], n_epochs, n_inp=self.n_inp,
+                         label_names=self.label_names), [finder])
+    finally:
+        self.opt, self.global_step = opt, step
+        snap.restore(self)
     res = finder.result()
     if show_plot or (show_plot is None and in_kernel()): res.plot()   # in a notebook, the curve shows by default
     return res

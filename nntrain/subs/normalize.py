@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ..batch import get_input, set_input, split_batch
 from ..core import Order, Subscriber, check_int
 from ..data import undisturbed
 from ..show import denormalize
@@ -15,14 +16,17 @@ from ..show import denormalize
 __all__ = ['mean_std', 'NormalizationS']
 
 # %% ../../nbs/11_normalize.ipynb #e6d756b7
-def mean_std(dl, n_batches: int | None = 8, per_channel: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    "Mean and standard deviation of the inputs of the first `n_batches` of `dl`: per channel, or one scalar."
+def mean_std(dl, n_batches: int | None = 8,       # batches to measure (None: all)
+             per_channel: bool | None = None,      # None: per channel (dim 1) for inputs of 3 dims or more
+             key: str | None = None,               # the input to measure, when inputs are a mapping
+             n_inp: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:   # inputs per batch (the batch protocol)
+    "Mean and standard deviation of the (main) input of the first `n_batches` of `dl`: per channel, or one scalar."
     total = total_sq = None
     count = 0
     with undisturbed(dl):   # measuring must not change the order the training batches come in
         for i, batch in enumerate(dl):
             if n_batches is not None and i >= n_batches: break
-            x = batch[0].double()
+            x = get_input(split_batch(batch, n_inp)[0], key).double()
             channels = x.ndim >= 3 if per_channel is None else per_channel
             dims = [d for d in range(x.ndim) if d != 1] if channels else list(range(x.ndim))
             s, sq = x.sum(dims), (x * x).sum(dims)
@@ -54,17 +58,19 @@ class NormalizationS(Subscriber):
     "Standardize inputs as `(x - mean) / std` on their device; with no stats given, measure them on the first fit."
     order = Order.NORMALIZE
 
-    def __init__(self, mean=None, std=None, n_batches: int | None = 8):
+    def __init__(self, mean=None, std=None,        # statistics (a scalar or one per channel); None: measured
+                 n_batches: int | None = 8,         # batches measured when no statistics are given
+                 key: str | None = None):           # the input to normalize, when inputs are a mapping
         if (mean is None) != (std is None):
             raise ValueError(f'give both mean and std, or neither to measure them; got mean={mean!r}, std={std!r}')
         check_int('n_batches', n_batches, allow_none=True)
         self.mean, self.std = (None, None) if mean is None else _check_stats(mean, std)
-        self.n_batches = n_batches
+        self.n_batches, self.key = n_batches, key
         self._cache = {}
 
     def before_fit(self, learn):
         if self.mean is None or self.std is None:
-            self.mean, self.std = mean_std(learn.dls.train, self.n_batches)
+            self.mean, self.std = mean_std(learn.dls.train, self.n_batches, key=self.key, n_inp=learn.n_inp)
             self._cache = {}
 
     def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,7 +97,7 @@ class NormalizationS(Subscriber):
         return denormalize(x, self.mean, self.std)
 
     def before_batch(self, learn):
-        learn.batch = (self.encode(learn.batch[0]), *learn.batch[1:])
+        learn.xb = set_input(learn.xb, self.encode(get_input(learn.xb, self.key)), self.key)
 
     def state_dict(self) -> dict: return {'mean': self.mean, 'std': self.std}
 

@@ -66,6 +66,9 @@ class MixedPrecisionS(Subscriber):
             self.scaler = make_scaler(device_type)
             if self.pending is not None: self.scaler.load_state_dict(self.pending)
             self.pending = None
+        if self.scaler is not None and learn.provides('step'):
+            raise ValueError('MixedPrecisionS(fp16) steps the optimizer through its gradient scaler, but a subscriber '
+                             'provides the step itself: use bf16 (no scaler), or scale in that step')
         learn.scaler = self.scaler
         self.unscaled = False
         self.scale = self.scaler.get_scale() if self.scaler is not None else None
@@ -74,23 +77,27 @@ class MixedPrecisionS(Subscriber):
         "The autocast context for this device and precision."
         return torch.autocast(self.device_type, dtype=AUTOCAST_DTYPES[self.chosen], enabled=self.chosen != 'fp32')
 
-    def predict(self, learn):
-        with self.autocast(): learn.predict()
+    # Wrappers, not replacements: whoever provides the forward pass or the loss runs under autocast.
+    def around_predict(self, learn, step):
+        with self.autocast(): step()
 
-    def get_loss(self, learn):
-        with self.autocast(): learn.get_loss()
+    def around_get_loss(self, learn, step):
+        with self.autocast(): step()
 
-    def backward(self, learn):
-        if self.scaler is None: return learn.backward()
-        self.scaler.scale(learn.loss).backward()
+    def around_backward(self, learn, step):
+        if self.scaler is None: return step()
+        loss = learn.loss
+        learn.loss = self.scaler.scale(loss)   # the backward pass (anyone's) sees the scaled loss
+        try: step()
+        finally: learn.loss = loss
 
     def after_backward(self, learn):
         if self.scaler is None: return
         self.scaler.unscale_(learn.opt)   # once per step: later after_backward subscribers see true gradients
         self.unscaled = True
 
-    def step(self, learn):
-        if self.scaler is None: return learn.step()
+    def around_step(self, learn, step):
+        if self.scaler is None: return step()
         self.scaler.step(learn.opt)       # skips the step when the unscaled gradients hold an inf or NaN
         self.scaler.update()
         self.unscaled = False
@@ -107,8 +114,6 @@ class MixedPrecisionS(Subscriber):
         self.scaler.update()
         self.unscaled, self.scale = False, self.scaler.get_scale()
 
-    def cleanup_fit(self, learn):
-        learn.scaler = None
 
     def state_dict(self) -> dict:
         "The gradient scaler's state (None without one)."
@@ -126,6 +131,12 @@ class MixedPrecisionS(Subscriber):
 def _is_channels_last(model) -> bool:
     return all(p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.ndim == 4)
 
+def _channels_last(x):
+    "4-D tensors (also in a mapping of inputs) in the channels-last layout; anything else as it is."
+    if isinstance(x, torch.Tensor): return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
+    if isinstance(x, dict): return type(x)({k: _channels_last(v) for k, v in x.items()})
+    return x
+
 class ChannelsLastS(Subscriber):
     "Train in the channels-last (NHWC) layout: the model's 4-D weights and every 4-D input batch."
     order = Order.PRECISION   # after augmentation and mixing, which may return fresh contiguous tensors
@@ -135,9 +146,7 @@ class ChannelsLastS(Subscriber):
         learn.model.to(memory_format=torch.channels_last)   # in place: the optimizer keeps the same parameters
 
     def before_batch(self, learn):
-        x = learn.batch[0]
-        if isinstance(x, torch.Tensor) and x.ndim == 4:
-            learn.batch = (x.contiguous(memory_format=torch.channels_last), *learn.batch[1:])
+        learn.xb = tuple(_channels_last(x) for x in learn.xb)
 
     def cleanup_fit(self, learn):
         if self.restore: learn.model.to(memory_format=torch.contiguous_format)

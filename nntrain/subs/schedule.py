@@ -203,7 +203,8 @@ class SchedulerS(Subscriber):
         if self._pending is not None:
             self.scheduler.load_state_dict(self._pending)
             self._pending = None
-            for g, s in zip(opt.param_groups, saved): g.update(s)   # resuming: keep the checkpoint's values
+            for g, s in zip(opt.param_groups, saved): g.update(s)   # resuming: keep the checkpoint's values...
+            for g, lr in zip(opt.param_groups, self.scheduler.get_last_lr()): g['lr'] = lr   # ...at the saved rate
 
     def after_step(self, learn):
         if self.interval == 'step': self.scheduler.step()

@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 
 from ..core import Order, Subscriber, check_int
-from ..learner import batch_targets
 from ..show import show_images
 from .normalize import NormalizationS
 from .schedule import get_hyper
@@ -77,22 +76,22 @@ class TensorBoardS(Subscriber):
 
     def _add_graph(self, learn):
         self._graph_done = True   # once per subscriber, also when tracing fails
-        x = learn.batch[0]
+        x = learn.xb[0]
         try:
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter('ignore')   # the tracer's own warnings say nothing about the user's model
-                self.writer.add_graph(learn.model, x[:2] if isinstance(x, torch.Tensor) else x)
+                self.writer.add_graph(learn.model, x[:2] if isinstance(x, torch.Tensor) else learn.xb)
         except Exception as e:   # a graph is a nicety: an untraceable model still trains and logs
             warnings.warn(f'TensorBoardS could not trace the model graph ({e!r}); the rest is logged.')
 
     def _add_images(self, learn):
-        x, preds = learn.batch[0], learn.preds
-        if not is_image_batch(x) or not isinstance(preds, torch.Tensor) or preds.ndim != 2: return
+        x, preds = learn.xb[0], learn.preds
+        if not is_image_batch(x) or not isinstance(preds, torch.Tensor) or preds.ndim != 2 or len(learn.yb) != 1: return
         n = min(self.n_images, len(x))
         x = x[:n].detach().float().cpu()
         for s in learn.subs:
             if isinstance(s, NormalizationS): x = s.decode(x)   # as the model saw them, in the data's own colours
-        pred, true = preds[:n].argmax(1).tolist(), batch_targets(learn.batch)[:n].tolist()
+        pred, true = preds[:n].argmax(1).tolist(), learn.yb[0][:n].tolist()
         vocab = getattr(learn.dls, 'vocab', None)
         name = (lambda i: str(vocab[i])) if vocab is not None else str
         fig = show_images(x, [f'{name(p)} / {name(t)}' for p, t in zip(pred, true)], ncols=min(n, 4))
