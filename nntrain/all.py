@@ -5,35 +5,40 @@
 # %% auto #0
 __all__ = ['torch', 'nn', 'F', 'BinaryAccuracy', 'BinaryAUROC', 'BinaryF1Score', 'BinaryPrecision', 'BinaryRecall', 'Mean',
            'MeanSquaredError', 'MulticlassAccuracy', 'MulticlassAUROC', 'MulticlassConfusionMatrix',
-           'MulticlassF1Score', 'MulticlassPrecision', 'MulticlassRecall', 'R2Score', 'Sum', 'EVENTS', 'STEPS',
-           'CANCELS', 'RUNS', 'CancelFitException', 'CancelEpochException', 'CancelBatchException',
-           'CancelStepException', 'Order', 'Subscriber', 'check_subscriber', 'sort_subs', 'build_table', 'add_note',
-           'note_origin', 'default_device', 'to_device', 'is_distributed', 'get_rank', 'get_world_size', 'comm_device',
+           'MulticlassF1Score', 'MulticlassPrecision', 'MulticlassRecall', 'MultilabelAccuracy', 'R2Score', 'Sum',
+           'LABEL_NAMES', 'describe', 'leaves', 'batch_size', 'split_batch', 'join_batch', 'get_input', 'set_input',
+           'call_model', 'output_preds', 'output_loss', 'is_index', 'class_dim', 'layout_name', 'check_inputs',
+           'check_targets', 'check_loss', 'per_item_loss', 'cat_items', 'EVENTS', 'STEPS', 'AROUNDS', 'CANCELS', 'RUNS',
+           'CancelFitException', 'CancelEpochException', 'CancelBatchException', 'CancelStepException', 'Order',
+           'Subscriber', 'check_subs', 'check_subscriber', 'sort_subs', 'build_table', 'add_note', 'note_origin',
+           'default_device', 'to_device', 'is_distributed', 'get_rank', 'get_world_size', 'comm_device',
            'preserve_modes', 'set_seed', 'check_int', 'check_number', 'check_choice', 'check_bool', 'rng_state',
            'set_rng_state', 'atomic_save', 'IMAGE_EXTENSIONS', 'TensorLoader', 'loader_state', 'set_loader_state',
            'undisturbed', 'DataLoaders', 'ImageDecodeError', 'image_files', 'folder_items', 'pil_to_tensor',
-           'ImageFolderDataset', 'collate_images', 'uint8_to_float', 'MappedLoader', 'hf_ds_collate_fn', 'mnist_sample',
-           'read_idx', 'write_idx', 'data_dir', 'DownloadError', 'sha256sum', 'download_url', 'mnist', 'fashion_mnist',
-           'unpack_tgz', 'imagenette', 'imagewoof', 'Hooks', 'Hook', 'count_hooks', 'init_weights', 'LayerStats',
-           'LSUVReport', 'lsuv_init', 'batch_targets', 'check_batch', 'check_preds', 'check_loss', 'per_item_loss',
-           'loader_targets', 'peek_targets', 'buffers_kept_on_error', 'first_batch_step', 'Position',
-           'DeferredInterrupt', 'WeightedMean', 'lr_for_groups', 'check_lr', 'Learner', 'TrainingLoop', 'plain_module',
-           'weight_problems', 'read_checkpoint', 'MomentumLearner', 'LabelSmoothingCrossEntropy', 'conv_block',
-           'simple_cnn', 'ResBlock', 'resnet', 'cnn_layers', 'AdaptiveConcatPool2d', 'BasicBlock', 'Bottleneck',
-           'xresnet', 'xresnet18', 'xresnet34', 'xresnet50', 'PerParamOptimizer', 'SGD', 'Momentum', 'RMSProp', 'Adam',
-           'AdamW', 'LAMB', 'weight_decay', 'l2_reg', 'sgd_step', 'average_grad', 'average_sqr_grad', 'step_stat',
-           'rms_step', 'adam_step', 'StatsOptimizer', 'sgd_opt', 'rmsprop_opt', 'adam_opt', 'denormalize',
-           'show_images', 'show_batch', 'AugmentS', 'per_sample', 'mixup', 'rand_box', 'cutmix', 'MixUpS', 'CutMixS',
-           'checkpoints', 'latest_checkpoint', 'check_writable', 'CheckpointS', 'tensor_stats', 'summarize',
-           'describe_change', 'fingerprint', 'Change', 'TraceS', 'sync_op', 'Sync', 'SyncAuditS', 'DebugS', 'DeviceS',
+           'ImageFolderDataset', 'collate_images', 'uint8_to_float', 'MappedLoader', 'hf_ds_collate_fn', 'pad_collate',
+           'mnist_sample', 'read_idx', 'write_idx', 'data_dir', 'DownloadError', 'sha256sum', 'download_url', 'mnist',
+           'fashion_mnist', 'unpack_tgz', 'imagenette', 'imagewoof', 'Hooks', 'Hook', 'count_hooks', 'Collect',
+           'get_preds', 'infer', 'TTAViews', 'tta', 'init_weights', 'LayerStats', 'LSUVReport', 'lsuv_init',
+           'RUN_STATE', 'lr_for_groups', 'check_lr', 'loader_targets', 'buffers_kept_on_error', 'checked_step',
+           'Learner', 'TrainingLoop', 'MomentumLearner', 'LabelSmoothingCrossEntropy', 'conv_block', 'simple_cnn',
+           'ResBlock', 'resnet', 'cnn_layers', 'AdaptiveConcatPool2d', 'BasicBlock', 'Bottleneck', 'xresnet',
+           'xresnet18', 'xresnet34', 'xresnet50', 'PerParamOptimizer', 'SGD', 'Momentum', 'RMSProp', 'Adam', 'AdamW',
+           'LAMB', 'weight_decay', 'l2_reg', 'sgd_step', 'average_grad', 'average_sqr_grad', 'step_stat', 'rms_step',
+           'adam_step', 'StatsOptimizer', 'sgd_opt', 'rmsprop_opt', 'adam_opt', 'Position', 'DeferredInterrupt',
+           'WeightedMean', 'Run', 'denormalize', 'show_images', 'show_batch', 'FORMAT', 'WEIGHT_KEYS', 'plain_module',
+           'weight_problems', 'read_checkpoint', 'is_weights', 'find_weights', 'state_dict', 'state_problems',
+           'load_state_dict', 'save', 'load', 'load_weights', 'take_resume', 'check_resumed_loader', 'resume_run',
+           'AugmentS', 'per_sample', 'mixup', 'rand_box', 'cutmix', 'MixUpS', 'CutMixS', 'checkpoints',
+           'latest_checkpoint', 'check_writable', 'CheckpointS', 'tensor_stats', 'summarize', 'describe_change',
+           'fingerprint', 'Change', 'TraceS', 'sync_op', 'Sync', 'SyncAuditS', 'DebugS', 'DeviceS',
            'launched_by_torchrun', 'init_distributed', 'rank0_first', 'all_max', 'all_gather_objects', 'interleave',
            'ShardedTensorLoader', 'StrideSampler', 'is_sharded', 'can_shard', 'shard_loader', 'loader_seed',
            'PlainKeysDDP', 'to_sync_bn', 'FullStateDict', 'full_state_dicts', 'fsdp_opt', 'gather_fsdp', 'DistributedS',
-           'valley_lr', 'steep_lr', 'minimum_lr', 'LRFindResult', 'LRFindS', 'MetricsS', 'ModelMonitorS',
-           'activation_stats', 'ActivationStatsS', 'module_label', 'mean_std', 'NormalizationS', 'AUTOCAST_DTYPES',
-           'resolve_precision', 'make_scaler', 'MixedPrecisionS', 'ChannelsLastS', 'CompileS', 'phase_table',
-           'epoch_table', 'in_kernel', 'Bar', 'ProgressView', 'plot_losses', 'ProgressS', 'annealer', 'sched_lin',
-           'sched_cos', 'sched_no', 'sched_exp', 'combine_scheds', 'cos_1cycle_anneal', 'one_cycle_scheds',
+           'valley_lr', 'steep_lr', 'minimum_lr', 'LRFindResult', 'LRFindS', 'on_preds', 'flat_tokens', 'MetricsS',
+           'ModelMonitorS', 'activation_stats', 'ActivationStatsS', 'module_label', 'mean_std', 'NormalizationS',
+           'AUTOCAST_DTYPES', 'resolve_precision', 'make_scaler', 'MixedPrecisionS', 'ChannelsLastS', 'CompileS',
+           'phase_table', 'epoch_table', 'in_kernel', 'Bar', 'ProgressView', 'plot_losses', 'ProgressS', 'annealer',
+           'sched_lin', 'sched_cos', 'sched_no', 'sched_exp', 'combine_scheds', 'cos_1cycle_anneal', 'one_cycle_scheds',
            'flat_cos_scheds', 'get_hyper', 'set_hyper', 'ParamSchedulerS', 'SchedulerS', 'summary_writer',
            'momentum_of', 'is_image_batch', 'TensorBoardS', 'EarlyStoppingS', 'CSVLoggerS', 'opt_params', 'opt_grads',
            'grad_norm', 'GradClipS', 'set_grad_sync', 'GradAccumS', 'first_nonfinite_module', 'TerminateOnNaNS', 'EMAS',
@@ -55,27 +60,31 @@ with warnings.catch_warnings():
     from torcheval.metrics import (
         BinaryAccuracy, BinaryAUROC, BinaryF1Score, BinaryPrecision, BinaryRecall, Mean, MeanSquaredError,
         MulticlassAccuracy, MulticlassAUROC, MulticlassConfusionMatrix, MulticlassF1Score, MulticlassPrecision,
-        MulticlassRecall, R2Score, Sum)
+        MulticlassRecall, MultilabelAccuracy, R2Score, Sum)
 
 # %% ../nbs/99_all.ipynb #f416363f
+from .batch import (
+    LABEL_NAMES, describe, leaves, batch_size, split_batch, join_batch, get_input, set_input, call_model,
+    output_preds, output_loss, is_index, class_dim, layout_name, check_inputs, check_targets, check_loss,
+    per_item_loss, cat_items)
 from .core import (
-    EVENTS, STEPS, CANCELS, RUNS, CancelFitException, CancelEpochException, CancelBatchException,
-    CancelStepException, Order, Subscriber, check_subscriber, sort_subs, build_table, add_note, note_origin,
-    default_device, to_device, is_distributed, get_rank, get_world_size, comm_device, preserve_modes, set_seed,
-    check_int, check_number, check_choice, check_bool, rng_state, set_rng_state, atomic_save)
+    EVENTS, STEPS, AROUNDS, CANCELS, RUNS, CancelFitException, CancelEpochException, CancelBatchException,
+    CancelStepException, Order, Subscriber, check_subs, check_subscriber, sort_subs, build_table, add_note,
+    note_origin, default_device, to_device, is_distributed, get_rank, get_world_size, comm_device, preserve_modes,
+    set_seed, check_int, check_number, check_choice, check_bool, rng_state, set_rng_state, atomic_save)
 from .data import (
     IMAGE_EXTENSIONS, TensorLoader, loader_state, set_loader_state, undisturbed, DataLoaders, ImageDecodeError,
     image_files, folder_items, pil_to_tensor, ImageFolderDataset, collate_images, uint8_to_float, MappedLoader,
-    hf_ds_collate_fn)
+    hf_ds_collate_fn, pad_collate)
 from .datasets import (
     mnist_sample, read_idx, write_idx, data_dir, DownloadError, sha256sum, download_url, mnist, fashion_mnist,
     unpack_tgz, imagenette, imagewoof)
 from .hooks import Hooks, Hook, count_hooks
+from .inference import Collect, get_preds, infer, TTAViews, tta
 from .init import init_weights, LayerStats, LSUVReport, lsuv_init
 from .learner import (
-    batch_targets, check_batch, check_preds, check_loss, per_item_loss, loader_targets, peek_targets,
-    buffers_kept_on_error, first_batch_step, Position, DeferredInterrupt, WeightedMean, lr_for_groups, check_lr,
-    Learner, TrainingLoop, plain_module, weight_problems, read_checkpoint, MomentumLearner)
+    RUN_STATE, lr_for_groups, check_lr, loader_targets, buffers_kept_on_error, checked_step, Learner, TrainingLoop,
+    MomentumLearner)
 from .losses import LabelSmoothingCrossEntropy
 from .models import (
     conv_block, simple_cnn, ResBlock, resnet, cnn_layers, AdaptiveConcatPool2d, BasicBlock, Bottleneck, xresnet,
@@ -83,7 +92,11 @@ from .models import (
 from .optim import (
     PerParamOptimizer, SGD, Momentum, RMSProp, Adam, AdamW, LAMB, weight_decay, l2_reg, sgd_step, average_grad,
     average_sqr_grad, step_stat, rms_step, adam_step, StatsOptimizer, sgd_opt, rmsprop_opt, adam_opt)
+from .run import Position, DeferredInterrupt, WeightedMean, Run
 from .show import denormalize, show_images, show_batch
+from .state import (
+    FORMAT, WEIGHT_KEYS, plain_module, weight_problems, read_checkpoint, is_weights, find_weights, state_dict,
+    state_problems, load_state_dict, save, load, load_weights, take_resume, check_resumed_loader, resume_run)
 from .subs.augment import AugmentS, per_sample, mixup, rand_box, cutmix, MixUpS, CutMixS
 from .subs.checkpoint import checkpoints, latest_checkpoint, check_writable, CheckpointS
 from .subs.debug import (
@@ -94,7 +107,7 @@ from .subs.distributed import (
     ShardedTensorLoader, StrideSampler, is_sharded, can_shard, shard_loader, loader_seed, PlainKeysDDP, to_sync_bn,
     FullStateDict, full_state_dicts, fsdp_opt, gather_fsdp, DistributedS)
 from .subs.lr_find import valley_lr, steep_lr, minimum_lr, LRFindResult, LRFindS
-from .subs.metrics import MetricsS
+from .subs.metrics import on_preds, flat_tokens, MetricsS
 from .subs.monitor import ModelMonitorS, activation_stats, ActivationStatsS, module_label
 from .subs.normalize import mean_std, NormalizationS
 from .subs.precision import (
@@ -118,42 +131,47 @@ from .transfer import (
 # %% ../nbs/99_all.ipynb #c3ecd775
 _all_ = ['torch', 'nn', 'F', 'BinaryAccuracy', 'BinaryAUROC', 'BinaryF1Score', 'BinaryPrecision', 'BinaryRecall',
          'Mean', 'MeanSquaredError', 'MulticlassAccuracy', 'MulticlassAUROC', 'MulticlassConfusionMatrix',
-         'MulticlassF1Score', 'MulticlassPrecision', 'MulticlassRecall', 'R2Score', 'Sum', 'EVENTS', 'STEPS',
-         'CANCELS', 'RUNS', 'CancelFitException', 'CancelEpochException', 'CancelBatchException',
-         'CancelStepException', 'Order', 'Subscriber', 'check_subscriber', 'sort_subs', 'build_table',
-         'add_note', 'note_origin', 'default_device', 'to_device', 'is_distributed', 'get_rank',
-         'get_world_size', 'comm_device', 'preserve_modes', 'set_seed', 'check_int', 'check_number',
-         'check_choice', 'check_bool', 'rng_state', 'set_rng_state', 'atomic_save', 'IMAGE_EXTENSIONS',
-         'TensorLoader', 'loader_state', 'set_loader_state', 'undisturbed', 'DataLoaders', 'ImageDecodeError',
-         'image_files', 'folder_items', 'pil_to_tensor', 'ImageFolderDataset', 'collate_images',
-         'uint8_to_float', 'MappedLoader', 'hf_ds_collate_fn', 'mnist_sample', 'read_idx', 'write_idx',
-         'data_dir', 'DownloadError', 'sha256sum', 'download_url', 'mnist', 'fashion_mnist', 'unpack_tgz',
-         'imagenette', 'imagewoof', 'Hooks', 'Hook', 'count_hooks', 'init_weights', 'LayerStats',
-         'LSUVReport', 'lsuv_init', 'batch_targets', 'check_batch', 'check_preds', 'check_loss',
-         'per_item_loss', 'loader_targets', 'peek_targets', 'buffers_kept_on_error', 'first_batch_step',
-         'Position', 'DeferredInterrupt', 'WeightedMean', 'lr_for_groups', 'check_lr', 'Learner',
-         'TrainingLoop', 'plain_module', 'weight_problems', 'read_checkpoint', 'MomentumLearner',
-         'LabelSmoothingCrossEntropy', 'conv_block', 'simple_cnn', 'ResBlock', 'resnet', 'cnn_layers',
-         'AdaptiveConcatPool2d', 'BasicBlock', 'Bottleneck', 'xresnet', 'xresnet18', 'xresnet34', 'xresnet50',
-         'PerParamOptimizer', 'SGD', 'Momentum', 'RMSProp', 'Adam', 'AdamW', 'LAMB', 'weight_decay', 'l2_reg',
-         'sgd_step', 'average_grad', 'average_sqr_grad', 'step_stat', 'rms_step', 'adam_step',
-         'StatsOptimizer', 'sgd_opt', 'rmsprop_opt', 'adam_opt', 'denormalize', 'show_images', 'show_batch',
-         'AugmentS', 'per_sample', 'mixup', 'rand_box', 'cutmix', 'MixUpS', 'CutMixS', 'checkpoints',
-         'latest_checkpoint', 'check_writable', 'CheckpointS', 'tensor_stats', 'summarize', 'describe_change',
-         'fingerprint', 'Change', 'TraceS', 'sync_op', 'Sync', 'SyncAuditS', 'DebugS', 'DeviceS',
-         'launched_by_torchrun', 'init_distributed', 'rank0_first', 'all_max', 'all_gather_objects',
-         'interleave', 'ShardedTensorLoader', 'StrideSampler', 'is_sharded', 'can_shard', 'shard_loader',
-         'loader_seed', 'PlainKeysDDP', 'to_sync_bn', 'FullStateDict', 'full_state_dicts', 'fsdp_opt',
-         'gather_fsdp', 'DistributedS', 'valley_lr', 'steep_lr', 'minimum_lr', 'LRFindResult', 'LRFindS',
-         'MetricsS', 'ModelMonitorS', 'activation_stats', 'ActivationStatsS', 'module_label', 'mean_std',
-         'NormalizationS', 'AUTOCAST_DTYPES', 'resolve_precision', 'make_scaler', 'MixedPrecisionS',
-         'ChannelsLastS', 'CompileS', 'phase_table', 'epoch_table', 'in_kernel', 'Bar', 'ProgressView',
-         'plot_losses', 'ProgressS', 'annealer', 'sched_lin', 'sched_cos', 'sched_no', 'sched_exp',
-         'combine_scheds', 'cos_1cycle_anneal', 'one_cycle_scheds', 'flat_cos_scheds', 'get_hyper',
-         'set_hyper', 'ParamSchedulerS', 'SchedulerS', 'summary_writer', 'momentum_of', 'is_image_batch',
-         'TensorBoardS', 'EarlyStoppingS', 'CSVLoggerS', 'opt_params', 'opt_grads', 'grad_norm', 'GradClipS',
-         'set_grad_sync', 'GradAccumS', 'first_nonfinite_module', 'TerminateOnNaNS', 'EMAS', 'conv_macs',
-         'conv_transpose_macs', 'linear_macs', 'norm_macs', 'mha_macs', 'first_tensor', 'module_macs',
-         'leaf_modules', 'pick_modules', 'LayerInfo', 'ModelSummary', 'LayerRecorder', 'summary',
-         'POOL_TYPES', 'HEAD_ATTRS', 'BN_TYPES', 'is_pool', 'default_splitter', 'FrozenBnS', 'concat_pool',
-         'cut_body', 'n_features', 'make_head', 'adapt_head']
+         'MulticlassF1Score', 'MulticlassPrecision', 'MulticlassRecall', 'MultilabelAccuracy', 'R2Score',
+         'Sum', 'LABEL_NAMES', 'describe', 'leaves', 'batch_size', 'split_batch', 'join_batch', 'get_input',
+         'set_input', 'call_model', 'output_preds', 'output_loss', 'is_index', 'class_dim', 'layout_name',
+         'check_inputs', 'check_targets', 'check_loss', 'per_item_loss', 'cat_items', 'EVENTS', 'STEPS',
+         'AROUNDS', 'CANCELS', 'RUNS', 'CancelFitException', 'CancelEpochException', 'CancelBatchException',
+         'CancelStepException', 'Order', 'Subscriber', 'check_subs', 'check_subscriber', 'sort_subs',
+         'build_table', 'add_note', 'note_origin', 'default_device', 'to_device', 'is_distributed',
+         'get_rank', 'get_world_size', 'comm_device', 'preserve_modes', 'set_seed', 'check_int',
+         'check_number', 'check_choice', 'check_bool', 'rng_state', 'set_rng_state', 'atomic_save',
+         'IMAGE_EXTENSIONS', 'TensorLoader', 'loader_state', 'set_loader_state', 'undisturbed', 'DataLoaders',
+         'ImageDecodeError', 'image_files', 'folder_items', 'pil_to_tensor', 'ImageFolderDataset',
+         'collate_images', 'uint8_to_float', 'MappedLoader', 'hf_ds_collate_fn', 'pad_collate',
+         'mnist_sample', 'read_idx', 'write_idx', 'data_dir', 'DownloadError', 'sha256sum', 'download_url',
+         'mnist', 'fashion_mnist', 'unpack_tgz', 'imagenette', 'imagewoof', 'Hooks', 'Hook', 'count_hooks',
+         'Collect', 'get_preds', 'infer', 'TTAViews', 'tta', 'init_weights', 'LayerStats', 'LSUVReport',
+         'lsuv_init', 'RUN_STATE', 'lr_for_groups', 'check_lr', 'loader_targets', 'buffers_kept_on_error',
+         'checked_step', 'Learner', 'TrainingLoop', 'MomentumLearner', 'LabelSmoothingCrossEntropy',
+         'conv_block', 'simple_cnn', 'ResBlock', 'resnet', 'cnn_layers', 'AdaptiveConcatPool2d', 'BasicBlock',
+         'Bottleneck', 'xresnet', 'xresnet18', 'xresnet34', 'xresnet50', 'PerParamOptimizer', 'SGD',
+         'Momentum', 'RMSProp', 'Adam', 'AdamW', 'LAMB', 'weight_decay', 'l2_reg', 'sgd_step', 'average_grad',
+         'average_sqr_grad', 'step_stat', 'rms_step', 'adam_step', 'StatsOptimizer', 'sgd_opt', 'rmsprop_opt',
+         'adam_opt', 'Position', 'DeferredInterrupt', 'WeightedMean', 'Run', 'denormalize', 'show_images',
+         'show_batch', 'FORMAT', 'WEIGHT_KEYS', 'plain_module', 'weight_problems', 'read_checkpoint',
+         'is_weights', 'find_weights', 'state_dict', 'state_problems', 'load_state_dict', 'save', 'load',
+         'load_weights', 'take_resume', 'check_resumed_loader', 'resume_run', 'AugmentS', 'per_sample',
+         'mixup', 'rand_box', 'cutmix', 'MixUpS', 'CutMixS', 'checkpoints', 'latest_checkpoint',
+         'check_writable', 'CheckpointS', 'tensor_stats', 'summarize', 'describe_change', 'fingerprint',
+         'Change', 'TraceS', 'sync_op', 'Sync', 'SyncAuditS', 'DebugS', 'DeviceS', 'launched_by_torchrun',
+         'init_distributed', 'rank0_first', 'all_max', 'all_gather_objects', 'interleave',
+         'ShardedTensorLoader', 'StrideSampler', 'is_sharded', 'can_shard', 'shard_loader', 'loader_seed',
+         'PlainKeysDDP', 'to_sync_bn', 'FullStateDict', 'full_state_dicts', 'fsdp_opt', 'gather_fsdp',
+         'DistributedS', 'valley_lr', 'steep_lr', 'minimum_lr', 'LRFindResult', 'LRFindS', 'on_preds',
+         'flat_tokens', 'MetricsS', 'ModelMonitorS', 'activation_stats', 'ActivationStatsS', 'module_label',
+         'mean_std', 'NormalizationS', 'AUTOCAST_DTYPES', 'resolve_precision', 'make_scaler',
+         'MixedPrecisionS', 'ChannelsLastS', 'CompileS', 'phase_table', 'epoch_table', 'in_kernel', 'Bar',
+         'ProgressView', 'plot_losses', 'ProgressS', 'annealer', 'sched_lin', 'sched_cos', 'sched_no',
+         'sched_exp', 'combine_scheds', 'cos_1cycle_anneal', 'one_cycle_scheds', 'flat_cos_scheds',
+         'get_hyper', 'set_hyper', 'ParamSchedulerS', 'SchedulerS', 'summary_writer', 'momentum_of',
+         'is_image_batch', 'TensorBoardS', 'EarlyStoppingS', 'CSVLoggerS', 'opt_params', 'opt_grads',
+         'grad_norm', 'GradClipS', 'set_grad_sync', 'GradAccumS', 'first_nonfinite_module', 'TerminateOnNaNS',
+         'EMAS', 'conv_macs', 'conv_transpose_macs', 'linear_macs', 'norm_macs', 'mha_macs', 'first_tensor',
+         'module_macs', 'leaf_modules', 'pick_modules', 'LayerInfo', 'ModelSummary', 'LayerRecorder',
+         'summary', 'POOL_TYPES', 'HEAD_ATTRS', 'BN_TYPES', 'is_pool', 'default_splitter', 'FrozenBnS',
+         'concat_pool', 'cut_body', 'n_features', 'make_head', 'adapt_head']

@@ -18,11 +18,11 @@ from typing import Any, Callable, Iterable
 import torch
 
 # %% auto #0
-__all__ = ['EVENTS', 'STEPS', 'CANCELS', 'RUNS', 'CancelFitException', 'CancelEpochException', 'CancelBatchException',
-           'CancelStepException', 'Order', 'Subscriber', 'check_subscriber', 'sort_subs', 'build_table', 'add_note',
-           'note_origin', 'default_device', 'to_device', 'is_distributed', 'get_rank', 'get_world_size', 'comm_device',
-           'preserve_modes', 'set_seed', 'check_int', 'check_number', 'check_choice', 'check_bool', 'rng_state',
-           'set_rng_state', 'atomic_save']
+__all__ = ['EVENTS', 'STEPS', 'AROUNDS', 'CANCELS', 'RUNS', 'CancelFitException', 'CancelEpochException', 'CancelBatchException',
+           'CancelStepException', 'Order', 'Subscriber', 'check_subs', 'check_subscriber', 'sort_subs', 'build_table',
+           'add_note', 'note_origin', 'default_device', 'to_device', 'is_distributed', 'get_rank', 'get_world_size',
+           'comm_device', 'preserve_modes', 'set_seed', 'check_int', 'check_number', 'check_choice', 'check_bool',
+           'rng_state', 'set_rng_state', 'atomic_save']
 
 # %% ../nbs/00_core.ipynb #d0b81b93
 EVENTS = ('before_fit', 'before_epoch', 'before_batch',

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+from collections.abc import Mapping
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -23,7 +24,7 @@ from .core import rng_state, set_rng_state
 # %% auto #0
 __all__ = ['IMAGE_EXTENSIONS', 'TensorLoader', 'loader_state', 'set_loader_state', 'undisturbed', 'DataLoaders',
            'ImageDecodeError', 'image_files', 'folder_items', 'pil_to_tensor', 'ImageFolderDataset', 'collate_images',
-           'uint8_to_float', 'MappedLoader', 'hf_ds_collate_fn']
+           'uint8_to_float', 'MappedLoader', 'hf_ds_collate_fn', 'pad_collate']
 
 # %% ../nbs/01_data.ipynb #fa6b3ec8
 def _check_int(name: str, value, low: int = 1, high: int | None = None, none_ok: bool = False) -> int | None:
@@ -72,9 +73,17 @@ def _as_tensors(named: dict) -> tuple[torch.Tensor, ...]:
 # %% ../nbs/01_data.ipynb #386003bc
 class TensorLoader:
     "Batches of in-memory tensors, sliced with a seeded shuffled index: no per-item work, no collate."
-    def __init__(self, *tensors, batch_size: int = 64, shuffle: bool = False, drop_last: bool = False,
-                 device=None, seed: int | None = None):
+    def __init__(self, *tensors,                    # the columns: each batch holds the same rows of each
+                 batch_size: int = 64,              # rows per batch
+                 shuffle: bool = False,             # a new order every epoch (from `seed`)
+                 drop_last: bool = False,           # drop a last batch smaller than `batch_size`
+                 device=None,                       # where the tensors live (batches are sliced there)
+                 seed: int | None = None,           # seeds the order (None: from torch's global generator)
+                 names: tuple | None = None):       # batches as dicts with these keys, one per tensor
         if not tensors: raise ValueError('TensorLoader needs at least one tensor')
+        if names is not None and (len(names) != len(tensors) or not all(isinstance(n, str) for n in names)):
+            raise ValueError(f'names must be one string per tensor ({len(tensors)}), got {names!r}')
+        self.names = None if names is None else tuple(names)
         tensors = _as_tensors({f'tensors[{i}]': t for i, t in enumerate(tensors)})
         batch_size, seed = _check_int('batch_size', batch_size), _check_seed(seed)
         shuffle, drop_last = _check_bool('shuffle', shuffle), _check_bool('drop_last', drop_last)
@@ -88,10 +97,13 @@ class TensorLoader:
     def __len__(self) -> int:
         return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
 
+    def _batch(self, parts: tuple):
+        return parts if self.names is None else dict(zip(self.names, parts))
+
     def __iter__(self):
         bs, n_batches = self.batch_size, len(self)
         if not self.shuffle:
-            for i in range(n_batches): yield tuple(t[i*bs:(i+1)*bs] for t in self.tensors)
+            for i in range(n_batches): yield self._batch(tuple(t[i*bs:(i+1)*bs] for t in self.tensors))
             return
         self._epoch_state = self.generator.get_state()
         idx = torch.randperm(self.n, generator=self.generator).to(self.tensors[0].device)
@@ -100,7 +112,7 @@ class TensorLoader:
         for i in range(n_batches):
             j = idx[i*bs:(i+1)*bs]
             if i == n_batches - 1: self._epoch_state = None   # the whole order is handed out: the next state is next
-            yield tuple(t.index_select(0, j) for t in self.tensors)
+            yield self._batch(tuple(t.index_select(0, j) for t in self.tensors))
 
     @property
     def device(self) -> torch.device: return self.tensors[0].device
@@ -115,7 +127,8 @@ class TensorLoader:
         self._epoch_state = None
 
     def __repr__(self):
-        shapes = ', '.join(str(tuple(t.shape)) for t in self.tensors)
+        shapes = ', '.join((f'{n}=' if n else '') + str(tuple(t.shape))
+                           for n, t in zip(self.names or [None] * len(self.tensors), self.tensors))
         return f'TensorLoader({shapes}, batch_size={self.batch_size}, shuffle={self.shuffle}, device={self.device})'
 
 # %% ../nbs/01_data.ipynb #0349d495
@@ -148,27 +161,44 @@ def undisturbed(dl):
         set_rng_state(rng)
 
 # %% ../nbs/01_data.ipynb #42c55a59
+def _columns(x, y, split: str) -> tuple[tuple, tuple | None, int | None]:
+    "A split's columns as tensors: `(tensors, names for dict batches, n_inp)`; inputs are `x` (one, a tuple or a dict)."
+    if isinstance(x, dict):
+        if y is not None and 'labels' in x: raise ValueError(f"x_{split} already has a 'labels' entry; pass y_{split}=None")
+        named = {**{f'x_{split}[{k!r}]': v for k, v in x.items()}, **({f'y_{split}': y} if y is not None else {})}
+        return _as_tensors(named), tuple(x) + (('labels',) if y is not None else ()), None
+    xs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+    named = {**{f'x_{split}' + (f'[{i}]' if len(xs) > 1 else ''): v for i, v in enumerate(xs)},
+             **({f'y_{split}': y} if y is not None else {})}
+    return _as_tensors(named), None, len(xs) if len(xs) > 1 or y is None else None
+
 class DataLoaders:
     "A training loader and a validation loader; any iterable of batches with a `len` works as either."
-    def __init__(self, train, valid, vocab: list | None = None):
-        self.train, self.valid, self.vocab = train, valid, vocab
+    def __init__(self, train, valid,
+                 vocab: list | None = None,          # class names, for showing labels
+                 n_inp: int | None = None,           # leading items of a tuple batch that are inputs (None: all but the last)
+                 label_names: tuple | None = None):  # the target keys of mapping batches (None: 'labels', 'label')
+        if n_inp is not None and (isinstance(n_inp, bool) or not isinstance(n_inp, int) or n_inp < 1):
+            raise ValueError(f'n_inp must be a positive int or None, got {n_inp!r}')
+        self.train, self.valid, self.vocab, self.n_inp = train, valid, vocab, n_inp
+        self.label_names = None if label_names is None else tuple(label_names)
 
     def __iter__(self): return iter((self.train, self.valid))
 
     @classmethod
-    def from_tensors(cls, x_train, y_train, x_valid, y_valid, batch_size: int = 64, valid_batch_size: int | None = None,
-                     shuffle: bool = True, drop_last: bool = False, device=None,
-                     seed: int | None = None) -> DataLoaders:
-        "Loaders over in-memory tensors or arrays; the training loader shuffles, the validation loader does not."
+    def from_tensors(cls, x_train, y_train, x_valid, y_valid,
+                     batch_size: int = 64, valid_batch_size: int | None = None, shuffle: bool = True,
+                     drop_last: bool = False, device=None, seed: int | None = None) -> DataLoaders:
+        "Loaders over in-memory tensors or arrays (several inputs: tuples; named: dicts; no targets: None)."
         # inputs and targets are counted per split, so a mismatch names the split
-        x_train, y_train = _as_tensors({'x_train': x_train, 'y_train': y_train})
-        x_valid, y_valid = _as_tensors({'x_valid': x_valid, 'y_valid': y_valid})
+        (train, names, n_inp), (valid, _, _) = (_columns(x, y, split) for x, y, split in
+                                                 ((x_train, y_train, 'train'), (x_valid, y_valid, 'valid')))
         batch_size = _check_int('batch_size', batch_size)
         valid_batch_size = _check_int('valid_batch_size', valid_batch_size, none_ok=True)
-        train = TensorLoader(x_train, y_train, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                             device=device, seed=seed)
-        valid = TensorLoader(x_valid, y_valid, batch_size=valid_batch_size or 2 * batch_size, device=device)
-        return cls(train, valid)
+        train = TensorLoader(*train, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, device=device,
+                             seed=seed, names=names)
+        valid = TensorLoader(*valid, batch_size=valid_batch_size or 2 * batch_size, device=device, names=names)
+        return cls(train, valid, n_inp=n_inp)
 
     from_numpy = from_tensors
 
@@ -252,7 +282,12 @@ class MappedLoader:
     def __len__(self) -> int: return len(self.dl)
 
     def __iter__(self):
-        for xb, *rest in self.dl:
+        for batch in self.dl:
+            if isinstance(batch, Mapping):   # named columns (e.g. token ids): moved, nothing converted
+                yield batch if self.device is None else type(batch)(
+                    (k, v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items())
+                continue
+            xb, *rest = batch
             if self.device is not None:   # non_blocking pays off with pinned memory: the copy overlaps compute
                 xb, rest = xb.to(self.device, non_blocking=True), [t.to(self.device, non_blocking=True) for t in rest]
             if self.to_float and xb.dtype == torch.uint8: xb = uint8_to_float(xb)
@@ -340,6 +375,20 @@ def hf_ds_collate_fn(data: list[dict], flatten: bool = True) -> tuple[torch.Tens
         return torch.tensor(v)
     return tuple(torch.stack([to_tensor(v) for v in col]) for col in zip(*(row.values() for row in data)))
 
+def pad_collate(rows: list[dict], pad_value: int = 0, label_pad_value: int = -100,
+                label_names: tuple = ('labels', 'label')) -> dict:
+    "Rows (dicts) as one dict batch: equal shapes stacked, sequences of other lengths padded at the end (labels: -100)."
+    out = {}
+    for k in rows[0]:
+        vals = [torch.as_tensor(r[k]) for r in rows]
+        if len({v.shape for v in vals}) == 1: out[k] = torch.stack(vals); continue
+        if len({v.ndim for v in vals}) > 1: raise ValueError(f'column {k!r} has values of different ranks in one batch')
+        size = [max(s) for s in zip(*(v.shape for v in vals))]
+        t = vals[0].new_full((len(vals), *size), label_pad_value if k in label_names else pad_value)
+        for i, v in enumerate(vals): t[(i, *(slice(0, n) for n in v.shape))] = v
+        out[k] = t
+    return out
+
 def _hf_split_tensors(ds, flatten: bool) -> tuple[torch.Tensor, ...] | None:
     "Every column of `ds` as one tensor, images as `hf_ds_collate_fn` makes them; None when a column will not convert."
     from datasets import Image as HFImage
@@ -368,23 +417,40 @@ def _hf_splits(dd) -> tuple:
     raise ValueError(f'expected a train split and a validation/valid/val/test split, got {names}')
 
 @patch(cls_method=True)
-def from_hf_dd(cls: DataLoaders, dd, batch_size: int, collate_fn=hf_ds_collate_fn, flatten: bool = True,
-               fast: bool | None = None, device=None, seed: int | None = None, **kwargs) -> DataLoaders:
+def from_hf_dd(cls: DataLoaders, dd,
+               batch_size: int,                      # rows per training batch (validation: twice as many)
+               collate_fn=None,                      # rows -> batch (default: `hf_ds_collate_fn`, or `pad_collate` for dicts)
+               flatten: bool = True,                 # images as flat vectors (tuple batches)
+               fast: bool | None = None,             # in-memory slicing (None: when every column converts to a tensor)
+               device=None,                          # where batches go
+               seed: int | None = None,              # seeds the training order
+               as_dict: bool = False,                # batches as dicts keyed by column name (a tokenized dataset as it is)
+               columns: list | None = None,          # the columns to keep, in this order (default: all)
+               **kwargs) -> DataLoaders:             # more torch `DataLoader` options (e.g. num_workers)
     "Loaders over a Hugging Face `DatasetDict`'s train and validation splits; in-memory slicing when possible."
     batch_size, seed, device = _check_int('batch_size', batch_size), _check_seed(seed), _check_device(device)
     flatten, fast = _check_bool('flatten', flatten), _check_bool('fast', fast, none_ok=True)
+    as_dict = _check_bool('as_dict', as_dict)
+    default_collate = collate_fn is None
+    if default_collate: collate_fn = pad_collate if as_dict else hf_ds_collate_fn
     if not callable(collate_fn): raise TypeError(f'collate_fn must be callable, got {collate_fn!r}')
     train_ds, valid_ds = _hf_splits(dd)
+    if columns is not None:
+        missing = [c for c in columns if c not in train_ds.column_names]
+        if missing: raise ValueError(f'columns {missing} are not in the dataset, which has {train_ds.column_names}')
+        train_ds, valid_ds = train_ds.select_columns(list(columns)), valid_ds.select_columns(list(columns))
+    names = tuple(train_ds.column_names) if as_dict else None
     for split, ds in zip(('training', 'validation'), (train_ds, valid_ds)):
         if len(ds) == 0: raise ValueError(f'the {split} split of dd is empty: a loader needs at least one item')
-    if fast is not False and collate_fn is hf_ds_collate_fn and not kwargs:
+    if fast is not False and default_collate and not kwargs:
         tensors = [_hf_split_tensors(ds, flatten) for ds in (train_ds, valid_ds)]
         if all(t is not None for t in tensors):
-            return cls(TensorLoader(*tensors[0], batch_size=batch_size, shuffle=True, device=device, seed=seed),
-                       TensorLoader(*tensors[1], batch_size=2 * batch_size, device=device))
+            return cls(TensorLoader(*tensors[0], batch_size=batch_size, shuffle=True, device=device, seed=seed,
+                                    names=names),
+                       TensorLoader(*tensors[1], batch_size=2 * batch_size, device=device, names=names))
     if fast: raise ValueError('fast=True needs the default collate_fn, no DataLoader options, and splits whose '
                               'columns all convert to tensors (numbers, fixed-size images)')
-    if collate_fn is hf_ds_collate_fn: collate_fn = partial(hf_ds_collate_fn, flatten=flatten)
+    if collate_fn is hf_ds_collate_fn and default_collate: collate_fn = partial(hf_ds_collate_fn, flatten=flatten)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     train = DataLoader(train_ds, batch_size=batch_size, shuffle=True, collate_fn=collate_fn, generator=gen, **kwargs)
     valid = DataLoader(valid_ds, batch_size=2 * batch_size, collate_fn=collate_fn, **kwargs)

@@ -606,7 +606,7 @@ def test_from_folder_refuses_bad_arguments(tmp_path, kwargs, exc, msg):
     ('ok', dict(flatten='yes'), TypeError, "flatten must be True or False, got 'yes'"),
     ('ok', dict(fast=1), TypeError, 'fast must be True or False or None, got 1'),
     ('ok', dict(seed=-5), ValueError, 'seed must be an int in 0..18446744073709551615 or None, got -5'),
-    ('ok', dict(collate_fn=None), TypeError, 'collate_fn must be callable, got None'),
+    ('ok', dict(collate_fn='rows'), TypeError, "collate_fn must be callable, got 'rows'"),
     ('ok', dict(device='nowhere'), ValueError, 'device must be a torch.device'),
     ('list', {}, TypeError, 'dd must be a DatasetDict (split names to datasets), got list'),
     ('empty', {}, ValueError, 'the validation split of dd is empty'),

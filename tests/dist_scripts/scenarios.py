@@ -79,6 +79,10 @@ class At(Subscriber):
 
 def _nan_loss(learn): learn.loss = learn.loss * float('nan')
 def _cancel(learn): raise CancelFitException('rank 0 stops')
+
+class Where(Subscriber):
+    "Where the last fit stopped: (epoch, batch index), read as it ends."
+    def cleanup_fit(self, learn): self.seen = (learn.epoch, learn.iter)
 def _ctrl_c(learn): os.kill(os.getpid(), signal.SIGINT)
 def _kill(learn):
     if learn.global_step == 7: os.kill(os.getpid(), signal.SIGKILL)
@@ -155,12 +159,14 @@ def group_main(out: Path):
     learn.fit(3, resume=True)
     res['resumed'] = weights(learn)
     # 5: TerminateOnNaNS on rank 1 only (its loss is made NaN at batch 2); a stop on rank 0; Ctrl-C on rank 1
-    learn = learner(8, [DistributedS(), At('after_loss', 2, _nan_loss, rank=1)] + ([TerminateOnNaNS()] if rank else []))
+    where = Where()
+    learn = learner(8, [DistributedS(), At('after_loss', 2, _nan_loss, rank=1), where] +
+                    ([TerminateOnNaNS()] if rank else []))
     learn.fit(2)
-    res['nan'] = (learn.epoch, learn.iter, learn.global_step, weights(learn))
-    learn = learner(8, [DistributedS(), At('after_batch', 1, _cancel, rank=0)])
+    res['nan'] = (*where.seen, learn.global_step, weights(learn))
+    learn = learner(8, [DistributedS(), At('after_batch', 1, _cancel, rank=0), where])
     learn.fit(2)
-    res['cancel'] = (learn.epoch, learn.iter, learn.global_step)
+    res['cancel'] = (*where.seen, learn.global_step)
     learn = learner(8, [DistributedS(), At('after_batch', 1, _ctrl_c, rank=1)])
     try: learn.fit(2); res['ctrl_c'] = None
     except KeyboardInterrupt as e: res['ctrl_c'] = (learn.global_step, str(e))
