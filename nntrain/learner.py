@@ -335,33 +335,43 @@ def fit(self: Learner, n_epochs: int = 1,              # epochs: each a training
         train: bool = True,                   # run the training passes
         valid: bool = True,                   # run the validation passes
         reset_opt: bool = False,              # start from a fresh optimizer
-        resume: bool = False,                 # continue the fit a loaded checkpoint was taken in
+        resume: bool | str = False,           # True: continue a loaded checkpoint's fit; 'auto': a subscriber's, if any
         n_batches: int | None = None) -> None:  # at most this many batches per pass (a quick check)
     "Train for `n_epochs` (each a train pass, then a valid pass); `subs` are added for this fit only."
     self._refuse_nested(_WHAT['fit'])
     check_int('n_epochs', n_epochs)
     check_lr('lr', lr, allow_none=True)
-    for name, v in (('train', train), ('valid', valid), ('reset_opt', reset_opt), ('resume', resume)):
-        check_bool(name, v)
+    for name, v in (('train', train), ('valid', valid), ('reset_opt', reset_opt)): check_bool(name, v)
+    if resume not in (True, False, 'auto'):
+        raise ValueError(f"resume must be True, False or 'auto' (resume from a subscriber's checkpoint when there is "
+                         f'one, e.g. CheckpointS), got {resume!r}')
     if not (train or valid): raise ValueError('fit(train=False, valid=False) has nothing to do')
     check_int('n_batches', n_batches, allow_none=True)
     check_subs(subs)
     phases = [(dl, t) for dl, t, on in ((self.dls.train, True, train), (self.dls.valid, False, valid)) if on]
-    resumed = state.take_resume(self, n_epochs, lr, reset_opt) if resume else None
-    run = Run('fit', phases, n_epochs, n_batches, resumed['start'] if resumed else Position(), self.n_inp,
-              self.label_names)
-    before, step = self._opt_state(), self.global_step
+    subs = list(subs)
+    self.add_subs(*subs)   # before a resume: the checkpoint holds their states
+    opt_before, resume_before, backup, step = self._opt_state(), self._resume, None, None
     try:
+        if resume == 'auto':   # the latest checkpoint a subscriber (CheckpointS) has of this fit, if any
+            backup = state.auto_resume(self, n_epochs)
+            resume = backup is not None
+        resumed = state.take_resume(self, n_epochs, lr, reset_opt) if resume else None
+        run = Run('fit', phases, n_epochs, n_batches, resumed['start'] if resumed else Position(), self.n_inp,
+                  self.label_names)
         if train: self._make_opt(lr, reset_opt, fresh=resumed is None)
         if resumed is not None: state.resume_run(run, resumed)
-        self.execute(run, subs)
+        step = self.global_step
+        self.execute(run)
     except BaseException:
-        if self.global_step == step:   # refused before its first step: as it was, the loaded resume too
-            self._opt_state(before)
-            if resumed is not None: self._resume = resumed
+        if step is None or self.global_step == step:   # refused before its first step: everything as it was
+            if backup is not None: state.load_state_dict(self, backup)   # what resume='auto' loaded, unloaded
+            self._opt_state(opt_before)
+            self._resume = resume_before
             raise
         self._fit_end = (n_epochs, run.pos)
         raise
+    finally: self.remove_subs(*subs)
     self._fit_end = (n_epochs, run.pos)
 
 @patch

@@ -24,7 +24,7 @@ _OPT_FLAGS = {'foreach', 'fused', 'differentiable', 'capturable', 'maximize', 'd
 # %% auto #0
 __all__ = ['FORMAT', 'WEIGHT_KEYS', 'plain_module', 'weight_problems', 'read_checkpoint', 'is_weights', 'find_weights',
            'state_dict', 'state_problems', 'load_state_dict', 'save', 'load', 'load_weights', 'take_resume',
-           'check_resumed_loader', 'resume_run']
+           'auto_resume', 'check_resumed_loader', 'resume_run']
 
 # %% ../nbs/03d_state.ipynb #fa320a4c
 def plain_module(model: nn.Module) -> nn.Module:
@@ -216,6 +216,20 @@ def take_resume(learn, n_epochs: int, lr, reset_opt: bool) -> dict:
     if lr is not None or reset_opt: raise ValueError('fit(resume=True) continues the saved optimizer: no lr or reset_opt')
     learn._resume = None
     return r
+
+def auto_resume(learn, n_epochs: int) -> dict | None:
+    "Load the checkpoint a subscriber offers to resume this fit from (`resume_from()`); the state before, or None."
+    paths = [p for s in learn.subs if callable(getattr(s, 'resume_from', None)) and (p := s.resume_from()) is not None]
+    if not paths: return None
+    saved = read_checkpoint(paths[0])
+    if not isinstance(saved, dict) or 'counters' not in saved:
+        raise ValueError(f'{paths[0]} is not a learner checkpoint: it cannot be resumed')
+    if saved['counters']['n_epochs'] != n_epochs:
+        raise ValueError(f'{paths[0]} was taken in a fit of {saved["counters"]["n_epochs"]} epochs; resume it with '
+                         f'fit({saved["counters"]["n_epochs"]}, resume="auto"), or start a new fit in another folder')
+    backup = copy.deepcopy(to_device(state_dict(learn), 'cpu'))
+    learn.load_state_dict(saved)
+    return backup
 
 def check_resumed_loader(r: dict, dl, training: bool) -> None:
     "A loader of a resumed fit, as it is when its phase starts (sharded, under DistributedS), against the saved one."

@@ -11,11 +11,13 @@ import re
 import sys
 from pathlib import Path
 
+import torch
+
 from ..core import Order, Subscriber, atomic_save, check_bool, check_choice, check_int
 from ..run import Position
 
 # %% auto #0
-__all__ = ['checkpoints', 'latest_checkpoint', 'check_writable', 'CheckpointS']
+__all__ = ['checkpoints', 'is_exact', 'latest_checkpoint', 'check_writable', 'CheckpointS']
 
 # %% ../../nbs/40_checkpoint.ipynb #4ac42625
 _STEP_FILE = re.compile(r'^step-(\d+)\.pt$')
@@ -27,10 +29,16 @@ def checkpoints(folder) -> list[Path]:
     found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_FILE.match(p.name))]
     return [p for _, p in sorted(found)]
 
-def latest_checkpoint(folder) -> Path | None:
+def is_exact(path) -> bool:
+    "Can `path` resume exactly (not written after an error part way through a batch)? Reads only its flag."
+    try: return torch.load(path, map_location='cpu', weights_only=True, mmap=True).get('exact', True) is not False
+    except Exception: return False
+
+def latest_checkpoint(folder, exact: bool = True) -> Path | None:
     "The most recent checkpoint in `folder` (an interrupted run's save wins over an older rotating one), or None."
     folder = Path(folder)
     candidates = checkpoints(folder)[-1:] + [p for p in (folder / 'interrupted.pt',) if p.exists()]
+    if exact: candidates = [p for p in candidates if is_exact(p)]
     return max(candidates, key=os.path.getmtime) if candidates else None
 
 def check_writable(folder, who: str) -> None:
@@ -127,6 +135,10 @@ class CheckpointS(Subscriber):
             clean = error is None or getattr(error, 'nntrain_clean_stop', False)
             self._save(learn, 'interrupted.pt', exact=clean)
         self._step_due = self._epoch_unsaved = self._best_unsaved = False
+
+    def resume_from(self) -> Path | None:
+        "The checkpoint `fit(n, resume='auto')` continues from: the latest one of `folder` that resumes exactly."
+        return latest_checkpoint(self.folder)
 
     def state_dict(self) -> dict: return {'best': self.best}
     def load_state_dict(self, state: dict) -> None: self.best = state['best']
