@@ -909,6 +909,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                         'nntrain/subs/schedule.py'),
                                        'nntrain.subs.schedule.SchedulerS.before_epoch': ( 'schedule.html#schedulers.before_epoch',
                                                                                           'nntrain/subs/schedule.py'),
+                                       'nntrain.subs.schedule.SchedulerS.before_fit': ( 'schedule.html#schedulers.before_fit',
+                                                                                        'nntrain/subs/schedule.py'),
                                        'nntrain.subs.schedule.SchedulerS.load_state_dict': ( 'schedule.html#schedulers.load_state_dict',
                                                                                              'nntrain/subs/schedule.py'),
                                        'nntrain.subs.schedule.SchedulerS.state_dict': ( 'schedule.html#schedulers.state_dict',

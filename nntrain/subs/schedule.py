@@ -190,11 +190,16 @@ class SchedulerS(Subscriber):
                             f'e.g. lambda opt: StepLR(opt, 10), got {scheduler_factory!r}')
         check_choice('interval', interval, ('step', 'epoch'))
         self.factory, self.interval = scheduler_factory, interval
-        self.scheduler, self._pending = None, None
+        self.scheduler, self._pending, self._fresh = None, None, False
+
+    def before_fit(self, learn): self._fresh = True
 
     def before_epoch(self, learn):
         if not learn.training: return
         if self.scheduler is None or self.scheduler.optimizer is not learn.opt: self._build(learn.opt)
+        elif self._fresh:   # a schedule kept across fits goes on: its rate, not the learner's, starts this fit
+            for g, lr in zip(learn.opt.param_groups, self.scheduler.get_last_lr()): g['lr'] = lr
+        self._fresh = False
 
     def _build(self, opt) -> None:
         saved = [{k: v for k, v in g.items() if k != 'params'} for g in opt.param_groups]
