@@ -27,10 +27,10 @@ __all__ = ['torch', 'nn', 'F', 'BinaryAccuracy', 'BinaryAUROC', 'BinaryF1Score',
            'adam_step', 'StatsOptimizer', 'sgd_opt', 'rmsprop_opt', 'adam_opt', 'Position', 'DeferredInterrupt',
            'WeightedMean', 'Run', 'denormalize', 'show_images', 'show_batch', 'FORMAT', 'WEIGHT_KEYS', 'plain_module',
            'weight_problems', 'read_checkpoint', 'is_weights', 'find_weights', 'state_dict', 'state_problems',
-           'load_state_dict', 'save', 'load', 'load_weights', 'take_resume', 'check_resumed_loader', 'resume_run',
-           'AugmentS', 'per_sample', 'mixup', 'rand_box', 'cutmix', 'MixUpS', 'CutMixS', 'checkpoints',
-           'latest_checkpoint', 'check_writable', 'CheckpointS', 'tensor_stats', 'summarize', 'describe_change',
-           'fingerprint', 'Change', 'TraceS', 'sync_op', 'Sync', 'SyncAuditS', 'DebugS', 'DeviceS',
+           'load_state_dict', 'save', 'load', 'load_weights', 'take_resume', 'auto_resume', 'check_resumed_loader',
+           'resume_run', 'AugmentS', 'per_sample', 'mixup', 'rand_box', 'cutmix', 'MixUpS', 'CutMixS', 'checkpoints',
+           'is_exact', 'latest_checkpoint', 'check_writable', 'CheckpointS', 'tensor_stats', 'summarize',
+           'describe_change', 'fingerprint', 'Change', 'TraceS', 'sync_op', 'Sync', 'SyncAuditS', 'DebugS', 'DeviceS',
            'launched_by_torchrun', 'init_distributed', 'rank0_first', 'all_max', 'all_gather_objects', 'interleave',
            'ShardedTensorLoader', 'StrideSampler', 'is_sharded', 'can_shard', 'shard_loader', 'loader_seed',
            'PlainKeysDDP', 'to_sync_bn', 'FullStateDict', 'full_state_dicts', 'fsdp_opt', 'gather_fsdp', 'DistributedS',
@@ -94,11 +94,12 @@ from .optim import (
     average_sqr_grad, step_stat, rms_step, adam_step, StatsOptimizer, sgd_opt, rmsprop_opt, adam_opt)
 from .run import Position, DeferredInterrupt, WeightedMean, Run
 from .show import denormalize, show_images, show_batch
-from .state import (
+from nntrain.state import (
     FORMAT, WEIGHT_KEYS, plain_module, weight_problems, read_checkpoint, is_weights, find_weights, state_dict,
-    state_problems, load_state_dict, save, load, load_weights, take_resume, check_resumed_loader, resume_run)
+    state_problems, load_state_dict, save, load, load_weights, take_resume, auto_resume, check_resumed_loader,
+    resume_run)
 from .subs.augment import AugmentS, per_sample, mixup, rand_box, cutmix, MixUpS, CutMixS
-from .subs.checkpoint import checkpoints, latest_checkpoint, check_writable, CheckpointS
+from .subs.checkpoint import checkpoints, is_exact, latest_checkpoint, check_writable, CheckpointS
 from .subs.debug import (
     tensor_stats, summarize, describe_change, fingerprint, Change, TraceS, sync_op, Sync, SyncAuditS, DebugS)
 from .subs.device import DeviceS
@@ -155,16 +156,16 @@ _all_ = ['torch', 'nn', 'F', 'BinaryAccuracy', 'BinaryAUROC', 'BinaryF1Score', '
          'adam_opt', 'Position', 'DeferredInterrupt', 'WeightedMean', 'Run', 'denormalize', 'show_images',
          'show_batch', 'FORMAT', 'WEIGHT_KEYS', 'plain_module', 'weight_problems', 'read_checkpoint',
          'is_weights', 'find_weights', 'state_dict', 'state_problems', 'load_state_dict', 'save', 'load',
-         'load_weights', 'take_resume', 'check_resumed_loader', 'resume_run', 'AugmentS', 'per_sample',
-         'mixup', 'rand_box', 'cutmix', 'MixUpS', 'CutMixS', 'checkpoints', 'latest_checkpoint',
-         'check_writable', 'CheckpointS', 'tensor_stats', 'summarize', 'describe_change', 'fingerprint',
-         'Change', 'TraceS', 'sync_op', 'Sync', 'SyncAuditS', 'DebugS', 'DeviceS', 'launched_by_torchrun',
-         'init_distributed', 'rank0_first', 'all_max', 'all_gather_objects', 'interleave',
-         'ShardedTensorLoader', 'StrideSampler', 'is_sharded', 'can_shard', 'shard_loader', 'loader_seed',
-         'PlainKeysDDP', 'to_sync_bn', 'FullStateDict', 'full_state_dicts', 'fsdp_opt', 'gather_fsdp',
-         'DistributedS', 'valley_lr', 'steep_lr', 'minimum_lr', 'LRFindResult', 'LRFindS', 'on_preds',
-         'flat_tokens', 'MetricsS', 'ModelMonitorS', 'activation_stats', 'ActivationStatsS', 'module_label',
-         'mean_std', 'NormalizationS', 'AUTOCAST_DTYPES', 'resolve_precision', 'make_scaler',
+         'load_weights', 'take_resume', 'auto_resume', 'check_resumed_loader', 'resume_run', 'AugmentS',
+         'per_sample', 'mixup', 'rand_box', 'cutmix', 'MixUpS', 'CutMixS', 'checkpoints', 'is_exact',
+         'latest_checkpoint', 'check_writable', 'CheckpointS', 'tensor_stats', 'summarize', 'describe_change',
+         'fingerprint', 'Change', 'TraceS', 'sync_op', 'Sync', 'SyncAuditS', 'DebugS', 'DeviceS',
+         'launched_by_torchrun', 'init_distributed', 'rank0_first', 'all_max', 'all_gather_objects',
+         'interleave', 'ShardedTensorLoader', 'StrideSampler', 'is_sharded', 'can_shard', 'shard_loader',
+         'loader_seed', 'PlainKeysDDP', 'to_sync_bn', 'FullStateDict', 'full_state_dicts', 'fsdp_opt',
+         'gather_fsdp', 'DistributedS', 'valley_lr', 'steep_lr', 'minimum_lr', 'LRFindResult', 'LRFindS',
+         'on_preds', 'flat_tokens', 'MetricsS', 'ModelMonitorS', 'activation_stats', 'ActivationStatsS',
+         'module_label', 'mean_std', 'NormalizationS', 'AUTOCAST_DTYPES', 'resolve_precision', 'make_scaler',
          'MixedPrecisionS', 'ChannelsLastS', 'CompileS', 'phase_table', 'epoch_table', 'in_kernel', 'Bar',
          'ProgressView', 'plot_losses', 'ProgressS', 'annealer', 'sched_lin', 'sched_cos', 'sched_no',
          'sched_exp', 'combine_scheds', 'cos_1cycle_anneal', 'one_cycle_scheds', 'flat_cos_scheds',
