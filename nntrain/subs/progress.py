@@ -129,7 +129,7 @@ def plot_losses(train_steps, train_losses, valid_steps, valid_losses, ax=None):
 
 # %% ../../nbs/13_progress.ipynb #16f1b5ce
 class ProgressS(Subscriber):
-    "Progress bars and the results table from `learn.history`; with `plot=True`, a live loss plot."
+    "Progress bars and the results table of the run's history rows; with `plot=True`, a live loss plot."
     order = Order.PROGRESS
     runs = ('fit', 'validate')
     update_every = 0.2   # seconds between two refreshes of the notebook display within a phase
@@ -157,7 +157,9 @@ class ProgressS(Subscriber):
     def before_fit(self, learn):
         self._started = True
         self._kept = None if learn.run_kind == 'fit' else {n: getattr(self, n, []) for n in self._FIT_DATA}
-        self.failed, self.n_rows, self.rows, self.printed = False, len(learn.history), [], 0
+        # a resumed fit shows the rows of the epochs before the checkpoint too
+        resumed = learn.run_kind == 'fit' and tuple(learn.run.start) != (0, True, 0)
+        self.failed, self.n_rows, self.rows, self.printed = False, 0, list(learn.history) if resumed else [], 0
         self.quiet = not learn.is_main   # distributed training: only the main rank displays
         self._losses, self.train_steps, self.train_losses, self.valid_steps, self.valid_losses = [], [], [], [], []
         self._done = False
@@ -222,12 +224,12 @@ class ProgressS(Subscriber):
         if self.notebook: self._show()
 
     def _take_rows(self, learn):
-        for row in learn.history[self.n_rows:]:
+        for row in learn.run.rows[self.n_rows:]:   # the rows this run made (a validation's are not in history)
             self.rows.append(row)
             if row.get('phase') == 'valid':
                 self.valid_steps.append(learn.global_step)
                 self.valid_losses.append(row['loss'])
-        self.n_rows = len(learn.history)
+        self.n_rows = len(learn.run.rows)
         if not self.notebook: self._print_rows(final=False)
 
     def _table(self):
