@@ -13,9 +13,10 @@ from html import escape
 import matplotlib.pyplot as plt
 import torch
 from fastcore.imports import in_colab, ipython_shell
-from fastprogress.fastprogress import force_console_behavior, format_time
+from fastprogress.fastprogress import ConsoleMasterBar, ConsoleProgressBar, format_time
 
 from ..core import Order, Subscriber, check_bool, check_choice, check_number
+from ..show import subplots
 
 # %% auto #0
 __all__ = ['phase_table', 'epoch_table', 'in_kernel', 'Bar', 'ProgressView', 'plot_losses', 'ProgressS']
@@ -119,13 +120,18 @@ class ProgressView:
         return '\n'.join(lines)
 
 # %% ../../nbs/13_progress.ipynb #046fb0e3
-def plot_losses(train_steps, train_losses, valid_steps, valid_losses, ax=None):
+def plot_losses(train_steps,      # the optimizer step of each training loss
+                train_losses,     # training loss per step
+                valid_steps,      # the optimizer step at the end of each validation pass
+                valid_losses,     # validation loss per pass
+                ax=None,          # axes to draw into (default: a new figure)
+               ):
     "Training loss per optimizer step and validation loss per epoch (with markers: one epoch is one point)."
-    if ax is None: _, ax = plt.subplots(figsize=(6, 4))
+    if ax is None: _, ax = subplots(figsize=(6, 4))
     ax.plot(train_steps, train_losses, label='train', alpha=0.8)
     if len(valid_steps): ax.plot(valid_steps, valid_losses, 'o-', label='valid')
     ax.set_xlabel('optimizer step'); ax.set_ylabel('loss'); ax.legend()
-    return ax
+    return ax.figure
 
 # %% ../../nbs/13_progress.ipynb #16f1b5ce
 class ProgressS(Subscriber):
@@ -134,8 +140,12 @@ class ProgressS(Subscriber):
     runs = ('fit', 'validate')
     update_every = 0.2   # seconds between two refreshes of the notebook display within a phase
 
-    def __init__(self, plot: bool = False, comment_every: float = 0.5, table: str = 'epoch',
-                 notebook: bool | None = None):   # None: a notebook display in a Jupyter kernel, else console bars
+    def __init__(self, plot: bool = False,           # a live plot of the training and validation losses
+                 comment_every: float = 0.5,        # seconds between two readings of the loss shown by the bar
+                 table: str = 'epoch',              # 'epoch': one row per epoch; 'phase': one row per phase
+                 notebook: bool | None = None,      # None: a notebook display in a Jupyter kernel, else console bars
+                ):
+        check_bool('plot', plot)
         check_number('comment_every', comment_every, low=0)
         check_choice('table', table, ('epoch', 'phase'))
         if notebook is not None: check_bool('notebook', notebook)
@@ -173,6 +183,10 @@ class ProgressS(Subscriber):
         try:
             # stopped by an error or a Ctrl-C (not a cancel, which is no error): the bars stay, marked
             self._guard(self._end_fit, learn, not self._done and sys.exc_info()[1] is not None)
+        except KeyboardInterrupt:
+            # a second Ctrl-C while this cleanup draws: the bars still say that the fit stopped, and where
+            self._guard(self._mark_stopped)
+            raise
         finally:
             self._started = False
             if self._kept is not None:
@@ -187,9 +201,7 @@ class ProgressS(Subscriber):
             from IPython.display import display
             self.view = ProgressView([self.epochs])
             self._out = display(self.view, display_id=True)
-        else:
-            master_bar, self._pbar_cls = force_console_behavior()
-            self.mbar = master_bar(range(learn.n_epochs))
+        else: self.mbar = ConsoleMasterBar(range(learn.n_epochs))
 
     def _start_epoch(self, learn):
         if learn.training and learn.epoch: self.epochs.update(learn.epoch)   # a fit without validation passes
@@ -198,7 +210,9 @@ class ProgressS(Subscriber):
             self.view.bars = [self.epochs, self.batches]
             self._show()
         else:
-            self.pbar = self._pbar_cls(range(learn.n_iter), parent=self.mbar, leave=False)
+            self.pbar = ConsoleProgressBar(range(learn.n_iter), parent=self.mbar, leave=False)
+            # fastprogress labels a child bar from the master bar's count, which only its own iterator advances
+            self.pbar.prefix = f'Epoch {learn.epoch + 1}/{learn.n_epochs} {self.batches.label}'
             self.pbar.update(0)
 
     def _batch(self, learn):
@@ -266,12 +280,11 @@ class ProgressS(Subscriber):
         else: self._plot_out.update(self._fig)
 
     def _end_fit(self, learn, stopped: bool):
+        if stopped and self.notebook:   # marked first: a second Ctrl-C below must not leave them unmarked
+            for b in self._bars(): b.interrupted = True
         self._take_rows(learn)
         if self.notebook:
-            bars = [b for b in (self.epochs, self.batches) if b is not None]
-            if stopped:
-                for b in bars: b.interrupted = True
-            self.view.bars = bars if stopped else [self.epochs]   # a finished phase's batch bar goes
+            self.view.bars = self._bars() if stopped else [self.epochs]   # a finished phase's batch bar goes
             if self.plot and self._losses: self._update_plot()
             self._show()
         else:
@@ -281,9 +294,19 @@ class ProgressS(Subscriber):
                 else: self.pbar.on_iter_end()
             self.pbar = None
 
+    def _bars(self) -> list[Bar]: return [b for b in (self.epochs, self.batches) if b is not None]
+
+    def _mark_stopped(self):
+        "Show the bars as interrupted, as they are now."
+        if self.notebook:
+            for b in self._bars(): b.interrupted = True
+            self.view.bars = self._bars()
+            self._show()
+        elif getattr(self, 'pbar', None) is not None and self.pbar.last_v is not None:
+            self.pbar.on_interrupt()
+            self.pbar = None
+
     def figure(self):
-        "A matplotlib figure of the losses seen so far (needs `plot=True`); shown once as a cell's last expression."
+        "A new figure of the losses seen so far (needs `plot=True`), shown once in a notebook."
         if self._losses: self._update_plot()
-        fig = plot_losses(self.train_steps, self.train_losses, self.valid_steps, self.valid_losses).figure
-        plt.close(fig)   # out of pyplot's registry: the notebook shows it as the cell's value only, not twice
-        return fig
+        return plot_losses(self.train_steps, self.train_losses, self.valid_steps, self.valid_losses)

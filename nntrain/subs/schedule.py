@@ -10,11 +10,11 @@ from functools import partial, wraps
 from itertools import accumulate
 from typing import Callable, Sequence
 
-import matplotlib.pyplot as plt
 from fastcore.basics import patch
 
 from ..core import Order, Subscriber, check_choice
 from ..learner import Learner, check_lr, lr_for_groups
+from ..show import subplots
 
 # %% auto #0
 __all__ = ['annealer', 'sched_lin', 'sched_cos', 'sched_no', 'sched_exp', 'combine_scheds', 'cos_1cycle_anneal',
@@ -131,7 +131,7 @@ class ParamSchedulerS(Subscriber):
     order = Order.SCHEDULE
     runs = ('fit',)   # never in an LR search, whose ramp it would fight
 
-    def __init__(self, scheds: dict):
+    def __init__(self, scheds: dict):   # hyper-parameter name -> schedule (a function of pos), or one per group
         if not isinstance(scheds, dict) or not scheds:
             raise TypeError("scheds must be a non-empty dict of hyper-parameter name -> schedule, e.g. "
                             f"{{'lr': sched_cos(0.1, 0.001)}}, got {scheds!r}")
@@ -165,14 +165,19 @@ class ParamSchedulerS(Subscriber):
         g = learn.opt.param_groups[-1]
         for name in self.scheds: self.hps[name].append(get_hyper(g, name))
 
-    def plot_sched(self, keys: Sequence[str] | None = None, figsize: tuple | None = None):
-        "Plot the recorded value of each hyper-parameter in `keys` (default: all) against the optimizer step."
+    def plot_sched(self, keys: Sequence[str] | None = None,   # hyper-parameters to plot (default: all)
+                   figsize: tuple | None = None,              # (width, height) in inches (default: 4 x 3 per plot)
+                  ):
+        "Plot the recorded value of each hyper-parameter in `keys` against the optimizer step; returns the figure."
         keys = list(keys or self.hps)
-        _, axs = plt.subplots(1, len(keys), figsize=figsize or (4 * len(keys), 3), squeeze=False)
+        missing = [k for k in keys if k not in self.hps]
+        if missing: raise KeyError(f'no schedule recorded for {missing}; recorded: {list(self.hps)}')
+        fig, axs = subplots(1, len(keys), figsize=figsize or (4 * len(keys), 3), squeeze=False)
         for ax, k in zip(axs[0], keys):
             ax.plot(self.hps[k])
             ax.set_xlabel('step'); ax.set_ylabel(k)
-        return axs[0]
+        fig.tight_layout()
+        return fig
 
     def __repr__(self):
         n = len(next(iter(self.hps.values()), []))
