@@ -796,6 +796,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                        'nntrain/subs/progress.py'),
                                        'nntrain.subs.progress.ProgressS._update_plot': ( 'progress.html#progresss._update_plot',
                                                                                          'nntrain/subs/progress.py'),
+                                       'nntrain.subs.progress.ProgressS._write': ( 'progress.html#progresss._write',
+                                                                                   'nntrain/subs/progress.py'),
                                        'nntrain.subs.progress.ProgressS.after_batch': ( 'progress.html#progresss.after_batch',
                                                                                         'nntrain/subs/progress.py'),
                                        'nntrain.subs.progress.ProgressS.after_epoch': ( 'progress.html#progresss.after_epoch',

@@ -25,7 +25,7 @@ class OnceFigure(Figure):
         return {}   # no bundle of its own: IPython draws it as any figure
 
 def subplots(*args,     # as for `plt.subplots`: the rows and columns of axes
-             **kwargs   # as for `plt.subplots`: `figsize`, `squeeze`, `gridspec_kw`, ...
+             **kwargs,  # as for `plt.subplots`: `figsize`, `squeeze`, `gridspec_kw`, ...
             ) -> tuple:
     "`plt.subplots` making a `OnceFigure`: how nntrain's plotting functions start a new figure."
     return plt.subplots(*args, FigureClass=OnceFigure, **kwargs)

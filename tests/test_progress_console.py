@@ -19,7 +19,7 @@ from nntrain.core import Subscriber
 from nntrain.subs.metrics import MetricsS
 from nntrain.subs.progress import ProgressS
 from nntrain.testing import tiny_classifier
-assert sys.stdout.isatty()
+print('TTY' if sys.stdout.isatty() else 'PIPE', flush=True)
 learn = tiny_classifier(subs=[MetricsS(), ProgressS()])
 learn.fit(3)
 print('FIRST FIT DONE')
@@ -56,7 +56,9 @@ def run_in_terminal(script: str, timeout: float = 120) -> str:
 
 @pytest.fixture(scope='module')
 def terminal_output():
-    return run_in_terminal(SCRIPT)
+    out = run_in_terminal(SCRIPT)
+    assert out.lstrip().startswith('TTY'), out[:200]
+    return out
 
 
 def _labels(text: str) -> list[tuple[int, int, str]]:
@@ -79,3 +81,14 @@ def test_rows_printed_once_per_epoch(terminal_output):
 def test_a_stopped_fit_counts_to_where_it_stopped(terminal_output):
     labels = set(_labels(terminal_output.split('FIRST FIT DONE')[1].split('STOPPED')[0]))
     assert labels == {(1, 4, 'train'), (1, 4, 'valid'), (2, 4, 'train')}, labels
+
+
+def test_a_pipe_gets_the_rows_and_no_bars():
+    "Under a pipe (a log file, CI, a launcher that captures output) bars would be one line per refresh: none."
+    done = subprocess.run([sys.executable, '-c', SCRIPT], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert out.startswith('PIPE') and '\r' not in out and 'Epoch' not in out and '█' not in out, out[:500]
+    first = out.split('FIRST FIT DONE')[0].splitlines()
+    assert first[1].split() == ['epoch', 'train_loss', 'valid_loss', 'time']
+    assert [l.split()[0] for l in first[2:]] == ['0', '1', '2']

@@ -104,15 +104,31 @@ class Entry:
     children: list = field(default_factory=list)
 
     @property
+    def doc(self) -> str:
+        return (inspect.getdoc(self.obj) or '') if self.kind != 'constant' else ''
+
+    @property
     def short(self) -> str:
-        doc = inspect.getdoc(self.obj) if self.kind != 'constant' else ''
-        return (doc or '').strip().split('\n')[0]
+        return self.doc.strip().split('\n')[0]
+
+    @property
+    def fn(self):
+        "What has the signature: the function, the property's getter, or the class."
+        return self.obj.fget if isinstance(self.obj, property) else self.obj
+
+
+def _loop_methods() -> set:
+    "Names a subscriber implements for the learner to call (events and steps): not API a user calls."
+    from nntrain.core import EVENTS, STEPS
+    return set(EVENTS) | set(STEPS)
 
 
 def _is_public_member(cls, k, v) -> bool:
     if k.startswith('_'): return False
     fn = v.fget if isinstance(v, property) else getattr(v, '__func__', v)
-    return inspect.isfunction(fn) and getattr(fn, '__module__', None) == cls.__module__
+    if not (inspect.isfunction(fn) and getattr(fn, '__module__', None) == cls.__module__): return False
+    from nntrain.core import Subscriber
+    return not (issubclass(cls, Subscriber) and k in _loop_methods())
 
 
 def module_entries(modname: str, classes_seen: dict, documented: set) -> list[Entry]:
@@ -173,37 +189,59 @@ def fmt_anno(a) -> str:
     return re.sub(r'\btyping\.', '', repr(a))
 
 
-def signature(obj) -> str:
+def signature(obj, method: bool = False) -> str:
     "`(a: int = 1, *, b=None) -> str` without addresses or quoted string annotations; '' when there is none."
     try: sig = inspect.signature(obj)
     except (TypeError, ValueError): return ''
+    ps = list(sig.parameters.values())
+    if method and ps and ps[0].name in ('self', 'cls'): ps = ps[1:]   # `learn.fit(n_epochs)`, as it is called
     params = [p.replace(annotation=_Raw(fmt_anno(p.annotation)) if p.annotation is not p.empty else p.empty,
                         default=_Raw(fmt_value(p.default)) if p.default is not p.empty else p.empty)
-              for p in sig.parameters.values()]
+              for p in ps]
     ret = sig.return_annotation
     sig = sig.replace(parameters=params, return_annotation=_Raw(fmt_anno(ret)) if ret is not sig.empty else sig.empty)
     return str(sig)
 
 
-def params_table(obj) -> str:
-    "A parameters table: annotation and default from the signature, details from `fastcore.docments` comments."
+def _own_init(cls) -> bool:
+    "Does the class (or a base of it inside nntrain) define `__init__`? Else its parameters are another library's."
+    for c in cls.__mro__:
+        if '__init__' in c.__dict__: return c.__module__.startswith(PKG)
+    return False
+
+
+def parameters(e: Entry) -> list[tuple[str, str, str, str]]:
+    "(name, type, default, description) of each parameter, the description from `fastcore.docments` comments."
     from fastcore.docments import docments
-    try: sig = inspect.signature(obj)
-    except (TypeError, ValueError): return ''
-    try: notes = {k: (v or {}).get('docment') for k, v in docments(obj, full=True).items()}
+    if e.kind not in ('function', 'method', 'class') or (e.kind == 'class' and not _own_init(e.obj)): return []
+    try: sig = inspect.signature(e.fn)
+    except (TypeError, ValueError): return []
+    try: notes = {k: (v or {}).get('docment') for k, v in docments(e.fn, full=True).items()}
     except Exception: notes = {}
-    rows = [(k, fmt_anno(p.annotation), '' if p.default is p.empty else fmt_value(p.default), notes.get(k) or '')
-            for k, p in sig.parameters.items() if k not in ('self', 'cls')]
-    if not any(r[1] or r[3] for r in rows): return ''
-    cols = [(0, 'Parameter'), (1, 'Type'), (2, 'Default'), (3, 'Details')]
-    cols = [(i, h) for i, h in cols if i == 0 or any(r[i] for r in rows)]  # drop a column that is empty throughout
-    cell = lambda i, v: f'<code>{html.escape(v)}</code>' if v and i in (0, 2) else html.escape(v)
-    head = ''.join(f'<th>{h}</th>' for _, h in cols)
-    body = ''.join('<tr>' + ''.join(f'<td>{cell(i, r[i])}</td>' for i, _ in cols) + '</tr>' for r in rows)
-    return f'<table class="params"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    stars = {inspect.Parameter.VAR_POSITIONAL: '*', inspect.Parameter.VAR_KEYWORD: '**'}
+    return [(stars.get(p.kind, '') + k, fmt_anno(p.annotation), '' if p.default is p.empty else fmt_value(p.default),
+             notes.get(k) or '') for k, p in sig.parameters.items() if k not in ('self', 'cls')]
+
+
+def source_of(e: Entry) -> str:
+    try: return inspect.getsource(e.fn) if e.kind != 'constant' else ''
+    except (OSError, TypeError): return ''
 
 
 # ---------------------------------------------------------------- HTML rendering
+
+def text_of(h: str) -> str:
+    "The visible text of an HTML fragment, whitespace collapsed."
+    return re.sub(r'\s+', ' ', html.unescape(re.sub(r'<[^>]+>', ' ', h))).strip()
+
+
+@dataclass
+class PageParts:
+    "What rendering one notebook collects besides its HTML: its table of contents and its searchable sections."
+    toc: list = field(default_factory=list)        # (level, id, title); level 3 = an API entry under a section
+    sections: list = field(default_factory=list)   # [id, title, prose text]
+    seen_ids: set = field(default_factory=set)
+
 
 class Site:
     "Everything one build knows: pages, API entries (name -> page) and the images it writes."
@@ -213,6 +251,7 @@ class Site:
         self.pages = {'index.html', 'names.html'} | {i.page for i in nbs}
         self.entries: dict[str, list[Entry]] = {}   # page -> entries
         self.where: dict[str, str] = {}             # api name -> page
+        self.undocumented: list[str] = []           # `name(param)` without a description
         self.n_img = 0
         self.fmt = HtmlFormatter(nowrap=True)
 
@@ -247,7 +286,7 @@ class Site:
                        for i, p in enumerate(parts))
 
     # -- markdown
-    def markdown(self, src: str, warn=lambda msg: None) -> str:
+    def markdown(self, src: str, warn=lambda msg: None, seen: set | None = None) -> str:
         maths = []
         def keep(m):
             maths.append((m.group(0).startswith('$$'), m.group(1) or m.group(2)))
@@ -268,7 +307,7 @@ class Site:
         h = re.sub(r'<a[^>]*data-missing="1"[^>]*>(.*?)</a>', r'<span>\1</span>', h, flags=re.S)
         hl = lambda m: f'<pre class="hl"><code>{self.code(html.unescape(m.group(1)))}</code></pre>'
         h = re.sub(r'<pre><code class="language-(?:python|py)">(.*?)</code></pre>', hl, h, flags=re.S)
-        h = self.heading_ids(h)
+        h = self.heading_ids(h, set() if seen is None else seen)
         return self.autolink(h)
 
     def inline(self, src: str) -> str:
@@ -276,8 +315,8 @@ class Site:
         return re.sub(r'^<p>(.*)</p>$', r'\1', self.markdown(src).strip(), flags=re.S)
 
     @staticmethod
-    def heading_ids(h: str) -> str:
-        seen = set()
+    def heading_ids(h: str, seen: set) -> str:
+        "Give each heading an id from its text, unique among `seen` (the ids already on the page)."
         def sub(m):
             text = html.unescape(re.sub(r'<[^>]+>', '', m.group(3))).lower()
             slug = re.sub(r'[^\w]+', '-', text).strip('-') or 'section'
@@ -318,56 +357,114 @@ class Site:
         return ''
 
     # -- API entries
+    def params_table(self, e: Entry) -> str:
+        rows = parameters(e)
+        if not rows: return ''
+        for name, *_, desc in rows:
+            if not desc: self.undocumented.append(f'{e.name}({name})')
+        cell = lambda v, cls: f'<td class="{cls}">{v}</td>'
+        body = ''.join('<tr>' + cell(f'<code>{html.escape(n)}</code>', 'p-name')
+                       + cell(f'<code>{html.escape(t)}</code>' if t else '', 'p-type')
+                       + cell(f'<code>{html.escape(d)}</code>' if d else '', 'p-default')
+                       + cell(self.inline(desc) if desc else '<span class="missing">no description</span>', 'p-desc')
+                       + '</tr>' for n, t, d, desc in rows)
+        return ('<table class="params"><thead><tr><th>Parameter</th><th>Type</th><th>Default</th><th>Description</th>'
+                f'</tr></thead><tbody>{body}</tbody></table>')
+
     def api_entry(self, e: Entry, level: int = 0) -> str:
         anchor = html.escape(e.name)
-        if e.kind == 'constant':
-            sig = f' = {html.escape(fmt_value(e.obj, 100))}'
-        elif e.kind == 'property':
-            sig = ''
-        else:
-            sig = html.escape(signature(e.obj))
-        doc = inspect.getdoc(e.obj) if e.kind != 'constant' else ''
-        fn = e.obj.fget if isinstance(e.obj, property) else e.obj
-        table = params_table(fn) if e.kind in ('function', 'method', 'class') else ''
+        if e.kind == 'constant': sig = f' = {html.escape(fmt_value(e.obj, 100))}'
+        elif e.kind == 'property': sig = ''
+        else: sig = html.escape(signature(e.obj, method=e.kind == 'method'))
+        doc = e.doc
+        src = source_of(e)
+        source = (f'<details class="source"><summary>Source</summary><pre class="hl"><code>{self.code(src)}</code>'
+                  f'</pre></details>' if src else '')
+        where = f'<span class="module">{html.escape(e.module)}</span>' if level == 0 else ''
         kids = ''.join(self.api_entry(c, level + 1) for c in e.children)
         return (f'<div class="api" id="{anchor}"><h4 class="api-sig"><code><span class="kind">{e.kind}</span>'
-                f'<span class="name">{anchor}</span>{sig}</code><a class="anchor" href="#{anchor}">¶</a></h4>'
-                f'<div class="doc">{self.markdown(doc) if doc else ""}</div>{table}{kids}</div>')
+                f'<span class="name">{anchor}</span>{sig}</code><a class="anchor" href="#{anchor}">¶</a>{where}</h4>'
+                f'<div class="doc">{self.markdown(doc) if doc else ""}</div>{self.params_table(e)}{source}{kids}</div>')
 
     # -- notebook page
-    def nb_body(self, info: NbInfo) -> str:
+    def cell_code(self, body: str) -> str:
+        return f'<div class="input"><pre class="hl"><code>{self.code(body)}</code></pre></div>'
+
+    def nb_body(self, info: NbInfo) -> tuple[str, PageParts]:
+        "The page: prose, API entries where the notebook defines them, examples with their outputs."
         entries = {e.name: e for e in self.entries.get(info.page, [])}
-        shown, parts = set(), []
+        shown, parts, pp = set(), [], PageParts()
+        pp.sections.append([None, info.title, ''])
         warn = info.errors.append
         for cell in info.nb.get('cells', []):
             src = ''.join(cell.get('source', ''))
             if cell.get('cell_type') == 'markdown':
-                parts.append(f'<div class="cell md">{self.markdown(src, warn)}</div>')
+                h = self.markdown(src, warn, pp.seen_ids)
+                self._collect(h, pp)
+                parts.append(f'<div class="cell md">{h}</div>')
                 continue
             if cell.get('cell_type') != 'code': continue
             flags, body = directives(src)
-            if 'hide' in flags or 'default_exp' in flags and not body: continue
-            exported = any(k in flags for k in ('export', 'exports', 'exporti'))
+            if 'hide' in flags or not body: continue
             outs = ''.join(self.output(o, info.path.stem) for o in cell.get('outputs', []))
-            if 'hide_input' in flags or flags.get('echo') == 'false': inp = ''
+            outs = f'<div class="outputs">{outs}</div>' if outs else ''
+            if any(k in flags for k in ('export', 'exports', 'exporti')):
+                parts.append(self.exported_cell(body, entries, shown, pp) + outs)
+            elif only_imports(body) and not outs: continue   # the notebook's own imports: nothing to show a reader
+            elif 'hide_input' in flags or flags.get('echo') == 'false':
+                parts.append(f'<div class="cell code">{outs}</div>')
+            elif outs: parts.append(f'<div class="cell code example">{self.cell_code(body)}{outs}</div>')
             else:
-                tag = f'<span class="tag">→ {PKG}.{info.module}</span>' if exported and info.module else ''
-                code = f'<pre class="hl"><code>{self.code(body)}</code></pre>'
-                inp = f'<div class="input">{tag}{code}</div>' if body else ''
-            parts.append(f'<div class="cell code">{inp}{"<div class=outputs>" + outs + "</div>" if outs else ""}</div>')
-            if exported:
-                for name in defined_names(body):
-                    if name in entries and name not in shown:
-                        parts.append(self.api_entry(entries[name])); shown.add(name)
-        api = self.entries.get(info.page)
-        if api:
-            rows = ''.join(f'<tr><td><a href="#{html.escape(e.name)}"><code>{html.escape(e.name)}</code></a></td>'
-                           f'<td>{self.inline(e.short)}</td></tr>' for e in api)
-            rest = ''.join(self.api_entry(e) for e in api if e.name not in shown)
-            parts.append(f'<h2 id="api">API</h2><p>Public names of <code>{PKG}.{info.module}</code>'
-                         f' (<code>__all__</code>), and methods it adds to other classes.</p>'
-                         f'<table class="api-list">{rows}</table>{rest}')
-        return ''.join(parts)
+                lines = body.splitlines()
+                more = f' <span class="more">+{len(lines) - 1} lines</span>' if len(lines) > 1 else ''
+                parts.append(f'<details class="cell code quiet"><summary><code>{html.escape(lines[0][:100])}</code>'
+                             f'{more} <span class="hint">(no output)</span></summary>{self.cell_code(body)}</details>')
+        rest = [e for e in self.entries.get(info.page, []) if e.name not in shown]
+        if rest:
+            parts.append('<h2 id="more-api">More API</h2>')
+            pp.toc.append((2, 'more-api', 'More API'))
+            pp.seen_ids.add('more-api')
+            for e in rest:
+                parts.append(self.api_entry(e)); pp.toc.append((3, e.name, e.name))
+        return ''.join(parts), pp
+
+    def exported_cell(self, body: str, entries: dict, shown: set, pp: PageParts) -> str:
+        "An exported cell: an API entry for each public name it defines; its other code only on demand."
+        names = defined_names(body)
+        out = []
+        for name in names:
+            if name in entries and name not in shown:
+                out.append(self.api_entry(entries[name])); shown.add(name); pp.toc.append((3, name, name))
+        private = [n for n in names if n not in entries]
+        if private and not only_imports(body):
+            listed = ', '.join(f'<code>{html.escape(n)}</code>' for n in private[:6]) + (', ...' if len(private) > 6
+                                                                                     else '')
+            out.append(f'<details class="impl"><summary>Implementation: {listed}</summary>'
+                       f'{self.cell_code(body)}</details>')
+        elif not names and not only_imports(body):
+            out.append(f'<details class="impl"><summary>Implementation</summary>{self.cell_code(body)}</details>')
+        return ''.join(out)
+
+    @staticmethod
+    def _collect(h: str, pp: PageParts) -> None:
+        "Headings into the table of contents, prose into the search section under the last heading."
+        pieces = re.split(r'(<h[23][^>]* id="[^"]+"[^>]*>.*?</h[23]>)', h, flags=re.S)
+        for i, piece in enumerate(pieces):
+            m = re.match(r'<h([23])[^>]* id="([^"]+)"[^>]*>(.*?)</h[23]>', piece, flags=re.S) if i % 2 else None
+            if m:
+                title = text_of(m.group(3))
+                pp.toc.append((int(m.group(1)) - 1, m.group(2), title))
+                pp.sections.append([m.group(2), title, ''])
+            else:
+                pp.sections[-1][2] += ' ' + text_of(re.sub(r'<h1\b.*?</h1>', '', piece, flags=re.S))
+
+
+def only_imports(src: str) -> bool:
+    "Is the code nothing but imports (and `_all_`-style bookkeeping)?"
+    try: tree = ast.parse(src)
+    except SyntaxError: return False
+    return all(isinstance(n, (ast.Import, ast.ImportFrom)) or (isinstance(n, ast.Assign) and all(
+        isinstance(t, ast.Name) and t.id.startswith('_') for t in n.targets)) for n in tree.body) and bool(tree.body)
 
 
 def defined_names(src: str) -> list[str]:
@@ -388,14 +485,31 @@ def defined_names(src: str) -> list[str]:
     return names
 
 
+def toc_html(items: list) -> str:
+    "On this page: the notebook's sections, each with the API entries it defines."
+    if not items: return ''
+    out, open_sub = [], False
+    for level, anchor, title in items:
+        if level == 3 and not open_sub: out.append('<ul>'); open_sub = True
+        if level < 3 and open_sub: out.append('</ul></li>'); open_sub = False
+        elif level < 3 and out: out.append('</li>')
+        label = f'<code>{html.escape(title)}</code>' if level == 3 else html.escape(title)
+        cls = ' class="api-link"' if level == 3 else ''
+        out.append(f'<li><a href="#{html.escape(anchor)}"{cls}>{label}</a>' + ('</li>' if level == 3 else ''))
+    out.append('</ul></li>' if open_sub else '</li>')
+    return (f'<nav class="toc" aria-label="On this page"><h2 class="toc-title">On this page</h2><ul>{"".join(out)}'
+            '</ul></nav>')
+
+
 # ---------------------------------------------------------------- page shell
 
-def page(title: str, body: str, site: Site, current: str, prev_next=('', '')) -> str:
+def page(title: str, body: str, site: Site, current: str, prev_next=('', ''), toc: bool = False) -> str:
     nav = ''.join(
         f'<li><a href="{i.page}"{" class=current" if i.page == current else ""}>'
         f'<span class="num">{html.escape(i.path.stem.split("_")[0])}</span>{html.escape(i.title)}</a></li>'
         for i in site.nbs)
     prev, nxt = prev_next
+    home = ' class=current' if current == 'index.html' else ''
     pager = (f'<div class="pager"><span>{prev}</span><span>{nxt}</span></div>' if prev or nxt else '')
     return f'''<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
@@ -404,13 +518,19 @@ def page(title: str, body: str, site: Site, current: str, prev_next=('', '')) ->
 <script src="search_index.js"></script><script src="search.js"></script></head>
 <body><header class="top"><a class="brand" href="index.html">{PKG}</a>
 <span class="links"><a href="index.html">Home</a><a href="names.html">Index of names</a></span>
-<div class="search"><input id="search-box" type="search" placeholder="Search names and pages…" autocomplete="off"
+<div class="search"><input id="search-box" type="search" placeholder="Search the docs…" autocomplete="off"
 aria-label="Search"><ul id="search-results" hidden></ul></div></header>
-<div class="layout"><nav class="side"><ul><li><a href="index.html"{" class=current" if current == "index.html" else ""}>
+<div class="layout{" with-toc" if toc else ""}"><nav class="side"><ul><li><a href="index.html"{home}>
 Home</a></li><li><a href="names.html"{" class=current" if current == "names.html" else ""}>Index of names</a></li>
 </ul><h3>Notebooks</h3><ul>{nav}</ul></nav>
 <main>{body}{pager}</main></div></body></html>
 '''
+
+
+def _header(body: str) -> tuple[str, str]:
+    "Split the page's first heading and its summary off the body: (header, rest)."
+    m = re.match(r'(<div class="cell md">\s*<h1\b.*?</h1>\s*(?:<blockquote>.*?</blockquote>)?)(.*)', body, flags=re.S)
+    return (m.group(1) + '</div>', '<div class="cell md">' + m.group(2)) if m else ('', body)
 
 
 def build(out: Path | str = '_site', nbs_dir: Path | str | None = None, execute: list[str] | None = None,
@@ -459,33 +579,53 @@ def build(out: Path | str = '_site', nbs_dir: Path | str | None = None, execute:
 
     search = []
     for n, info in enumerate(infos):
-        try: body = site.nb_body(info)
+        pp = PageParts()
+        try: body, pp = site.nb_body(info)
         except Exception:
             body = ''
             info.errors.append('The page could not be rendered:\n' + traceback.format_exc())
         errs = ''.join(f'<pre class="build-error">{html.escape(m)}</pre>' for m in info.errors)
+        head, body = _header(body)
+        toc = toc_html(pp.toc)
         prev = f'← <a href="{infos[n - 1].page}">{html.escape(infos[n - 1].title)}</a>' if n else ''
         nxt = f'<a href="{infos[n + 1].page}">{html.escape(infos[n + 1].title)}</a> →' if n + 1 < len(infos) else ''
-        (out / info.page).write_text(page(info.title, errs + body, site, info.page, (prev, nxt)), encoding='utf-8')
-        search.append({'n': info.title, 'u': info.page, 'k': 'page', 'd': info.summary})
+        (out / info.page).write_text(page(info.title, head + toc + errs + body, site, info.page, (prev, nxt),
+                                          bool(toc)), encoding='utf-8')
+        search.append({'n': info.title, 'u': info.page, 'k': 'page', 'd': info.summary,
+                       't': pp.sections[0][2] if pp.sections else ''})
+        for anchor, title, text in pp.sections[1:]:
+            search.append({'n': f'{info.title} › {title}', 'u': f'{info.page}#{anchor}', 'k': 'section',
+                           'd': text[:150], 't': text})
         for e in site.entries.get(info.page, []):
             for x in [e, *e.children]:
-                search.append({'n': x.name, 'u': f'{info.page}#{x.name}', 'k': x.kind, 'd': x.short})
+                ps = parameters(x)
+                search.append({'n': x.name, 'u': f'{info.page}#{x.name}', 'k': x.kind, 'd': x.short,
+                               'p': [[p.lstrip('*'), d] for p, _, _, d in ps], 't': x.doc})
         for m in info.errors: log(f'{info.path.name}: {m.splitlines()[0]}')
 
     # index: README, then the notebooks with their summaries
     rows = ''.join(f'<tr><td><a href="{i.page}">{html.escape(i.title)}</a></td><td>{html.escape(i.summary)}</td></tr>'
                    for i in infos)
-    intro = site.markdown(readme.read_text(encoding='utf-8')) if readme.exists() else f'<h1>{PKG}</h1>'
+    readme_parts = PageParts(sections=[[None, PKG, '']])
+    intro = (site.markdown(readme.read_text(encoding='utf-8'), seen=readme_parts.seen_ids) if readme.exists()
+             else f'<h1>{PKG}</h1>')
+    site._collect(intro, readme_parts)
     for src in re.findall(r'<img[^>]* src="([^":]+)"', intro):   # the README's own images (a relative path)
         if (readme.parent / src).is_file():
             (out / src).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(readme.parent / src, out / src)
-    index = f'{intro}<h2 id="notebooks">Notebooks</h2><table class="nb-list">{rows}</table>'
-    (out / 'index.html').write_text(page(PKG, index, site, 'index.html'), encoding='utf-8')
+    readme_parts.toc.append((2, 'notebooks', 'Notebooks'))
+    head, intro = _header(f'<div class="cell md">{intro}</div>')
+    index = (f'{head}{toc_html(readme_parts.toc)}{intro}<h2 id="notebooks">Notebooks</h2>'
+             f'<table class="nb-list">{rows}</table>')
+    (out / 'index.html').write_text(page(PKG, index, site, 'index.html', toc=True), encoding='utf-8')
+    for anchor, title, text in readme_parts.sections[1:]:
+        search.append({'n': f'{PKG} › {title}', 'u': f'index.html#{anchor}', 'k': 'section', 'd': text[:150],
+                       't': text})
 
-    # index of names, A-Z
-    names = sorted(((x['n'], x['u'], x['k']) for x in search if x['k'] != 'page'), key=lambda t: t[0].lower())
+    # index of names, A-Z: the public API (a subscriber's events are the learner's to call, not listed)
+    api = [x for x in search if x['k'] not in ('page', 'section')]
+    names = sorted(((x['n'], x['u'], x['k']) for x in api), key=lambda t: t[0].lower())
     groups = {}
     for n, u, k in names: groups.setdefault(n[0].upper(), []).append(
         f'<li><a href="{html.escape(u)}"><code>{html.escape(n)}</code></a> <small>{k}</small></li>')
@@ -493,13 +633,14 @@ def build(out: Path | str = '_site', nbs_dir: Path | str | None = None, execute:
                                                for k, v in groups.items())
     (out / 'names.html').write_text(page('Index of names', f'<div class="names-index">{body}</div>', site,
                                          'names.html'), encoding='utf-8')
-    (out / 'search_index.js').write_text('window.NNTRAIN_SEARCH = ' + json.dumps(search, indent=0) + ';\n',
-                                         encoding='utf-8')
+    (out / 'search_index.js').write_text('window.NNTRAIN_SEARCH = ' + json.dumps(search, separators=(',', ':'))
+                                         + ';\n', encoding='utf-8')
     problems = {i.path.name: i.errors for i in infos if i.errors}
-    log(f'built {len(infos) + 2} pages, {len(names)} API entries, {site.n_img} images into {out}'
+    log(f'built {len(infos) + 2} pages, {len(names)} API entries, {site.n_img} images into {out}; '
+        f'{len(site.undocumented)} parameters without a description'
         + (f'; problems in {", ".join(problems)}' if problems else ''))
     return {'out': out, 'pages': [i.page for i in infos], 'entries': len(names), 'images': site.n_img,
-            'problems': problems}
+            'problems': problems, 'undocumented': site.undocumented}
 
 
 def main(argv=None):
@@ -508,9 +649,11 @@ def main(argv=None):
     ap.add_argument('--nbs', default=None, help='notebook folder (default: nbs/ of this checkout)')
     ap.add_argument('--execute', nargs='*', default=None, metavar='NAME',
                     help='run notebooks with nbclient first (all, or those whose file name contains a NAME)')
+    ap.add_argument('--undocumented', action='store_true', help='list the parameters that have no description')
     a = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    build(a.out, a.nbs, a.execute)
+    info = build(a.out, a.nbs, a.execute)
+    if a.undocumented: print('\n'.join(info['undocumented']))
 
 
 if __name__ == '__main__':

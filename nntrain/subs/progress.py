@@ -13,7 +13,7 @@ from html import escape
 import matplotlib.pyplot as plt
 import torch
 from fastcore.imports import in_colab, ipython_shell
-from fastprogress.fastprogress import ConsoleMasterBar, ConsoleProgressBar, format_time
+from fastprogress.fastprogress import ConsoleProgressBar, format_time
 
 from ..core import Order, Subscriber, check_bool, check_choice, check_number
 from ..show import subplots
@@ -201,7 +201,8 @@ class ProgressS(Subscriber):
             from IPython.display import display
             self.view = ProgressView([self.epochs])
             self._out = display(self.view, display_id=True)
-        else: self.mbar = ConsoleMasterBar(range(learn.n_epochs))
+        else:   # text bars only on a terminal: in a log or a pipe they would be a line per refresh
+            self._tty, self.pbar, self._widths = sys.stdout.isatty(), None, None
 
     def _start_epoch(self, learn):
         if learn.training and learn.epoch: self.epochs.update(learn.epoch)   # a fit without validation passes
@@ -209,9 +210,9 @@ class ProgressS(Subscriber):
         if self.notebook:
             self.view.bars = [self.epochs, self.batches]
             self._show()
-        else:
-            self.pbar = ConsoleProgressBar(range(learn.n_iter), parent=self.mbar, leave=False)
-            # fastprogress labels a child bar from the master bar's count, which only its own iterator advances
+        elif self._tty:
+            # labelled here: fastprogress's master bar numbers its child from its own iterator, which never runs
+            self.pbar = ConsoleProgressBar(range(learn.n_iter), leave=False)
             self.pbar.prefix = f'Epoch {learn.epoch + 1}/{learn.n_epochs} {self.batches.label}'
             self.pbar.update(0)
 
@@ -223,11 +224,11 @@ class ProgressS(Subscriber):
         if now - self._last_comment >= self.comment_every:
             self._last_comment = now
             self.batches.comment = f'loss {learn.loss.item():.4f}'
-            if not self.notebook: self.pbar.comment = self.batches.comment
+            if getattr(self, 'pbar', None) is not None: self.pbar.comment = self.batches.comment
         self.batches.update(learn.iter + 1)
         if self.notebook:
             if now - self._shown >= self.update_every: self._show()
-        else: self.pbar.update(learn.iter + 1)
+        elif self.pbar is not None: self.pbar.update(learn.iter + 1)
 
     def _end_epoch(self, learn):
         self._take_rows(learn)
@@ -252,11 +253,16 @@ class ProgressS(Subscriber):
         if not self.rows: return
         columns, rows = self._table()
         if self.table == 'epoch' and not final and self.rows[-1].get('phase') != 'valid': rows = rows[:-1]
-        if self.printed == 0 and rows: self.columns = columns; self.mbar.write(columns, table=True)
+        if self.printed == 0 and rows: self.columns = columns; self._write(columns)
         for r in rows[self.printed:]:
             cells = dict(zip(columns, r))
-            self.mbar.write([cells.get(c, '') for c in self.columns], table=True)
+            self._write([cells.get(c, '') for c in self.columns])
         self.printed = max(self.printed, len(rows))
+
+    def _write(self, cells: list[str]) -> None:
+        "One line of the console table, in fastprogress's layout (columns at least 8 wide, two spaces apart)."
+        if self._widths is None: self._widths = [max(8, len(c)) for c in cells]
+        print('  '.join(c.ljust(w) for c, w in zip(cells, self._widths)).rstrip(), flush=True)
 
     def _show(self):
         self.view.columns, self.view.rows = self._table()
