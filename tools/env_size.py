@@ -2,7 +2,7 @@
 
     python tools/env_size.py                                  # the direct dependencies in pyproject.toml
     python tools/env_size.py 'fastprogress<1.1' 'torch==2.14.1'  # or any requirements, one venv each
-    python tools/env_size.py --together -e . 'fastprogress<1.1'   # one venv for all of them (pip install ARGS...)
+    python tools/env_size.py --together '-e .' 'fastprogress<1.1'   # one venv for all of them (quote '-e .')
 
 Prints a markdown table: the requirement, what the venv holds beyond an empty venv (MB), and the distributions pip
 installed. Each venv is made in a temporary folder and deleted after measuring. Needs a package index (or pip's
@@ -52,7 +52,8 @@ def main(argv=None) -> None:
     ap.add_argument('--together', action='store_true', help='one venv for all the arguments (passed to pip install)')
     a = ap.parse_args(argv)
     # a requirement may carry pip options ('torchvision==0.29.1 --no-deps')
-    groups = [a.requirements] if a.together else [shlex.split(r) for r in a.requirements or direct_dependencies()]
+    split = [shlex.split(r) for r in a.requirements or direct_dependencies()]
+    groups = [[x for r in split for x in r]] if a.together else split
     print('| requirement | MB | installs |\n|---|---:|---|')
     for args in groups:
         size, dists = venv_size(args)

@@ -25,7 +25,9 @@ from .schedule import sched_exp, sched_lin
 __all__ = ['valley_lr', 'steep_lr', 'minimum_lr', 'LRFindResult', 'LRFindS']
 
 # %% ../../nbs/15_lr_find.ipynb #16b2e6c8
-def valley_lr(lrs: list, losses: list) -> float:
+def valley_lr(lrs: list,       # the learning rates tried, increasing
+              losses: list,    # the smoothed loss at each
+             ) -> float:
     "Halfway down the longest run of decreasing loss (fastai's `valley`)."
     n = len(losses)
     run = [1] * n               # run[i]: length of the longest decreasing subsequence ending at i
@@ -37,14 +39,18 @@ def valley_lr(lrs: list, losses: list) -> float:
     third = (best_end - best_start) / 3
     return lrs[min(max(best_start + int(third) + int(third / 2), 0), n - 1)]
 
-def steep_lr(lrs: list, losses: list) -> float:
+def steep_lr(lrs: list,       # the learning rates tried, increasing
+             losses: list,    # the smoothed loss at each
+            ) -> float:
     "The learning rate where the loss falls fastest against `log(lr)`."
     if len(lrs) < 2: return lrs[0]
     slopes = [(losses[i + 1] - losses[i]) / (math.log(lrs[i + 1]) - math.log(lrs[i]) or 1e-12)
               for i in range(len(lrs) - 1)]
     return lrs[min(range(len(slopes)), key=slopes.__getitem__)]
 
-def minimum_lr(lrs: list, losses: list) -> float:
+def minimum_lr(lrs: list,       # the learning rates tried, increasing
+               losses: list,    # the smoothed loss at each
+              ) -> float:
     "A tenth of the learning rate with the lowest loss, kept within the tried range."
     return max(lrs[min(range(len(losses)), key=losses.__getitem__)] / 10, min(lrs))
 

@@ -33,7 +33,11 @@ class ModelMonitorS(Subscriber):
     order = Order.PROGRESS
     runs = ('fit',)
 
-    def __init__(self, modules=None, show: bool = True, cancel: bool = True):
+    def __init__(self,
+                 modules=None,           # the modules to report, or their names (default: every leaf module)
+                 show: bool = True,      # display (or print) the table when it is ready
+                 cancel: bool = True,    # stop the fit after the first batch (nothing is trained)
+                ):
         self.modules, self.show, self.cancel, self.summary = modules, show, cancel, None
         self._rec = self._modes = self._dl_state = None
 
@@ -69,8 +73,11 @@ class ModelMonitorS(Subscriber):
     def _repr_markdown_(self): return self.summary._repr_markdown_() if self.summary is not None else None
 
 # %% ../../nbs/19_monitor.ipynb #13cf7cf5
-def activation_stats(x: torch.Tensor, bins: int = 40, hist_range: tuple[float, float] = (-10., 10.),
-                     dead_threshold: float = 1e-6) -> dict[str, torch.Tensor]:
+def activation_stats(x: torch.Tensor,                                  # activations, channels in dimension 1
+                     bins: int = 40,                                   # histogram bins
+                     hist_range: tuple[float, float] = (-10., 10.),    # the histogram's range
+                     dead_threshold: float = 1e-6,  # an activation at most this far from zero is dead
+                    ) -> dict[str, torch.Tensor]:
     "Mean, std, histogram and dead fraction (overall and per channel, dim 1) of activations `x`, on `x`'s device."
     x = x.detach().float()
     mean, std = x.mean(), x.std()   # on a CPU, several times faster than torch.std_mean
@@ -207,7 +214,9 @@ class ActivationStatsS(Subscriber):
         fig.tight_layout()
         return fig
 
-def module_label(name: str, m: nn.Module) -> str:
+def module_label(name: str,       # the module's name in the model
+                 m: nn.Module,    # the module
+                ) -> str:
     "A panel title: the module's name and what it is (a plain `nn.Sequential` by what it chains)."
     kids = [type(c).__name__ for c in m.children()]
     what = type(m).__name__

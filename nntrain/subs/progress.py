@@ -30,12 +30,14 @@ def _fmt_cell(column: str, v) -> str:
 
 _NOT_SPLIT = ('epoch', 'phase', 'time')   # one per epoch, not one column per phase
 
-def phase_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+def phase_table(rows: list[dict],    # rows as `learn.history` keeps them
+               ) -> tuple[list[str], list[list[str]]]:
     "The rows as they are in `learn.history` (one per phase), as (columns, formatted cells)."
     columns = list(dict.fromkeys(k for r in rows for k in r))
     return columns, [[_fmt_cell(c, r.get(c, '')) for c in columns] for r in rows]
 
-def epoch_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+def epoch_table(rows: list[dict],    # rows as `learn.history` keeps them, one per phase
+               ) -> tuple[list[str], list[list[str]]]:
     "One row per epoch: `epoch`, each value per phase side by side (`train_loss`, `valid_loss`, ...), summed `time`."
     epochs: dict = {}
     for r in rows: epochs.setdefault(r.get('epoch'), []).append(r)
@@ -71,11 +73,18 @@ def in_kernel() -> bool:
 
 class Bar:
     "One progress bar: how far it is, since when, what it says, and whether it was interrupted."
-    def __init__(self, total: int, label: str = ''):
+    def __init__(self,
+                 total: int,         # the count at which the bar is full
+                 label: str = '',    # what the bar counts, shown before it
+                ):
         self.total, self.label, self.value, self.comment, self.interrupted = total, label, 0, '', False
         self.start = self.last = time.perf_counter()
 
-    def update(self, value: int) -> None: self.value, self.last = value, time.perf_counter()
+    def update(self,
+               value: int,    # how far it is now
+              ) -> None:
+        "Set how far the bar is, now."
+        self.value, self.last = value, time.perf_counter()
 
     def text(self) -> str:
         "fastprogress's wording: `label  50.00% [3/6 00:02<00:02 comment]`, and `interrupted` when it was."
@@ -87,14 +96,18 @@ class Bar:
         return text + (' interrupted' if self.interrupted else '')
 
     def html(self) -> str:
+        "The bar as HTML: a `<progress>` element and its text."
         cls = 'nntrain-bar progress-bar-interrupted' if self.interrupted else 'nntrain-bar'
         bar = f'<progress value="{self.value}" max="{self.total}" class="{cls}"></progress>'
         return f'<div>{bar} {escape(self.text())}</div>'
 
 class ProgressView:
     "What `ProgressS` shows in a notebook: bars over the results table, as HTML, markdown or plain text."
-    def __init__(self, bars: list[Bar] | None = None, columns: list[str] | None = None,
-                 rows: list[list[str]] | None = None):
+    def __init__(self,
+                 bars: list[Bar] | None = None,          # the bars, top to bottom
+                 columns: list[str] | None = None,       # the table's column names
+                 rows: list[list[str]] | None = None,    # the formatted cells, one list per row
+                ):
         self.bars, self.columns, self.rows = bars or [], columns or [], rows or []
 
     def _repr_html_(self) -> str:
