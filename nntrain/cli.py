@@ -23,18 +23,23 @@ from .models import simple_cnn
 from .subs.device import DeviceS
 from .subs.metrics import MetricsS
 from .subs.normalize import NormalizationS
-from .subs.progress import ProgressS, plot_losses
+from .show import OnceFigure, subplots
+from .subs.progress import ProgressS, epoch_table, plot_losses
 
 with warnings.catch_warnings():   # torcheval's own import warns about torch.jit.script, which nntrain never uses
     warnings.filterwarnings('ignore', message='.*torch.jit.script.*', category=FutureWarning)
     from torcheval.metrics import MulticlassAccuracy
 
 # %% auto #0
-__all__ = ['train_mnist_sample', 'epoch_table', 'results_figure', 'save_results', 'main']
+__all__ = ['train_mnist_sample', 'results_figure', 'save_results', 'main']
 
 # %% ../nbs/30_cli.ipynb #595af848
-def train_mnist_sample(epochs: int = 5, batch_size: int = 64, lr: float = 3e-3, seed: int = 42,
-                       progress: ProgressS | None = None) -> Learner:
+def train_mnist_sample(epochs: int = 5,                      # training epochs
+                       batch_size: int = 64,                 # training batch size
+                       lr: float = 3e-3,                     # AdamW learning rate
+                       seed: int = 42,                       # seeds the weights, the shuffling and the data split
+                       progress: ProgressS | None = None,    # a progress display to show (and keep the losses)
+                      ) -> Learner:
     "Train `simple_cnn` on the embedded MNIST sample (4,000 train / 1,000 valid images) with AdamW."
     set_seed(seed)
     dls = DataLoaders.from_tensors(*mnist_sample(), batch_size=batch_size, seed=seed)
@@ -44,49 +49,52 @@ def train_mnist_sample(epochs: int = 5, batch_size: int = 64, lr: float = 3e-3, 
     learn.fit(epochs)
     return learn
 
-def epoch_table(history: list[dict]) -> tuple[list[str], list[list[str]]]:
-    "`history`'s per-phase rows as one row per epoch: (column names, rows of formatted values)."
-    epochs, times = {}, {}
-    for row in history:
-        cells = epochs.setdefault(row['epoch'], {'epoch': str(row['epoch'])})
-        times[row['epoch']] = times.get(row['epoch'], 0.) + row.get('time', 0.)   # train and valid passes together
-        for k, v in row.items():
-            if k in ('epoch', 'phase', 'time'): continue
-            cells[f'{row["phase"]}_{k}'] = f'{v:.4f}' if isinstance(v, float) else str(v)
-    for e, cells in epochs.items(): cells['time'] = f'{times[e]:.1f}s'
-    columns = list(dict.fromkeys(k for cells in epochs.values() for k in cells if k != 'time')) + ['time']
-    return columns, [[cells.get(k, '') for k in columns] for cells in epochs.values()]
+_PLOT_H, _ROW_H = 3.2, 0.3   # inches: the loss plot, and each row of the table under it
 
-def results_figure(learn: Learner, progress: ProgressS):
-    "The main job on one image: train and valid loss curves beside the per-epoch results table."
-    fig, (ax, tab) = plt.subplots(1, 2, figsize=(12, 3.6), gridspec_kw={'width_ratios': [1, 1.25]})
+def results_figure(learn: Learner,          # a learner after its fit (its `history`)
+                   progress: ProgressS,     # the fit's `ProgressS(plot=True)`, which kept the losses
+                  ) -> OnceFigure:
+    "The main job on one image: the loss curves over the table of results per epoch, as the console printed it."
+    columns, rows = epoch_table(learn.history)   # the console's table: same columns, same order
+    table_h = _ROW_H * (len(rows) + 1)
+    # the table's axes are exactly as tall as its rows, and the table fills them: no space around it
+    fig, (ax, tab) = subplots(2, 1, figsize=(9, _PLOT_H + table_h + 0.5),
+                              gridspec_kw={'height_ratios': [_PLOT_H, table_h], 'hspace': 0.35})
     plot_losses(progress.train_steps, progress.train_losses, progress.valid_steps, progress.valid_losses, ax=ax)
     ax.set_title('loss')
-    columns, rows = epoch_table(learn.history)
     tab.axis('off')
-    table = tab.table(cellText=rows, colLabels=columns, loc='center', cellLoc='right')
-    table.auto_set_font_size(False); table.set_fontsize(9); table.scale(1, 1.4)
-    tab.set_title('results per epoch')
-    fig.tight_layout()
+    table = tab.table(cellText=rows, colLabels=columns, cellLoc='right', colLoc='right', bbox=[0, 0, 1, 1])
+    table.auto_set_font_size(False); table.set_fontsize(10)
+    # each column as wide as its longest text plus a margin (the table scales the widths to fill its axes)
+    chars = [max(len(t) for t in [c, *(r[i] for r in rows)]) + 3 for i, c in enumerate(columns)]
+    for (r, c), cell in table.get_celld().items():
+        cell.set_width(chars[c] / sum(chars))
+        cell.PAD = 1.5 / chars[c]   # a character and a half of margin on each side
+        cell.set_edgecolor('#b0b0b0')
+        if r == 0: cell.set_facecolor('#eeeeee'); cell.set_text_props(weight='bold')
     return fig
 
-def save_results(learn: Learner, out: Path, progress: ProgressS | None = None) -> list[Path]:
+def save_results(learn: Learner,                      # a learner after its fit (its `history`)
+                 out: Path,                           # the folder to write to (made when missing)
+                 progress: ProgressS | None = None,   # the fit's `ProgressS(plot=True)`: adds the two images
+                ) -> list[Path]:
     "Write the history as JSON and, when a progress subscriber kept the losses, a loss plot and a results image."
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / 'history.json']
     paths[0].write_text(json.dumps(learn.history, indent=1))
     if progress is not None and progress.train_losses:
         losses = progress.train_steps, progress.train_losses, progress.valid_steps, progress.valid_losses
-        fig = plot_losses(*losses).figure
+        fig = plot_losses(*losses)
         fig.savefig(out / 'loss.png', dpi=100, bbox_inches='tight')
         plt.close(fig)
         fig = results_figure(learn, progress)
         fig.savefig(out / 'results.png', dpi=100, bbox_inches='tight')
-        plt.close(fig)
+        plt.close(fig)   # made for the file: a notebook does not show it
         paths += [out / 'loss.png', out / 'results.png']
     return paths
 
-def main(argv: list[str] | None = None) -> Learner:
+def main(argv: list[str] | None = None,   # the arguments (default: the command line's)
+        ) -> Learner:
     "Command-line entry point: `nntrain [--epochs N] [--lr LR] [--out DIR] ...`."
     p = argparse.ArgumentParser(prog='nntrain', description='Train a small CNN on the embedded MNIST sample.')
     p.add_argument('--epochs', type=int, default=5, help='training epochs (default: 5)')
@@ -100,6 +108,6 @@ def main(argv: list[str] | None = None) -> Learner:
     learn = train_mnist_sample(args.epochs, args.batch_size, args.lr, args.seed, progress)
     paths = save_results(learn, args.out, progress)
     acc = learn.history[-1].get('accuracy')
-    print(f'\nvalid accuracy after {args.epochs} epochs: {acc:.2%}')
+    print(f'\nvalid accuracy after {args.epochs} epoch{"s" * (args.epochs != 1)}: {acc:.2%}')
     for path in paths: print(f'wrote {path}')
     return learn

@@ -119,7 +119,8 @@ def _did_you_mean(name: str, options) -> str:
     hint = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
     return f' Did you mean {hint[0]!r}?' if hint else ''
 
-def check_subscriber(sub) -> None:
+def check_subscriber(sub,    # the subscriber to check (an instance)
+                    ) -> None:
     "Raise if `sub` is not a usable subscriber: a class, a non-integer `order`, unknown `runs`, a misspelt event."
     name = type(sub).__name__
     if isinstance(sub, type):
@@ -144,11 +145,14 @@ def check_subscriber(sub) -> None:
                              f'{_did_you_mean(attr, valid)} Events: {", ".join(EVENTS)}; step wrappers: '
                              f'{", ".join(AROUNDS)}.')
 
-def sort_subs(subs: Iterable) -> list:
+def sort_subs(subs: Iterable,    # subscribers, in the order given
+             ) -> list:
     "Subscribers sorted by `order`; ties keep their given order."
     return sorted(subs, key=lambda s: getattr(s, 'order', 0))
 
-def build_table(subs: Iterable, run: str = 'fit') -> tuple[dict, dict, dict]:
+def build_table(subs: Iterable,      # every subscriber of the learner
+                run: str = 'fit',    # the kind of run: 'fit', 'validate', 'predict' or 'lr_find'
+               ) -> tuple[dict, dict, dict]:
     "Check `subs`; of those in `run`: (event → bound methods, step → its provider, step → subscribers around it)."
     if run not in RUNS: raise ValueError(f'unknown kind of run {run!r}; kinds: {RUNS}')
     subs = sort_subs(subs)
@@ -168,11 +172,16 @@ def build_table(subs: Iterable, run: str = 'fit') -> tuple[dict, dict, dict]:
 
 
 # %% ../nbs/00_core.ipynb #8db32a1c
-def add_note(e: BaseException, note: str) -> None:
+def add_note(e: BaseException,    # the exception
+             note: str,           # one line shown under its traceback
+            ) -> None:
     "Attach `note` to `e` (shown under its traceback), where Python supports exception notes."
     if hasattr(e, 'add_note'): e.add_note(note)
 
-def note_origin(e: BaseException, fn: Callable, event: str) -> None:
+def note_origin(e: BaseException,    # the exception raised
+                fn: Callable,        # the handler that raised it (a subscriber's bound method)
+                event: str,          # the event being published
+               ) -> None:
     "Record on `e`, once, that it was raised by `fn`'s subscriber at `event`."
     if getattr(e, '_nntrain_origin', None) is not None: return
     owner = getattr(fn, '__self__', None)
@@ -188,7 +197,10 @@ def default_device() -> torch.device:
     if mps is not None and mps.is_available(): return torch.device('mps')
     return torch.device('cpu')
 
-def to_device(obj: Any, device: torch.device | str, non_blocking: bool = False) -> Any:
+def to_device(obj: Any,  # a tensor, or tuples, lists, dicts and namedtuples of them (other values stay as they are)
+              device: torch.device | str,    # where to: a `torch.device` or its name ('cuda', 'cpu', ...)
+              non_blocking: bool = False,    # asynchronous copies from pinned memory
+             ) -> Any:
     "Move every tensor in `obj` (nested tuples, lists, dicts, namedtuples) to `device`."
     if isinstance(obj, torch.Tensor): return obj.to(device, non_blocking=non_blocking)
     move = partial(to_device, device=device, non_blocking=non_blocking)
@@ -216,7 +228,8 @@ def comm_device() -> torch.device:
 
 # %% ../nbs/00_core.ipynb #6359fa30
 @contextmanager
-def preserve_modes(model):
+def preserve_modes(model,    # the module whose train/eval flags are put back
+                  ):
     "Put back the train/eval flag of every module of `model` on leaving, whatever happened inside."
     modes = [(m, m.training) for m in model.modules()]
     try: yield model
@@ -224,7 +237,9 @@ def preserve_modes(model):
         for m, mode in modes: m.training = mode
 
 # %% ../nbs/00_core.ipynb #e5e40208
-def set_seed(seed: int, deterministic: bool = False) -> None:
+def set_seed(seed: int,                      # the seed of every generator
+             deterministic: bool = False,    # also deterministic torch algorithms and cuDNN kernels (slower)
+            ) -> None:
     "Seed Python, NumPy and torch (all devices); with `deterministic`, also ask torch for deterministic kernels."
     random.seed(seed)
     torch.manual_seed(seed)   # also seeds every CUDA device
@@ -242,15 +257,25 @@ def set_seed(seed: int, deterministic: bool = False) -> None:
 # %% ../nbs/00_core.ipynb #5727d17b
 def _is_number(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool)
 
-def check_int(name: str, value, min_value: int | None = 1, allow_none: bool = False) -> None:
+def check_int(name: str,                    # the argument, as the error names it
+              value,                        # what was given
+              min_value: int | None = 1,    # the smallest value allowed (None: no bound)
+              allow_none: bool = False,     # None is accepted too
+             ) -> None:
     "Raise unless `value` is an int (not a bool) at least `min_value` (or None, when allowed)."
     if value is None and allow_none: return
     if not isinstance(value, int) or isinstance(value, bool) or (min_value is not None and value < min_value):
         what = 'an int' + (f' >= {min_value}' if min_value is not None else '') + (' or None' if allow_none else '')
         raise ValueError(f'{name} must be {what}, got {value!r}')
 
-def check_number(name: str, value, low: float | None = None, high: float | None = None, low_open: bool = False,
-                 high_open: bool = False, allow_none: bool = False) -> None:
+def check_number(name: str,                    # the argument, as the error names it
+                 value,                        # what was given
+                 low: float | None = None,     # lower bound (None: none)
+                 high: float | None = None,    # upper bound (None: none)
+                 low_open: bool = False,       # `low` itself is excluded
+                 high_open: bool = False,      # `high` itself is excluded
+                 allow_none: bool = False,     # None is accepted too
+                ) -> None:
     "Raise unless `value` is a finite real number in the given range (or None, when allowed)."
     if value is None and allow_none: return
     ok = _is_number(value) and math.isfinite(value)
@@ -262,13 +287,18 @@ def check_number(name: str, value, low: float | None = None, high: float | None 
         rng = f' in {lo or "(-inf, "}{hi or "inf)"}' if low is not None or high is not None else ''
         raise ValueError(f'{name} must be a finite number{rng}{" or None" if allow_none else ""}, got {value!r}')
 
-def check_choice(name: str, value, choices) -> None:
+def check_choice(name: str,    # the argument, as the error names it
+                 value,        # what was given
+                 choices,      # the values allowed
+                ) -> None:
     "Raise unless `value` is one of `choices`, suggesting the closest."
     if value not in choices:
         hint = _did_you_mean(value, [c for c in choices if isinstance(c, str)]) if isinstance(value, str) else ''
         raise ValueError(f'{name} must be one of {", ".join(map(repr, choices))}, got {value!r}.{hint}'.rstrip('.'))
 
-def check_bool(name: str, value) -> None:
+def check_bool(name: str,    # the argument, as the error names it
+               value,        # what was given
+              ) -> None:
     "Raise unless `value` is a bool."
     if not isinstance(value, bool): raise TypeError(f'{name} must be True or False, got {value!r}')
 
@@ -287,7 +317,8 @@ def rng_state() -> dict:
     if mps is not None and mps.is_available(): state['mps'] = torch.mps.get_rng_state()
     return state
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict,    # what `rng_state()` returned
+                 ) -> None:
     "Restore generator states saved by `rng_state`."
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state['python']))
     torch.set_rng_state(state['torch'])
@@ -298,7 +329,9 @@ def set_rng_state(state: dict) -> None:
     if 'cuda' in state and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state['cuda'])
     if 'mps' in state and torch.backends.mps.is_available(): torch.mps.set_rng_state(state['mps'])
 
-def atomic_save(obj, path: str | os.PathLike) -> Path:
+def atomic_save(obj,                        # what to save (anything `torch.save` takes)
+                path: str | os.PathLike,    # the file to write (its folder is made when missing)
+               ) -> Path:
     "`torch.save` to `path` through a temporary file in the same folder, fsync'd, then renamed: never a partial file."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

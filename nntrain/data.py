@@ -73,13 +73,15 @@ def _as_tensors(named: dict) -> tuple[torch.Tensor, ...]:
 # %% ../nbs/01_data.ipynb #386003bc
 class TensorLoader:
     "Batches of in-memory tensors, sliced with a seeded shuffled index: no per-item work, no collate."
-    def __init__(self, *tensors,                    # the columns: each batch holds the same rows of each
-                 batch_size: int = 64,              # rows per batch
-                 shuffle: bool = False,             # a new order every epoch (from `seed`)
-                 drop_last: bool = False,           # drop a last batch smaller than `batch_size`
-                 device=None,                       # where the tensors live (batches are sliced there)
-                 seed: int | None = None,           # seeds the order (None: from torch's global generator)
-                 names: tuple | None = None):       # batches as dicts with these keys, one per tensor
+    def __init__(self,
+                 *tensors,  # tensors (or arrays) of the same length: the items, split into batches together
+                 batch_size: int = 64,       # items per batch
+                 shuffle: bool = False,      # a new random order every epoch
+                 drop_last: bool = False,    # leave out the last, smaller batch
+                 device=None,                # move the tensors there once, at construction (None: leave them)
+                 seed: int | None = None,    # seed of the shuffling (None: drawn from torch's global generator)
+                 names: tuple | None = None, # batches as dicts with these keys, one per tensor
+                ):
         if not tensors: raise ValueError('TensorLoader needs at least one tensor')
         if names is not None and (len(names) != len(tensors) or not all(isinstance(n, str) for n in names)):
             raise ValueError(f'names must be one string per tensor ({len(tensors)}), got {names!r}')
@@ -115,13 +117,17 @@ class TensorLoader:
             yield self._batch(tuple(t.index_select(0, j) for t in self.tensors))
 
     @property
-    def device(self) -> torch.device: return self.tensors[0].device
+    def device(self) -> torch.device:
+        "Where the tensors are."
+        return self.tensors[0].device
 
     def state_dict(self) -> dict:
         "The shuffling state: mid-epoch, the one this epoch's order came from (a resume replays it); else the next."
         return {'generator': self.generator.get_state() if self._epoch_state is None else self._epoch_state}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self,
+                        state: dict,    # what `state_dict()` returned
+                       ) -> None:
         "Restore the shuffling state saved by `state_dict`: the next epoch draws its order from it."
         self.generator.set_state(state['generator'])
         self._epoch_state = None
@@ -138,13 +144,16 @@ def _torch_generator(dl) -> torch.Generator | None:
         if isinstance(gen, torch.Generator): return gen
     return None
 
-def loader_state(dl) -> dict | None:
+def loader_state(dl,    # a `TensorLoader`, a torch `DataLoader` or a wrapper of one
+                ) -> dict | None:
     "A loader's shuffling state: its own `state_dict()`, else its `torch.Generator`'s; None if it has neither."
     if callable(getattr(dl, 'state_dict', None)): return dl.state_dict()
     gen = _torch_generator(dl)
     return None if gen is None else {'generator': gen.get_state()}
 
-def set_loader_state(dl, state: dict | None) -> None:
+def set_loader_state(dl,                    # the loader whose state was read
+                     state: dict | None,    # what `loader_state(dl)` returned
+                    ) -> None:
     "Restore a state read by `loader_state`."
     if state is None: return
     if callable(getattr(dl, 'load_state_dict', None)): return dl.load_state_dict(state)
@@ -152,7 +161,8 @@ def set_loader_state(dl, state: dict | None) -> None:
     if gen is not None: gen.set_state(state['generator'])
 
 @contextmanager
-def undisturbed(dl):
+def undisturbed(dl,    # the loader to read from
+               ):
     "Inside: read `dl` freely (a peek, a measurement); on leaving, its shuffling state and every RNG are as before."
     state, rng = loader_state(dl), rng_state()
     try: yield dl
@@ -174,10 +184,13 @@ def _columns(x, y, split: str) -> tuple[tuple, tuple | None, int | None]:
 
 class DataLoaders:
     "A training loader and a validation loader; any iterable of batches with a `len` works as either."
-    def __init__(self, train, valid,
-                 vocab: list | None = None,          # class names, for showing labels
+    def __init__(self,
+                 train,                              # the training loader
+                 valid,                              # the validation loader
+                 vocab: list | None = None,          # class names, by label (shown by `show_batch`)
                  n_inp: int | None = None,           # leading items of a tuple batch that are inputs (None: all but the last)
-                 label_names: tuple | None = None):  # the target keys of mapping batches (None: 'labels', 'label')
+                 label_names: tuple | None = None,   # the target keys of mapping batches (None: 'labels', 'label')
+                ):
         if n_inp is not None and (isinstance(n_inp, bool) or not isinstance(n_inp, int) or n_inp < 1):
             raise ValueError(f'n_inp must be a positive int or None, got {n_inp!r}')
         self.train, self.valid, self.vocab, self.n_inp = train, valid, vocab, n_inp
@@ -186,9 +199,18 @@ class DataLoaders:
     def __iter__(self): return iter((self.train, self.valid))
 
     @classmethod
-    def from_tensors(cls, x_train, y_train, x_valid, y_valid,
-                     batch_size: int = 64, valid_batch_size: int | None = None, shuffle: bool = True,
-                     drop_last: bool = False, device=None, seed: int | None = None) -> DataLoaders:
+    def from_tensors(cls,
+                     x_train,                                # training inputs: a tensor, a tuple of them, or a dict
+                     y_train,                                # training targets, one per input (None: no targets)
+                     x_valid,                                # validation inputs, as `x_train`
+                     y_valid,                                # validation targets
+                     batch_size: int = 64,                   # training batch size
+                     valid_batch_size: int | None = None,    # validation batch size (default: twice `batch_size`)
+                     shuffle: bool = True,                   # shuffle the training set every epoch
+                     drop_last: bool = False,                # leave out the last, smaller training batch
+                     device=None,                            # move the data there once (None: leave it where it is)
+                     seed: int | None = None,  # seed of the training shuffle (None: from the global generator)
+                    ) -> DataLoaders:
         "Loaders over in-memory tensors or arrays (several inputs: tuples; named: dicts; no targets: None)."
         # inputs and targets are counted per split, so a mismatch names the split
         (train, names, n_inp), (valid, _, _) = (_columns(x, y, split) for x, y, split in
@@ -210,12 +232,16 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.
 class ImageDecodeError(OSError):
     "An image file that could not be read or decoded; the message names the file."
 
-def image_files(folder: str | Path, extensions=IMAGE_EXTENSIONS) -> list[Path]:
+def image_files(folder: str | Path,             # where to look (recursively)
+                extensions=IMAGE_EXTENSIONS,    # file name endings counted as images (any case)
+               ) -> list[Path]:
     "Image files under `folder`, recursively, in sorted order (hidden files skipped)."
     return sorted(p for p in Path(folder).rglob('*')
                   if p.suffix.lower() in extensions and not p.name.startswith('.') and p.is_file())
 
-def folder_items(folder: str | Path, vocab: list[str] | None = None) -> tuple[list[str], list[int], list[str]]:
+def folder_items(folder: str | Path,                # a folder holding one folder per class
+                 vocab: list[str] | None = None,    # class names to use (validation: the training set's)
+                ) -> tuple[list[str], list[int], list[str]]:
     "Files and labels of a folder of class folders; the vocabulary is the sorted class names unless `vocab` is given."
     folder = Path(folder)
     classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith('.'))
@@ -231,14 +257,20 @@ def folder_items(folder: str | Path, vocab: list[str] | None = None) -> tuple[li
     if not files: raise ValueError(f'{folder}: no images found in class folders {classes}')
     return files, labels, list(vocab)
 
-def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+def pil_to_tensor(img: Image.Image,    # a PIL image
+                 ) -> torch.Tensor:
     "A PIL image as a `uint8` (C, H, W) view of its (H, W, C) pixels, as torchvision does (without importing it)."
     a = np.array(img)
     return torch.from_numpy(a[:, :, None] if a.ndim == 2 else a).permute(2, 0, 1)
 
 class ImageFolderDataset(Dataset):
     "Image files and integer labels; `__getitem__` decodes one file to RGB, applies `tfms`, returns (uint8 CHW, label)."
-    def __init__(self, files: list, labels: list[int], tfms=None, mode: str = 'RGB'):
+    def __init__(self,
+                 files: list,          # image paths
+                 labels: list[int],    # one label per file
+                 tfms=None,  # a transform of the decoded `uint8` tensor (C, H, W), e.g. a torchvision v2 transform
+                 mode: str = 'RGB',    # PIL mode the images are converted to ('RGB', 'L')
+                ):
         self.files, self.labels, self.tfms, self.mode = [str(f) for f in files], list(labels), tfms, mode
 
     def __len__(self) -> int: return len(self.files)
@@ -253,7 +285,8 @@ class ImageFolderDataset(Dataset):
         x = pil_to_tensor(img) if isinstance(img, Image.Image) else img
         return x.as_subclass(torch.Tensor), self.labels[i]   # tv_tensors.Image → plain tensor
 
-def collate_images(items: list) -> tuple[torch.Tensor, torch.Tensor]:
+def collate_images(items: list,    # `(image, label)` pairs
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     "Stack `(image, label)` pairs into a batch; images of different sizes are an error that says how to fix it."
     xs, ys = zip(*items)
     shapes = {tuple(x.shape) for x in xs}
@@ -268,7 +301,8 @@ def collate_images(items: list) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(xs), torch.tensor(ys)
 
 # %% ../nbs/01_data.ipynb #58d8d350
-def uint8_to_float(x: torch.Tensor) -> torch.Tensor:
+def uint8_to_float(x: torch.Tensor,    # `uint8` pixels
+                  ) -> torch.Tensor:
     "`uint8` pixels as contiguous `float32` in [0, 1] (`x / 255`), in one pass whatever `x`'s memory layout."
     if x.dtype != torch.uint8: raise TypeError(f'uint8_to_float expects a uint8 tensor, got {x.dtype}')
     return x.to(torch.float32, memory_format=torch.contiguous_format).div_(255)
@@ -276,7 +310,12 @@ def uint8_to_float(x: torch.Tensor) -> torch.Tensor:
 # %% ../nbs/01_data.ipynb #bf491271
 class MappedLoader:
     "Wrap a loader: batches become tuples, move to `device`, `uint8` images become floats in [0, 1], then `batch_tfms`."
-    def __init__(self, dl, batch_tfms=None, device=None, to_float: bool = True):
+    def __init__(self,
+                 dl,                       # the loader to wrap (a torch `DataLoader`)
+                 batch_tfms=None,          # a function applied to each batch (inputs, targets) after the move
+                 device=None,              # move each batch there (None: leave it)
+                 to_float: bool = True,    # `uint8` inputs become floats in [0, 1]
+                ):
         self.dl, self.batch_tfms, self.device, self.to_float = dl, batch_tfms, device, to_float
 
     def __len__(self) -> int: return len(self.dl)
@@ -295,13 +334,17 @@ class MappedLoader:
             yield (xb, *rest)
 
     @property
-    def dataset(self): return self.dl.dataset
+    def dataset(self):
+        "The wrapped loader's dataset."
+        return self.dl.dataset
 
     def state_dict(self) -> dict | None:
         "The wrapped loader's shuffling state (see `loader_state`)."
         return loader_state(self.dl)
 
-    def load_state_dict(self, state: dict | None) -> None:
+    def load_state_dict(self,
+                        state: dict | None,    # what `state_dict()` returned
+                       ) -> None:
         "Restore the wrapped loader's shuffling state."
         set_loader_state(self.dl, state)
 
@@ -329,11 +372,24 @@ def _check_folder_args(path, train, valid, size, pin_memory, persistent_workers,
         raise ValueError('persistent_workers=True needs worker processes, got num_workers=0')
 
 @patch(cls_method=True)
-def from_folder(cls: DataLoaders, path: str | Path, train: str = 'train', valid: str | tuple = ('val', 'valid'),
-                item_tfms=None, batch_tfms=None, batch_size: int = 64, valid_batch_size: int | None = None,
-                size: int | None = None, valid_item_tfms=None, num_workers: int | None = None,
-                pin_memory: bool | None = None, persistent_workers: bool | None = None, device=None,
-                seed: int | None = None, drop_last: bool = False, **kwargs) -> DataLoaders:
+def from_folder(cls: DataLoaders,
+                path: str | Path,                          # the folder holding the `train` and validation folders
+                train: str = 'train',                      # name of the training folder
+                valid: str | tuple = ('val', 'valid'),     # name of the validation folder, or names to try in order
+                item_tfms=None,  # a transform of each decoded `uint8` image (C, H, W), in the workers
+                batch_tfms=None,  # a function of each batch, after the move to `device` (augmentation on the GPU)
+                batch_size: int = 64,                      # training batch size
+                valid_batch_size: int | None = None,       # validation batch size (default: twice `batch_size`)
+                size: int | None = None,  # without `item_tfms`: short side resized to it, centre square
+                valid_item_tfms=None,                      # the validation transform (default: `item_tfms`)
+                num_workers: int | None = None,            # decoding processes (default: the CPUs available, at most 8)
+                pin_memory: bool | None = None,            # pinned host memory (default: when CUDA is available)
+                persistent_workers: bool | None = None,    # keep workers between epochs (default: if any)
+                device=None,                               # move each batch there (None: leave it on the CPU)
+                seed: int | None = None,                   # seed of the training shuffle
+                drop_last: bool = False,                   # leave out the last, smaller training batch
+                **kwargs,  # passed on to both torch `DataLoader`s (`prefetch_factor`, ...)
+               ) -> DataLoaders:
     "Loaders over `path/train` and `path/val` (or `valid`) folders of class folders, decoded in worker processes."
     # `size` (resize the short side, center-crop a square) applies only when no `item_tfms` are given;
     # `valid_item_tfms` defaults to `item_tfms`; **kwargs go to both torch DataLoaders (e.g. prefetch_factor).
@@ -366,7 +422,9 @@ def from_folder(cls: DataLoaders, path: str | Path, train: str = 'train', valid:
     return cls(wrap(train_dl), wrap(valid_dl), vocab=vocab)
 
 # %% ../nbs/01_data.ipynb #ed945941
-def hf_ds_collate_fn(data: list[dict], flatten: bool = True) -> tuple[torch.Tensor, ...]:
+def hf_ds_collate_fn(data: list[dict],        # rows of a Hugging Face dataset (dicts of column values)
+                     flatten: bool = True,    # images become flat vectors (an MLP input) instead of (C, H, W)
+                    ) -> tuple[torch.Tensor, ...]:
     "Collate Hugging Face rows into one tensor per column; PIL images become float tensors in [0, 1] (flattened)."
     def to_tensor(v):
         if isinstance(v, Image.Image):
@@ -417,16 +475,18 @@ def _hf_splits(dd) -> tuple:
     raise ValueError(f'expected a train split and a validation/valid/val/test split, got {names}')
 
 @patch(cls_method=True)
-def from_hf_dd(cls: DataLoaders, dd,
-               batch_size: int,                      # rows per training batch (validation: twice as many)
-               collate_fn=None,                      # rows -> batch (default: `hf_ds_collate_fn`, or `pad_collate` for dicts)
-               flatten: bool = True,                 # images as flat vectors (tuple batches)
-               fast: bool | None = None,             # in-memory slicing (None: when every column converts to a tensor)
-               device=None,                          # where batches go
-               seed: int | None = None,              # seeds the training order
-               as_dict: bool = False,                # batches as dicts keyed by column name (a tokenized dataset as it is)
-               columns: list | None = None,          # the columns to keep, in this order (default: all)
-               **kwargs) -> DataLoaders:             # more torch `DataLoader` options (e.g. num_workers)
+def from_hf_dd(cls: DataLoaders,
+               dd,  # a Hugging Face `DatasetDict`: 'train' and 'validation' (or 'valid', 'test')
+               batch_size: int,                # training batch size (validation: twice it)
+               collate_fn=None,                # rows -> batch (default: `hf_ds_collate_fn`; `pad_collate` for dicts)
+               flatten: bool = True,           # images become flat vectors (tuple batches)
+               fast: bool | None = None,       # None: tensor slicing if possible; True: require it; False: never
+               device=None,                    # move each batch there
+               seed: int | None = None,        # seed of the training shuffle
+               as_dict: bool = False,          # batches as dicts keyed by column name (a tokenized dataset as it is)
+               columns: list | None = None,    # the columns to keep, in this order (default: all)
+               **kwargs,                       # passed on to both torch `DataLoader`s (no fast path then)
+              ) -> DataLoaders:
     "Loaders over a Hugging Face `DatasetDict`'s train and validation splits; in-memory slicing when possible."
     batch_size, seed, device = _check_int('batch_size', batch_size), _check_seed(seed), _check_device(device)
     flatten, fast = _check_bool('flatten', flatten), _check_bool('fast', fast, none_ok=True)

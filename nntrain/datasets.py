@@ -49,8 +49,9 @@ def _mnist_5k() -> np.ndarray:
     rows.flags.writeable = False   # shared by every call
     return rows
 
-def mnist_sample(n_valid: int = 1000, seed: int | None = 42
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def mnist_sample(n_valid: int = 1000,      # images set aside for validation (of 5,000)
+                 seed: int | None = 42,    # seed of the split (None: a new split each call)
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     "The 5,000-image MNIST sample as `(x_train, y_train, x_valid, y_valid)`: float images (N, 1, 28, 28) in [0, 1]."
     n_valid, seed = _check_int('n_valid', n_valid, low=1, high=4999), _check_seed(seed)
     rows = _mnist_5k()
@@ -64,7 +65,8 @@ def mnist_sample(n_valid: int = 1000, seed: int | None = 42
 _IDX_TYPES = {0x08: np.dtype('u1'), 0x09: np.dtype('i1'), 0x0B: np.dtype('>i2'), 0x0C: np.dtype('>i4'),
               0x0D: np.dtype('>f4'), 0x0E: np.dtype('>f8')}
 
-def read_idx(path: str | Path) -> np.ndarray:
+def read_idx(path: str | Path,    # an IDX file, gzip-compressed or not
+            ) -> np.ndarray:
     "Read an IDX file, gzip-compressed or raw, into a NumPy array of its own shape and type (native byte order)."
     path = Path(path)
     with open(path, 'rb') as f: gzipped = f.read(2) == b'\x1f\x8b'
@@ -86,7 +88,10 @@ def read_idx(path: str | Path) -> np.ndarray:
     return np.frombuffer(data, dtype, offset=start).reshape(shape).astype(dtype.newbyteorder('='))
 
 # %% ../nbs/02_datasets.ipynb #649a6795
-def write_idx(path: str | Path, arr: np.ndarray, compress: bool | None = None) -> Path:
+def write_idx(path: str | Path,                # the file to write
+              arr: np.ndarray,  # an array of a type IDX holds (uint8, int8, int16, int32, float32, float64)
+              compress: bool | None = None,    # gzip it (None: when the name ends in `.gz`)
+             ) -> Path:
     "Write `arr` as an IDX file; gzip-compressed when `compress` is true or, by default, when the name ends in `.gz`."
     path, arr = Path(path), np.asarray(arr)
     dt = arr.dtype
@@ -110,15 +115,20 @@ def _fetch(url: str, dest: str | Path) -> None:
     "Stream `url` into `dest` (the only function here that touches the network)."
     with urllib.request.urlopen(url, timeout=60) as r, open(dest, 'wb') as f: shutil.copyfileobj(r, f, 1 << 20)
 
-def sha256sum(path: str | Path) -> str:
+def sha256sum(path: str | Path,    # the file
+             ) -> str:
     "SHA-256 of a file, hex."
     h = hashlib.sha256()
     with open(path, 'rb') as f:
         for block in iter(lambda: f.read(1 << 20), b''): h.update(block)
     return h.hexdigest()
 
-def download_url(urls: str | list[str], dest: str | Path, sha256: str | None = None, size: int | None = None,
-                 hint: str | None = None) -> Path:
+def download_url(urls: str | list[str],        # a URL, or mirrors to try in order
+                 dest: str | Path,             # the file to write
+                 sha256: str | None = None,    # the expected SHA-256 (hex), checked before the file is kept
+                 size: int | None = None,      # the expected size in bytes
+                 hint: str | None = None,      # added to the error when every URL fails (where else to get the file)
+                ) -> Path:
     "Fetch the first of `urls` that answers into `dest` via a temporary file; check size and SHA-256, then rename."
     urls, dest = [urls] if isinstance(urls, str) else list(urls), Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -189,18 +199,25 @@ def _idx_dataset(name: str, files: dict, urls: tuple, path, download: bool):
     to_x = lambda a: uint8_to_float(torch.from_numpy(a)).unsqueeze(1)
     return to_x(xs[0]), torch.from_numpy(ys[0]).long(), to_x(xs[1]), torch.from_numpy(ys[1]).long()
 
-def mnist(path: str | Path | None = None, download: bool = True):
+def mnist(path: str | Path | None = None,    # folder of the files (default: under `data_dir()`)
+          download: bool = True,             # download the files when they are missing
+         ):
     "MNIST as `(x_train, y_train, x_valid, y_valid)`: images (N, 1, 28, 28) float in [0, 1], labels int64."
     return _idx_dataset('mnist', _MNIST_FILES, _MNIST_URLS, path, download)
 
-def fashion_mnist(path: str | Path | None = None, download: bool = True):
+def fashion_mnist(path: str | Path | None = None,    # folder of the files (default: under `data_dir()`)
+                  download: bool = True,             # download the files when they are missing
+                 ):
     "Fashion-MNIST as `(x_train, y_train, x_valid, y_valid)`: images (N, 1, 28, 28) float in [0, 1], labels int64."
     return _idx_dataset('fashion_mnist', _FASHION_FILES, _FASHION_URLS, path, download)
 
 # %% ../nbs/02_datasets.ipynb #fab322ab
 _FASTAI_S3 = 'https://s3.amazonaws.com/fast-ai-imageclas/'
 
-def unpack_tgz(archive: str | Path, dest: str | Path, name: str) -> Path:
+def unpack_tgz(archive: str | Path,    # a `.tgz` file
+               dest: str | Path,       # the folder to unpack into
+               name: str,              # the top folder the archive holds
+              ) -> Path:
     "Unpack `archive` (holding a top folder `name`) into `dest/name` atomically: a temp folder, checked, renamed."
     archive, dest = Path(archive), Path(dest)
     tmp = Path(tempfile.mkdtemp(dir=dest, prefix=f'.{name}.'))
@@ -236,10 +253,18 @@ def _fastai_images(family: str, size: int | None, path, download: bool, kwargs: 
     if 'item_tfms' not in kwargs: kwargs.setdefault('size', size or 224)   # resize + center crop to a square
     return DataLoaders.from_folder(folder, **kwargs)
 
-def imagenette(size: int | None = 160, path: str | Path | None = None, download: bool = True, **kwargs) -> DataLoaders:
+def imagenette(size: int | None = 160,            # image size of the version to use: 160, 320, or None for full size
+               path: str | Path | None = None,    # folder to unpack into (default: `data_dir()`)
+               download: bool = True,             # download and unpack it when missing
+               **kwargs,  # passed on to `DataLoaders.from_folder` (`batch_size`, `item_tfms`, ...)
+              ) -> DataLoaders:
     "Imagenette (10 easy ImageNet classes) at `size` px (160, 320 or None for full size) as `from_folder` loaders."
     return _fastai_images('imagenette', size, path, download, kwargs)
 
-def imagewoof(size: int | None = 160, path: str | Path | None = None, download: bool = True, **kwargs) -> DataLoaders:
+def imagewoof(size: int | None = 160,            # image size of the version to use: 160, 320, or None for full size
+              path: str | Path | None = None,    # folder to unpack into (default: `data_dir()`)
+              download: bool = True,             # download and unpack it when missing
+              **kwargs,  # passed on to `DataLoaders.from_folder` (`batch_size`, `item_tfms`, ...)
+             ) -> DataLoaders:
     "Imagewoof (10 dog breeds) at `size` px (160, 320 or None for full size) as `from_folder` loaders."
     return _fastai_images('imagewoof', size, path, download, kwargs)

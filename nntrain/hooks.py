@@ -16,12 +16,19 @@ __all__ = ['Hooks', 'Hook', 'count_hooks']
 # %% ../nbs/05_hooks.ipynb #da9eec12
 class Hooks:
     "Forward (or pre-forward) hooks on several modules, removed together by `remove()` or on leaving a `with` block."
-    def __init__(self, modules: Iterable[nn.Module] = (), fn: Callable | None = None, pre: bool = False,
-                 with_kwargs: bool = False):
+    def __init__(self, modules: Iterable[nn.Module] = (),   # the modules to watch
+                 fn: Callable | None = None,             # `fn(i, module, args, output)`, i: the module's position
+                 pre: bool = False,                      # before the forward pass (`fn` gets no `output`)
+                 with_kwargs: bool = False,              # `fn` also gets the forward's keyword arguments
+                ):
         self.handles = []
         if fn is not None: self.add(modules, fn, pre, with_kwargs)
 
-    def add(self, modules: Iterable[nn.Module], fn: Callable, pre: bool = False, with_kwargs: bool = False) -> Hooks:
+    def add(self, modules: Iterable[nn.Module],   # the modules to watch
+            fn: Callable,                         # `fn(i, module, args, output)`, i: the module's position
+            pre: bool = False,                    # before the forward pass (`fn` gets no `output`)
+            with_kwargs: bool = False,            # `fn` also gets the forward's keyword arguments
+           ) -> Hooks:
         "Call `fn(i, module, args[, kwargs], output)` (pre: without `output`) after the forward of the i-th module."
         try:
             for i, m in enumerate(modules):
@@ -44,7 +51,11 @@ class Hooks:
 # %% ../nbs/05_hooks.ipynb #121cbdad
 class Hook(Hooks):
     "A forward (or pre-forward) hook on one module; `stored` holds what `fn(module, args, output)` last returned."
-    def __init__(self, module: nn.Module, fn: Callable, pre: bool = False, with_kwargs: bool = False):
+    def __init__(self, module: nn.Module,      # the module to watch
+                 fn: Callable,                # `fn(module, args, output)`; what it returns is kept in `stored`
+                 pre: bool = False,           # before the forward pass (`fn` gets no `output`)
+                 with_kwargs: bool = False,   # `fn` also gets the forward's keyword arguments
+                ):
         if not isinstance(module, nn.Module):
             raise TypeError(f'Hook needs an nn.Module, got {type(module).__name__}: {module!r}')
         self.fn, self.stored = fn, None
@@ -54,6 +65,7 @@ class Hook(Hooks):
 
 _HOOK_DICTS = ('_forward_hooks', '_forward_pre_hooks', '_backward_hooks', '_backward_pre_hooks')
 
-def count_hooks(model: nn.Module) -> int:
+def count_hooks(model: nn.Module,   # the model whose modules are counted (itself included)
+               ) -> int:
     "Number of forward, pre-forward and backward hooks registered on `model` and all its submodules."
     return sum(len(getattr(m, a, None) or ()) for m in model.modules() for a in _HOOK_DICTS)

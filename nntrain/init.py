@@ -21,7 +21,10 @@ __all__ = ['init_weights', 'LayerStats', 'LSUVReport', 'lsuv_init']
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 
-def init_weights(m: nn.Module, leaky: float = 0., zero_bn: bool = True) -> None:
+def init_weights(m: nn.Module,            # a module (`model.apply` passes each in turn)
+                 leaky: float = 0.,       # the negative slope of the leaky ReLUs that follow (0: ReLU)
+                 zero_bn: bool = True,    # flagged norm layers (xresnet's) start at weight 0
+                ) -> None:
     "For `model.apply`: Kaiming normal weights, zero bias in conv/linear layers; norm layers weight 1 (or 0), bias 0."
     if isinstance(m, _CONVS + (nn.Linear,)):
         nn.init.kaiming_normal_(m.weight, a=leaky)   # fan-in, gain sqrt(2 / (1 + leaky²))
@@ -40,7 +43,10 @@ class LayerStats(NamedTuple):
 
 class LSUVReport(list):
     "`LayerStats` of each calibrated layer after LSUV (and `iters`: rescalings per layer); prints as a table."
-    def __init__(self, rows: list[LayerStats], iters: list[int]):
+    def __init__(self,
+                 rows: list[LayerStats],    # the statistics of each calibrated layer
+                 iters: list[int],          # rescalings each layer took
+                ):
         super().__init__(rows)
         self.iters = iters
 
@@ -119,7 +125,12 @@ def _measure(model: nn.Module, xb, m: nn.Module) -> tuple[float, float]:
     except _Stop: pass
     return stats[0]
 
-def lsuv_init(model_or_learn, xb, modules=None, tol: float = 1e-3, max_iter: int = 10) -> LSUVReport:
+def lsuv_init(model_or_learn,        # a model, or a `Learner` (batches then go through its input pipeline)
+              xb,                    # a batch of inputs to measure on
+              modules=None,          # the layers to rescale, in forward order (default: every conv and linear)
+              tol: float = 1e-3,     # stop when mean and std are this close to 0 and 1
+              max_iter: int = 10,    # rescalings per layer at most
+             ) -> LSUVReport:
     "Rescale each layer (default: every conv and linear), in forward order, to output mean 0 and std 1 on `xb`."
     if not tol > 0: raise ValueError(f'lsuv_init: tol must be positive, got {tol}')
     if int(max_iter) != max_iter or max_iter < 1:

@@ -15,14 +15,21 @@ __all__ = ['LabelSmoothingCrossEntropy']
 # %% ../nbs/22_losses.ipynb #c2e4bcaf
 class LabelSmoothingCrossEntropy(nn.Module):
     "Cross-entropy against targets smoothed by `eps` towards uniform; equals `F.cross_entropy(label_smoothing=eps)`."
-    def __init__(self, eps: float = 0.1, reduction: str = 'mean', ignore_index: int = -100):
+    def __init__(self,
+                 eps: float = 0.1,            # the probability spread evenly over all classes
+                 reduction: str = 'mean',     # 'mean', 'sum' or 'none', as `F.cross_entropy`
+                 ignore_index: int = -100,    # a target value whose items are left out
+                ):
         super().__init__()
         if not 0. <= eps <= 1.: raise ValueError(f'eps must be in [0, 1], got {eps}')
         if reduction not in ('mean', 'sum', 'none'):
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
         self.eps, self.reduction, self.ignore_index = eps, reduction, ignore_index
 
-    def forward(self, preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self,
+                preds: torch.Tensor,     # logits (N, C, ...)
+                target: torch.Tensor,    # class indices (N, ...), or probabilities (N, C, ...)
+               ) -> torch.Tensor:
         "Smoothed cross-entropy of logits `preds` (N, C, ...) against class indices or probabilities `target`."
         logp = F.log_softmax(preds, dim=1)
         n_classes = preds.shape[1]
@@ -44,4 +51,6 @@ class LabelSmoothingCrossEntropy(nn.Module):
         # Like torch: the mean is over the items that count (all 0/0 = nan when every item is ignored).
         return loss.mean() if keep is None else loss.sum() / keep.sum()
 
-    def extra_repr(self) -> str: return f'eps={self.eps}, reduction={self.reduction!r}'
+    def extra_repr(self) -> str:
+        "The arguments, as `print(module)` shows them."
+        return f'eps={self.eps}, reduction={self.reduction!r}'

@@ -15,15 +15,23 @@ __all__ = ['conv_block', 'simple_cnn', 'ResBlock', 'resnet', 'cnn_layers', 'Adap
            'xresnet', 'xresnet18', 'xresnet34', 'xresnet50']
 
 # %% ../nbs/20_models.ipynb #6f7a9db2
-def conv_block(n_in: int, n_out: int, kernel_size: int = 3, stride: int = 2, act: bool = True,
-               norm: bool = True) -> nn.Sequential:
+def conv_block(n_in: int,               # input channels
+               n_out: int,              # output channels
+               kernel_size: int = 3,    # the square kernel's side
+               stride: int = 2,         # the stride (2 halves the grid)
+               act: bool = True,        # a ReLU at the end
+               norm: bool = True,       # a batch norm after the convolution
+              ) -> nn.Sequential:
     "Convolution (padding keeps the grid at stride 1), optional batch norm, optional ReLU."
     layers = [nn.Conv2d(n_in, n_out, kernel_size, stride=stride, padding=kernel_size // 2, bias=not norm)]
     if norm: layers.append(nn.BatchNorm2d(n_out))
     if act: layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
 
-def simple_cnn(n_classes: int = 10, channels=(16, 32, 64, 128), n_in: int = 1) -> nn.Sequential:
+def simple_cnn(n_classes: int = 10,           # outputs (logits)
+               channels=(16, 32, 64, 128),    # output channels of each stride-2 block
+               n_in: int = 1,                 # input channels
+              ) -> nn.Sequential:
     "Stride-2 conv blocks (28→14→7→4→2 for MNIST), global average pooling, a linear head."
     widths = (n_in, *channels)
     blocks = [conv_block(a, b) for a, b in zip(widths[:-1], widths[1:])]
@@ -32,7 +40,11 @@ def simple_cnn(n_classes: int = 10, channels=(16, 32, 64, 128), n_in: int = 1) -
 # %% ../nbs/20_models.ipynb #02e0d9da
 class ResBlock(nn.Module):
     "Two convolutions plus an identity path matched to the output shape, then ReLU."
-    def __init__(self, n_in: int, n_out: int, stride: int = 2):
+    def __init__(self,
+                 n_in: int,          # input channels
+                 n_out: int,         # output channels
+                 stride: int = 2,    # the stride of the first convolution (and of the shortcut)
+                ):
         super().__init__()
         self.convs = nn.Sequential(conv_block(n_in, n_out, stride=1),
                                    conv_block(n_out, n_out, stride=stride, act=False))
@@ -40,9 +52,16 @@ class ResBlock(nn.Module):
         self.pool = nn.Identity() if stride == 1 else nn.AvgPool2d(2, ceil_mode=True)
         self.act = nn.ReLU(inplace=True)
 
-    def forward(self, x): return self.act(self.convs(x) + self.pool(self.idconv(x)))
+    def forward(self,
+                x,    # a batch (N, n_in, H, W)
+               ):
+        "The convolutions plus the shortcut, then the activation."
+        return self.act(self.convs(x) + self.pool(self.idconv(x)))
 
-def resnet(n_classes: int = 10, channels=(8, 16, 32, 64, 128, 256), n_in: int = 1) -> nn.Sequential:
+def resnet(n_classes: int = 10,                   # outputs (logits)
+           channels=(8, 16, 32, 64, 128, 256),    # channels of the stem, then of each residual block
+           n_in: int = 1,                         # input channels
+          ) -> nn.Sequential:
     "The earlier nntrain's ResNet for 28×28 inputs (about 1.2M parameters)."
     widths = (n_in, *channels)
     blocks = [ResBlock(a, b, stride=1 if i == 0 else 2) for i, (a, b) in enumerate(zip(widths[:-1], widths[1:]))]
@@ -50,7 +69,9 @@ def resnet(n_classes: int = 10, channels=(8, 16, 32, 64, 128, 256), n_in: int = 
                          nn.BatchNorm1d(n_classes))
 
 # %% ../nbs/20_models.ipynb #4fab7287
-def cnn_layers(n_classes: int = 10, n_in: int = 1) -> nn.Sequential:
+def cnn_layers(n_classes: int = 10,    # outputs (logits)
+               n_in: int = 1,          # input channels
+              ) -> nn.Sequential:
     "The earlier nntrain's stride-2 CNN: 1×28×28 → 10 logits, with no pooling and no linear layer."
     return nn.Sequential(conv_block(n_in, 8, kernel_size=5), conv_block(8, 16), conv_block(16, 32), conv_block(32, 64),
                          conv_block(64, n_classes, norm=False, act=False), nn.Flatten())
@@ -58,12 +79,18 @@ def cnn_layers(n_classes: int = 10, n_in: int = 1) -> nn.Sequential:
 # %% ../nbs/20_models.ipynb #598a5ebf
 class AdaptiveConcatPool2d(nn.Module):
     "Adaptive max pool and adaptive average pool to `size`, concatenated on the channels (C → 2·C)."
-    def __init__(self, size: int | tuple[int, int] = 1):
+    def __init__(self,
+                 size: int | tuple[int, int] = 1,    # the output grid of both poolings
+                ):
         super().__init__()
         self.size = size
         self.max, self.avg = nn.AdaptiveMaxPool2d(size), nn.AdaptiveAvgPool2d(size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor: return torch.cat([self.max(x), self.avg(x)], 1)
+    def forward(self,
+                x: torch.Tensor,    # a batch (N, C, H, W)
+               ) -> torch.Tensor:
+        "Max pooling and average pooling, concatenated along the channels."
+        return torch.cat([self.max(x), self.avg(x)], 1)
 
 # %% ../nbs/20_models.ipynb #8ed28faf
 def _conv_bn(ni: int, nf: int, kernel_size: int = 3, stride: int = 1, act: bool = True,
@@ -93,22 +120,36 @@ class _XBlock(nn.Module):
 class BasicBlock(_XBlock):
     "xresnet block of two 3×3 convolutions (the first carries the stride); `ni` → `width` channels."
     expansion = 1
-    def __init__(self, ni: int, width: int, stride: int = 1):
+    def __init__(self,
+                 ni: int,            # input channels
+                 width: int,         # output channels
+                 stride: int = 1,    # the stride of the first convolution (and of the shortcut)
+                ):
         convs = nn.Sequential(_conv_bn(ni, width, stride=stride), _conv_bn(width, width, act=False, zero_bn=True))
         super().__init__(convs, ni, width, stride)
 
 class Bottleneck(_XBlock):
     "xresnet block 1×1 → 3×3 (with the stride) → 1×1; `ni` → `4·width` channels."
     expansion = 4
-    def __init__(self, ni: int, width: int, stride: int = 1):
+    def __init__(self,
+                 ni: int,            # input channels
+                 width: int,         # channels inside the block (4x as many come out)
+                 stride: int = 1,    # the stride of the 3x3 convolution (and of the shortcut)
+                ):
         nf = width * self.expansion
         convs = nn.Sequential(_conv_bn(ni, width, kernel_size=1), _conv_bn(width, width, stride=stride),
                               _conv_bn(width, nf, kernel_size=1, act=False, zero_bn=True))
         super().__init__(convs, ni, nf, stride)
 
 # %% ../nbs/20_models.ipynb #c24156f0
-def xresnet(block: type[nn.Module], layers: tuple[int, ...], c_in: int = 3, n_out: int = 1000, p: float = 0.,
-            stem: tuple[int, ...] = (32, 32, 64), widths: tuple[int, ...] = (64, 128, 256, 512)) -> nn.Sequential:
+def xresnet(block: type[nn.Module],                           # `BasicBlock` or `Bottleneck`
+            layers: tuple[int, ...],                          # blocks in each stage
+            c_in: int = 3,                                    # input channels
+            n_out: int = 1000,                                # outputs (logits)
+            p: float = 0.,                                    # dropout before the final linear layer
+            stem: tuple[int, ...] = (32, 32, 64),             # channels of the three stem convolutions
+            widths: tuple[int, ...] = (64, 128, 256, 512),    # the block width of each stage
+           ) -> nn.Sequential:
     "An xresnet of `block`s, `layers[i]` of them at `widths[i]`; `p`: dropout before the linear layer."
     if len(layers) != len(widths):
         raise ValueError(f'layers and widths must have the same length, got {len(layers)} and {len(widths)}')
@@ -131,14 +172,26 @@ def xresnet(block: type[nn.Module], layers: tuple[int, ...], c_in: int = 3, n_ou
         if isinstance(m, nn.Conv2d): nn.init.kaiming_normal_(m.weight, nonlinearity='relu')
     return model
 
-def xresnet18(c_in: int = 3, n_out: int = 1000, p: float = 0., **kwargs) -> nn.Sequential:
+def xresnet18(c_in: int = 3,        # input channels
+              n_out: int = 1000,    # outputs (logits)
+              p: float = 0.,        # dropout before the final linear layer
+              **kwargs,             # passed on to `xresnet` (`stem`, `widths`)
+             ) -> nn.Sequential:
     "xresnet with 2, 2, 2, 2 basic blocks per stage (about 11.7M parameters for 1000 classes)."
     return xresnet(BasicBlock, (2, 2, 2, 2), c_in, n_out, p, **kwargs)
 
-def xresnet34(c_in: int = 3, n_out: int = 1000, p: float = 0., **kwargs) -> nn.Sequential:
+def xresnet34(c_in: int = 3,        # input channels
+              n_out: int = 1000,    # outputs (logits)
+              p: float = 0.,        # dropout before the final linear layer
+              **kwargs,             # passed on to `xresnet` (`stem`, `widths`)
+             ) -> nn.Sequential:
     "xresnet with 3, 4, 6, 3 basic blocks per stage (about 21.8M parameters for 1000 classes)."
     return xresnet(BasicBlock, (3, 4, 6, 3), c_in, n_out, p, **kwargs)
 
-def xresnet50(c_in: int = 3, n_out: int = 1000, p: float = 0., **kwargs) -> nn.Sequential:
+def xresnet50(c_in: int = 3,        # input channels
+              n_out: int = 1000,    # outputs (logits)
+              p: float = 0.,        # dropout before the final linear layer
+              **kwargs,             # passed on to `xresnet` (`stem`, `widths`)
+             ) -> nn.Sequential:
     "xresnet with 3, 4, 6, 3 bottleneck blocks per stage (about 25.6M parameters for 1000 classes)."
     return xresnet(Bottleneck, (3, 4, 6, 3), c_in, n_out, p, **kwargs)

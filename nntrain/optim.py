@@ -27,7 +27,9 @@ def _check_hypers(**hypers) -> None:
 class PerParamOptimizer(torch.optim.Optimizer):
     "Base for optimizers that update each parameter on its own: subclasses implement `_update(p, grad, group, state)`."
     @torch.no_grad()
-    def step(self, closure: Callable | None = None):
+    def step(self,
+             closure: Callable | None = None,    # re-evaluates the model and returns the loss
+            ):
         "Update every parameter that has a gradient; with `closure`, re-evaluate the loss first and return it."
         loss = None
         if closure is not None:
@@ -49,7 +51,11 @@ def _decay(p: torch.Tensor, lr: float, wd: float) -> None:
 
 class SGD(PerParamOptimizer):
     "Plain stochastic gradient descent with decoupled weight decay."
-    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.):
+    def __init__(self,
+                 params,                      # parameters, or param groups (dicts)
+                 lr: float = 1e-3,            # learning rate
+                 weight_decay: float = 0.,    # L2 penalty added to the gradient
+                ):
         _check_hypers(lr=lr, weight_decay=weight_decay)
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
 
@@ -59,7 +65,12 @@ class SGD(PerParamOptimizer):
 
 class Momentum(PerParamOptimizer):
     "SGD on an exponential moving average of the gradients (`torch.optim.SGD` with `dampening=momentum`)."
-    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.9, weight_decay: float = 0.):
+    def __init__(self,
+                 params,                      # parameters, or param groups (dicts)
+                 lr: float = 1e-3,            # learning rate
+                 momentum: float = 0.9,       # the fraction of the last update kept
+                 weight_decay: float = 0.,    # L2 penalty added to the gradient
+                ):
         _check_hypers(lr=lr, momentum=momentum, weight_decay=weight_decay)
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
 
@@ -74,7 +85,13 @@ class Momentum(PerParamOptimizer):
 # %% ../nbs/21_optim.ipynb #921000ae
 class RMSProp(PerParamOptimizer):
     "Divide each gradient by a running root-mean-square of its recent values (Hinton's RMSProp)."
-    def __init__(self, params, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8, weight_decay: float = 0.):
+    def __init__(self,
+                 params,                      # parameters, or param groups (dicts)
+                 lr: float = 1e-2,            # learning rate
+                 alpha: float = 0.99,         # decay of the squared-gradient average
+                 eps: float = 1e-8,           # added to the root, for stability
+                 weight_decay: float = 0.,    # L2 penalty added to the gradient
+                ):
         _check_hypers(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay)
         super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay))
 
@@ -95,8 +112,13 @@ def _adam_moments(p, grad, state: dict, b1: float, b2: float) -> tuple[float, fl
 class Adam(PerParamOptimizer):
     "Adam (Kingma & Ba) with bias-corrected moments; `weight_decay` is an L2 penalty added to the gradient."
     decoupled = False
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.):
+    def __init__(self,
+                 params,                                       # parameters, or param groups (dicts)
+                 lr: float = 1e-3,                             # learning rate
+                 betas: tuple[float, float] = (0.9, 0.999),    # decays of the gradient and squared-gradient averages
+                 eps: float = 1e-8,                            # added to the root, for stability
+                 weight_decay: float = 0.,                     # L2 penalty added to the gradient
+                ):
         _check_hypers(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
@@ -111,15 +133,25 @@ class Adam(PerParamOptimizer):
 class AdamW(Adam):
     "Adam with decoupled weight decay (Loshchilov & Hutter): the decay shrinks weights, it is not a gradient."
     decoupled = True
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2):
+    def __init__(self,
+                 params,                                       # parameters, or param groups (dicts)
+                 lr: float = 1e-3,                             # learning rate
+                 betas: tuple[float, float] = (0.9, 0.999),    # decays of the gradient and squared-gradient averages
+                 eps: float = 1e-8,                            # added to the root, for stability
+                 weight_decay: float = 1e-2,                   # decoupled weight decay (applied to the weights)
+                ):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 # %% ../nbs/21_optim.ipynb #80605b30
 class LAMB(PerParamOptimizer):
     "LAMB: Adam's step with decoupled weight decay, rescaled per parameter tensor by the trust ratio ‖w‖/‖u‖."
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
-                 weight_decay: float = 0.):
+    def __init__(self,
+                 params,                                       # parameters, or param groups (dicts)
+                 lr: float = 1e-3,                             # learning rate
+                 betas: tuple[float, float] = (0.9, 0.999),    # decays of the gradient and squared-gradient averages
+                 eps: float = 1e-6,                            # added to the root, for stability
+                 weight_decay: float = 0.,                     # decoupled weight decay (applied to the weights)
+                ):
         _check_hypers(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
@@ -141,51 +173,91 @@ def _with_defaults(**defaults):
     return deco
 
 @_with_defaults(wd=0.)
-def weight_decay(p, lr, wd, **kw) -> None:
+def weight_decay(p,       # the parameter
+                 lr,      # learning rate
+                 wd,      # weight decay
+                 **kw,    # the other hyper-parameters and state (unused)
+                ) -> None:
     "Stepper: decoupled weight decay."
     _decay(p, lr, wd)
 
 @_with_defaults(wd=0.)
-def l2_reg(p, wd, **kw) -> None:
+def l2_reg(p,       # the parameter
+           wd,      # weight decay
+           **kw,    # the other hyper-parameters and state (unused)
+          ) -> None:
     "Stepper (place it first): add the L2 penalty's gradient `wd·p` to the gradient."
     if wd: p.grad.add_(p, alpha=wd)
 
 @_with_defaults()
-def sgd_step(p, lr, **kw) -> None:
+def sgd_step(p,       # the parameter
+             lr,      # learning rate
+             **kw,    # the other hyper-parameters and state (unused)
+            ) -> None:
     "Stepper: move against the gradient."
     p.add_(p.grad, alpha=-lr)
 
 @_with_defaults(mom=0.9)
-def average_grad(p, mom, grad_avg=None, **kw) -> dict:
+def average_grad(p,                # the parameter
+                 mom,              # decay of the average
+                 grad_avg=None,    # the average so far (None at the first step)
+                 **kw,             # the other hyper-parameters and state (unused)
+                ) -> dict:
     "Stat: exponential moving average of the gradients, started at zero (debias it with `step_stat`)."
     if grad_avg is None: grad_avg = torch.zeros_like(p)
     return {'grad_avg': grad_avg.lerp_(p.grad, 1 - mom)}
 
 @_with_defaults(sqr_mom=0.99)
-def average_sqr_grad(p, sqr_mom, sqr_avg=None, **kw) -> dict:
+def average_sqr_grad(p,               # the parameter
+                     sqr_mom,         # decay of the average
+                     sqr_avg=None,    # the average so far (None at the first step)
+                     **kw,            # the other hyper-parameters and state (unused)
+                    ) -> dict:
     "Stat: exponential moving average of the squared gradients, started at zero."
     if sqr_avg is None: sqr_avg = torch.zeros_like(p)
     return {'sqr_avg': sqr_avg.mul_(sqr_mom).addcmul_(p.grad, p.grad, value=1 - sqr_mom)}
 
 @_with_defaults()
-def step_stat(p, step=0, **kw) -> dict:
+def step_stat(p,         # the parameter
+              step=0,    # steps taken so far
+              **kw,      # the other hyper-parameters and state (unused)
+             ) -> dict:
     "Stat: how many steps this parameter has taken (a Python int: no device sync)."
     return {'step': step + 1}
 
 @_with_defaults(eps=1e-8)
-def rms_step(p, lr, sqr_avg, eps, **kw) -> None:
+def rms_step(p,          # the parameter
+             lr,         # learning rate
+             sqr_avg,    # average of the squared gradients
+             eps,        # added to the root, for stability
+             **kw,       # the other hyper-parameters and state (unused)
+            ) -> None:
     "Stepper: RMSProp's update, the gradient over the root of `sqr_avg`."
     p.addcdiv_(p.grad, sqr_avg.sqrt().add_(eps), value=-lr)
 
 @_with_defaults(eps=1e-8)
-def adam_step(p, lr, mom, sqr_mom, step, grad_avg, sqr_avg, eps, **kw) -> None:
+def adam_step(p,           # the parameter
+              lr,          # learning rate
+              mom,         # decay of the gradient average
+              sqr_mom,     # decay of the squared-gradient average
+              step,        # steps taken, this one included
+              grad_avg,    # average of the gradients
+              sqr_avg,     # average of the squared gradients
+              eps,         # added to the root, for stability
+              **kw,        # the other hyper-parameters and state (unused)
+             ) -> None:
     "Stepper: Adam's update from the debiased averages."
     denom = (sqr_avg.sqrt() / math.sqrt(1 - sqr_mom ** step)).add_(eps)
     p.addcdiv_(grad_avg, denom, value=-lr / (1 - mom ** step))
 
 class StatsOptimizer(PerParamOptimizer):
     "An optimizer composed of `stats` (update per-parameter state) and `steppers` (update the parameter), in order."
-    def __init__(self, params, steppers: Iterable[Callable], stats: Iterable[Callable] = (), **hypers):
+    def __init__(self,
+                 params,                            # parameters, or param groups (dicts)
+                 steppers: Iterable[Callable],      # functions `f(p, **hypers_and_state)` that update `p`, in order
+                 stats: Iterable[Callable] = (),    # functions `f(p, **hypers_and_state)` returning state to keep
+                 **hypers,  # hyper-parameters (`lr`, `mom`, `wd`, ...), the defaults of every group
+                ):
         self.steppers, self.stats = list(steppers), list(stats)
         defaults = {}
         for f in self.stats + self.steppers: defaults.update(getattr(f, 'defaults', {}))
@@ -205,16 +277,29 @@ class StatsOptimizer(PerParamOptimizer):
         return f'StatsOptimizer(steppers=[{names(self.steppers)}], stats=[{names(self.stats)}])'
 
 # %% ../nbs/21_optim.ipynb #ae03370a
-def sgd_opt(params, lr: float = 1e-3, wd: float = 0.) -> StatsOptimizer:
+def sgd_opt(params,              # parameters, or param groups (dicts)
+            lr: float = 1e-3,    # learning rate
+            wd: float = 0.,      # decoupled weight decay
+           ) -> StatsOptimizer:
     "SGD with decoupled weight decay, as stats and steppers."
     return StatsOptimizer(params, [weight_decay, sgd_step], lr=lr, wd=wd)
 
-def rmsprop_opt(params, lr: float = 1e-2, sqr_mom: float = 0.99, eps: float = 1e-8, wd: float = 0.) -> StatsOptimizer:
+def rmsprop_opt(params,                   # parameters, or param groups (dicts)
+                lr: float = 1e-2,         # learning rate
+                sqr_mom: float = 0.99,    # decay of the squared-gradient average
+                eps: float = 1e-8,        # added to the root, for stability
+                wd: float = 0.,           # decoupled weight decay
+               ) -> StatsOptimizer:
     "RMSProp with decoupled weight decay, as stats and steppers."
     return StatsOptimizer(params, [weight_decay, rms_step], [average_sqr_grad], lr=lr, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
-def adam_opt(params, lr: float = 1e-3, mom: float = 0.9, sqr_mom: float = 0.999, eps: float = 1e-8,
-             wd: float = 1e-2) -> StatsOptimizer:
+def adam_opt(params,                    # parameters, or param groups (dicts)
+             lr: float = 1e-3,          # learning rate
+             mom: float = 0.9,          # decay of the gradient average
+             sqr_mom: float = 0.999,    # decay of the squared-gradient average
+             eps: float = 1e-8,         # added to the root, for stability
+             wd: float = 1e-2,          # decoupled weight decay
+            ) -> StatsOptimizer:
     "Adam with decoupled weight decay (AdamW), as stats and steppers."
     return StatsOptimizer(params, [weight_decay, adam_step], [average_grad, average_sqr_grad, step_stat],
                           lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)

@@ -7,11 +7,28 @@ from __future__ import annotations
 
 import math
 
+import matplotlib
 import matplotlib.pyplot as plt
 import torch
+from matplotlib.figure import Figure
 
 # %% auto #0
-__all__ = ['denormalize', 'show_images', 'show_batch']
+__all__ = ['OnceFigure', 'subplots', 'denormalize', 'show_images', 'show_batch']
+
+# %% ../nbs/04_show.ipynb #50987b70
+class OnceFigure(Figure):
+    "A matplotlib `Figure` that a notebook shows once: as the cell's value when it is one, else when the cell ends."
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        # IPython shows it now (the cell's value, or `display(fig)`), and the inline backend shows every figure pyplot
+        # still holds when the cell ends: pyplot lets go of it, or it would appear twice.
+        if 'inline' in matplotlib.get_backend(): plt.close(self)
+        return {}   # no bundle of its own: IPython draws it as any figure
+
+def subplots(*args,     # as for `plt.subplots`: the rows and columns of axes
+             **kwargs,  # as for `plt.subplots`: `figsize`, `squeeze`, `gridspec_kw`, ...
+            ) -> tuple:
+    "`plt.subplots` making a `OnceFigure`: how nntrain's plotting functions start a new figure."
+    return plt.subplots(*args, FigureClass=OnceFigure, **kwargs)
 
 # %% ../nbs/04_show.ipynb #18aa54cd
 def _as_images(x: torch.Tensor) -> torch.Tensor:
@@ -38,16 +55,28 @@ def _channel_stat(name: str, v, x: torch.Tensor) -> torch.Tensor:
                          f'{x.shape[1] if x.ndim > 1 else "no"} channels in dimension 1')
     return v.view((1, len(v)) + (1,) * (x.ndim - 2))
 
-def denormalize(x: torch.Tensor, mean=None, std=None) -> torch.Tensor:
+def denormalize(x: torch.Tensor,   # normalized values, channels in dimension 1 (any rank)
+                mean=None,        # the mean that was subtracted: a scalar or one value per channel (None: 0)
+                std=None,         # the standard deviation divided by: a scalar or one value per channel (None: 1)
+               ) -> torch.Tensor:
     "Undo `(x - mean) / std`; `mean` and `std` are scalars or one value per channel (dimension 1 of `x`, any rank)."
     if mean is None and std is None: return x
     mean = _channel_stat('mean', 0. if mean is None else mean, x)
     std = _channel_stat('std', 1. if std is None else std, x)
     return x * std + mean
 
-def show_images(x, labels=None, ncols: int = 8, vocab=None, mean=None, std=None, norm=None,
-                imsize: float = 1.5, cmap: str | None = None, title: str | None = None):
-    "Draw images in a grid of `ncols` columns, each titled with its label; returns the matplotlib figure."
+def show_images(x,                          # images: (N, C, H, W), (N, H, W), or (N, H*W) for square images
+                labels=None,                # one label per image (tensor or list), shown as its title
+                ncols: int = 8,             # images per row
+                vocab=None,                 # names of integer labels (`vocab[label]`)
+                mean=None,                  # the normalization's mean, to undo it (scalar or one per channel)
+                std=None,                   # the normalization's standard deviation, to undo it
+                norm=None,                  # anything with `mean` and `std` (a `NormalizationS`): both at once
+                imsize: float = 1.5,        # inches per image
+                cmap: str | None = None,    # colour map of one-channel images (default: grey)
+                title: str | None = None,   # a title over the grid
+               ) -> OnceFigure:
+    "Draw images in a grid of `ncols` columns, each titled with its label; returns the figure (shown once)."
     if norm is not None: mean, std = norm.mean, norm.std
     x = denormalize(_as_images(x), mean, std)
     if x.shape[1] not in (1, 3): raise ValueError(f'can show 1 or 3 channels, got {x.shape[1]}')
@@ -57,7 +86,7 @@ def show_images(x, labels=None, ncols: int = 8, vocab=None, mean=None, std=None,
     n = len(x)
     ncols = max(1, min(ncols, n))
     nrows = max(1, math.ceil(n / ncols))
-    fig, axs = plt.subplots(nrows, ncols, figsize=(ncols * imsize, nrows * imsize * 1.15), squeeze=False)
+    fig, axs = subplots(nrows, ncols, figsize=(ncols * imsize, nrows * imsize * 1.15), squeeze=False)
     for i, ax in enumerate(axs.flat):
         ax.set_axis_off()
         if i >= n: continue
@@ -72,7 +101,15 @@ def show_images(x, labels=None, ncols: int = 8, vocab=None, mean=None, std=None,
     return fig
 
 # %% ../nbs/04_show.ipynb #f95ed65c
-def show_batch(dls, n: int = 16, mean=None, std=None, norm=None, valid: bool = False, ncols: int = 8, **kwargs):
+def show_batch(dls,                   # loaders with `train` and `valid` (a `DataLoaders`)
+               n: int = 16,           # how many images
+               mean=None,             # the normalization's mean, to undo it (see `show_images`)
+               std=None,              # the normalization's standard deviation, to undo it
+               norm=None,             # anything with `mean` and `std` (a `NormalizationS`): both at once
+               valid: bool = False,   # from the validation loader instead of the training loader
+               ncols: int = 8,        # images per row
+               **kwargs,              # passed on to `show_images` (`imsize`, `cmap`, `title`)
+              ) -> OnceFigure:
     "Show the first `n` images of the first training (or validation) batch, labelled through `dls.vocab` when known."
     dl = dls.valid if valid else dls.train
     xs, ys, got = [], [], 0

@@ -33,23 +33,33 @@ _ZERO_MAC_MODULES = {f'torch.nn.modules.{n}' for n in ('activation', 'pooling', 
                                                          'pixelshuffle', 'upsampling', 'channelshuffle')}
 _ZERO_MAC_TYPES = (nn.Identity, nn.Embedding, nn.EmbeddingBag)
 
-def conv_macs(m: nn.Module, output: torch.Tensor) -> int:
+def conv_macs(m: nn.Module,            # the convolution
+              output: torch.Tensor,    # its output
+             ) -> int:
     "MACs of a `Conv1d/2d/3d` call: every output element is a dot product over `in_channels/groups` × kernel volume."
     return output.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size)
 
-def conv_transpose_macs(m: nn.Module, input: torch.Tensor) -> int:
+def conv_transpose_macs(m: nn.Module,           # the transposed convolution
+                        input: torch.Tensor,    # its input
+                       ) -> int:
     "MACs of a `ConvTranspose1d/2d/3d` call: each input element meets `out_channels/groups` × kernel volume weights."
     return input.numel() * (m.out_channels // m.groups) * math.prod(m.kernel_size)
 
-def linear_macs(m: nn.Linear, output: torch.Tensor) -> int:
+def linear_macs(m: nn.Linear,            # the linear layer
+                output: torch.Tensor,    # its output
+               ) -> int:
     "MACs of an `nn.Linear` call: `in_features` per output element, over all leading dimensions."
     return output.numel() * m.in_features
 
-def norm_macs(output: torch.Tensor) -> int:
+def norm_macs(output: torch.Tensor,    # the normalization layer's output
+             ) -> int:
     "MACs of a normalization layer: one scale-and-shift per output element."
     return output.numel()
 
-def mha_macs(m: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor) -> int:
+def mha_macs(m: nn.MultiheadAttention,    # the attention layer
+             query: torch.Tensor,         # its query input
+             key: torch.Tensor,           # its key input
+            ) -> int:
     "MACs of an `nn.MultiheadAttention` call: q/k/v/out projections, `QKᵀ` and attention × values (not softmax)."
     if query.ndim == 2: query, key = query.unsqueeze(1), key.unsqueeze(1)   # unbatched (L, E)
     elif m.batch_first: query, key = query.transpose(0, 1), key.transpose(0, 1)
@@ -58,7 +68,8 @@ def mha_macs(m: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor) -
     projections = lq * e * e + lk * m.kdim * e + lk * m.vdim * e + lq * e * e
     return n * (projections + 2 * lq * lk_att * e)
 
-def first_tensor(o):
+def first_tensor(o,    # a tensor, or a tuple or list holding tensors
+                ):
     "`o` if it is a tensor, else the first tensor in the tuple or list `o` (None if there is none)."
     if isinstance(o, torch.Tensor): return o
     if isinstance(o, (tuple, list)): return next((t for t in o if isinstance(t, torch.Tensor)), None)
@@ -67,7 +78,11 @@ def first_tensor(o):
 def _is_zero_mac(m: nn.Module) -> bool:
     return isinstance(m, _ZERO_MAC_TYPES) or any(c.__module__ in _ZERO_MAC_MODULES for c in type(m).__mro__[:-2])
 
-def module_macs(m: nn.Module, args: tuple, kwargs: dict, output) -> int | None:
+def module_macs(m: nn.Module,    # a leaf module
+                args: tuple,     # the positional arguments of its call
+                kwargs: dict,    # the keyword arguments of its call
+                output,          # what it returned
+               ) -> int | None:
     "MACs of one call of the leaf module `m` (whole batch), or None when its type is not counted."
     out = first_tensor(output)
     if isinstance(m, nn.MultiheadAttention):
@@ -102,11 +117,14 @@ def _walk(model: nn.Module) -> tuple[list, list]:
     walk('', model)
     return leaves, parents
 
-def leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def leaf_modules(model: nn.Module,    # the model to walk
+                ) -> list[tuple[str, nn.Module]]:
     "`(name, module)` for every module without children (`nn.MultiheadAttention` counts as one), each once."
     return _walk(model)[0]
 
-def pick_modules(model: nn.Module, modules) -> list[tuple[str, nn.Module]]:
+def pick_modules(model: nn.Module,    # the model holding them
+                 modules,             # modules of `model`, or their dotted names (`"0.1"`, `"body.conv"`)
+                ) -> list[tuple[str, nn.Module]]:
     "`(name, module)` pairs for `modules` given as modules or dotted names of `model`."
     names = {id(m): n for n, m in model.named_modules()}
     return [(m, model.get_submodule(m)) if isinstance(m, str) else (names.get(id(m), type(m).__name__), m)
@@ -115,13 +133,13 @@ def pick_modules(model: nn.Module, modules) -> list[tuple[str, nn.Module]]:
 @dataclass
 class LayerInfo:
     "One module call seen by `summary`; `macs` is per item, None when the module did not run or is not counted."
-    name: str
-    type: str
-    input_shape: str
-    output_shape: str
-    params: int
-    trainable: int
-    macs: int | None
+    name: str                  # the module's name in the model ('' for the model itself)
+    type: str                  # its class name
+    input_shape: str           # the shape of its first input ('' when it did not run)
+    output_shape: str          # the shape of its first output
+    params: int                # its parameters
+    trainable: int             # of which trainable
+    macs: int | None           # multiply-accumulates per item (None: not counted, or it did not run)
     incomplete: bool = False   # some module inside it is not counted
 
 def _n_params(m: nn.Module) -> tuple[int, int]:
@@ -134,8 +152,15 @@ def _fmt_count(n: int | None, incomplete: bool = False) -> str:
 
 class ModelSummary:
     "Per-layer shapes, parameters and MACs (per item) from one forward pass, with totals; print it or display it."
-    def __init__(self, layers: list[LayerInfo], params: int, trainable: int, macs: int, batch_size: int,
-                 not_counted: list[str], model_type: str = ''):
+    def __init__(self,
+                 layers: list[LayerInfo],    # one row per module call
+                 params: int,                # parameters of the whole model
+                 trainable: int,             # of which trainable
+                 macs: int,                  # multiply-accumulates per item, all counted layers
+                 batch_size: int,            # the batch the pass ran on
+                 not_counted: list[str],     # types of layers whose MACs are unknown (shown as such)
+                 model_type: str = '',       # the model's class name, for the heading
+                ):
         self.layers, self.params, self.trainable, self.macs = layers, params, trainable, macs
         self.batch_size, self.not_counted, self.model_type = batch_size, not_counted, model_type
 
@@ -174,7 +199,10 @@ class ModelSummary:
 # %% ../nbs/07_summary.ipynb #ea8179be
 class LayerRecorder:
     "Hooks that measure one forward pass of `model`: a row per call of each of `modules` (default: the leaves)."
-    def __init__(self, model: nn.Module, modules=None):
+    def __init__(self,
+                 model: nn.Module,    # the model to measure
+                 modules=None,        # the modules to report, or their names (default: every leaf module)
+                ):
         self.model = model
         leaves, parents = _walk(model)
         self.leaves = [m for _, m in leaves]
@@ -186,6 +214,7 @@ class LayerRecorder:
         self.on, self.hooks = False, Hooks()
 
     def attach(self) -> LayerRecorder:
+        "Register the hooks; returns the recorder."
         self.total, self.missing, self.batch_size, self.calls, self.open, self.entered = 0, [], None, [], {}, 0
         try:
             self.hooks.add([self.model], self._root, pre=True, with_kwargs=True)
@@ -197,7 +226,9 @@ class LayerRecorder:
             raise
         return self
 
-    def remove(self) -> None: self.hooks.remove()
+    def remove(self) -> None:
+        "Remove the hooks."
+        self.hooks.remove()
 
     def _root(self, i, m, args, kwargs):
         x = first_tensor(list(args) + list(kwargs.values()))
@@ -222,6 +253,7 @@ class LayerRecorder:
                            len(self.missing) > n_missing))
 
     def result(self) -> ModelSummary:
+        "The summary of what the hooks recorded."
         bs = self.batch_size or 1
         layers, ran = [], set()
         for seq, i, ins, outs, macs, some_missing in sorted(self.calls, key=lambda c: c[0]):   # in order of entry
@@ -246,7 +278,10 @@ def _run_model(model: nn.Module, batch) -> None:
     if param is not None: xb = to_device(xb, param.device)
     with preserve_modes(model), torch.no_grad(): call_model(model.eval(), xb)
 
-def summary(learn_or_model: Learner | nn.Module, batch=None, modules=None) -> ModelSummary:
+def summary(learn_or_model: Learner | nn.Module,    # a `Learner` (its batch and input pipeline), or a model
+            batch=None,  # the inputs, or an `(x, y)` batch (default: the learner's first training batch)
+            modules=None,                           # the modules to report, or their names (default: every leaf module)
+           ) -> ModelSummary:
     "Shapes, parameters and per-item MACs of each leaf module (or of `modules`) from one forward pass on `batch`."
     learn = learn_or_model if isinstance(learn_or_model, Learner) else None
     model = learn.model if learn is not None else learn_or_model
@@ -263,6 +298,9 @@ def summary(learn_or_model: Learner | nn.Module, batch=None, modules=None) -> Mo
     finally: rec.remove()
 
 @patch(nm='summary')
-def _learner_summary(self: Learner, batch=None, modules=None) -> ModelSummary:
+def _learner_summary(self: Learner,
+                     batch=None,      # the inputs, or an `(x, y)` batch (default: the first training batch)
+                     modules=None,    # the modules to report, or their names (default: every leaf module)
+                    ) -> ModelSummary:
     "Shapes, parameters and per-item MACs of the model's layers on one batch (default: the first training batch)."
     return summary(self, batch, modules)

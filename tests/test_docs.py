@@ -282,13 +282,99 @@ def test_search_finds_learner(site, browser):
     assert browser.eval('location.pathname + location.hash') == '/03_learner.html#Learner'
 
 
+def _search(browser, query: str) -> list[dict]:
+    "What the search box lists for `query`: name, kind, link and the line under it."
+    browser.eval('(b => { b.value = ""; b.focus(); })(document.getElementById("search-box"))')
+    browser.send('Input.insertText', text=query)
+    return browser.eval('[...document.querySelectorAll("#search-results li")].map(li => ({n: li.querySelector("a")'
+                        '.textContent, u: li.querySelector("a").getAttribute("href"), k: li.querySelector(".kind")'
+                        '.textContent, d: (li.querySelector(".desc") || {}).textContent || ""}))')
+
+
+def test_search_covers_parameters_and_prose(site, browser):
+    "Full text: parameter names and their descriptions, docstrings and the prose of every section."
+    _, base = site
+    browser.goto(base + 'index.html')
+    hits = _search(browser, 'resume')
+    fit = next(h for h in hits if h['n'] == 'Learner.fit')
+    assert fit['u'] == '03_learner.html#Learner.fit' and fit['d'].startswith('parameter resume'), fit
+    assert any(h['k'] == 'section' for h in hits), hits            # prose that explains resuming
+    hits = _search(browser, 'n_batches')
+    assert {'Learner.fit', 'NormalizationS'} <= {h['n'] for h in hits}, hits
+    hits = _search(browser, 'MulticlassAccuracy')
+    assert hits and all(h['k'] in ('page', 'section') for h in hits), hits   # torcheval's: only prose mentions it
+    # a parameter's description, not its name: ProgressS(plot=...) is "a live plot of the ... losses"
+    hits = _search(browser, 'live plot of the training')
+    assert hits[0]['n'] == 'ProgressS' and 'parameter plot' in hits[0]['d'], hits
+    assert _search(browser, 'zzzz no such words') == []
+
+
+def test_table_of_contents(site, browser):
+    "Each module page lists its sections and, under them, the API entries they define; every link lands."
+    _, base = site
+    browser.goto(base + '13_progress.html')
+    toc = browser.eval('[...document.querySelectorAll("nav.toc a")].map(a => [a.textContent, a.getAttribute("href")])')
+    names = [n for n, _ in toc]
+    assert {'ProgressS', 'plot_losses', 'Bar', 'ProgressView'} <= set(names), names
+    missing = browser.eval('[...document.querySelectorAll("nav.toc a")].map(a => a.getAttribute("href").slice(1))'
+                           '.filter(id => !document.getElementById(id))')
+    assert missing == [], missing
+    browser.goto(base + '03_learner.html')
+    toc = browser.eval('[...document.querySelectorAll("nav.toc > ul > li")].map(li => [li.querySelector("a")'
+                       '.textContent, [...li.querySelectorAll("ul a")].map(a => a.textContent)])')
+    sections = dict(toc)
+    assert 'Learner' in sections.get('The Learner', []), toc          # the class, under the section defining it
+    assert any('Saving' in s for s in sections), toc
+    browser.eval('document.querySelector(\'nav.toc a[href="#Learner"]\').click()')
+    top = browser.eval('document.getElementById("Learner").getBoundingClientRect().top')
+    assert 0 <= top < 200, top                                          # scrolled to, under the sticky header
+
+
+def test_api_entries_document_their_parameters(site, browser):
+    "Signature, a description per parameter (docments), the docstring, and the source on demand only."
+    _, base = site
+    browser.goto(base + '13_progress.html')
+    rows = browser.eval('[...document.querySelectorAll("#ProgressS > table.params tbody tr")].map(tr => '
+                        '[...tr.cells].map(td => td.innerText.trim()))')
+    assert [r[0] for r in rows] == ['plot', 'comment_every', 'table', 'notebook'], rows
+    assert rows[0][1:] == ['bool', 'False', 'a live plot of the training and validation losses'], rows[0]
+    assert all(r[3] and r[3] != 'no description' for r in rows), rows
+    doc = browser.eval('document.querySelector("#ProgressS > .doc").innerText')
+    assert doc.startswith('Progress bars and the results table'), doc
+    # the source is there, folded: not shown until asked for
+    visible = browser.eval('document.querySelector("main").innerText')
+    assert 'def _start_fit' not in visible and 'class ProgressS(Subscriber)' not in visible
+    browser.eval('document.querySelector("#ProgressS > details.source").open = true')
+    assert 'def _start_fit' in browser.eval('document.querySelector("#ProgressS > details.source").innerText')
+    # a subscriber's event methods are the learner's to call: not in its entry, nor in the index of names
+    assert browser.eval('document.getElementById("ProgressS.before_fit")') is None
+    browser.goto(base + 'names.html')
+    listed = browser.eval('[...document.querySelectorAll(".names-index a")].map(a => a.textContent)')
+    assert 'Learner.fit' in listed and 'ProgressS.figure' in listed
+    assert not [n for n in listed if n.split('.')[-1].startswith(('before_', 'after_', 'cleanup_'))], listed
+
+
+def test_figures_readable_and_shown_once(site, browser):
+    "No figure is shrunk to less than 3/4 of its size at page width, and no page shows the same image twice."
+    import hashlib
+    info, base = site
+    for pg in info['pages']:
+        browser.goto(base + pg)
+        sizes = browser.eval('[...document.querySelectorAll("main .outputs img")].map(i => [i.getAttribute("src"), '
+                             'i.naturalWidth, i.getBoundingClientRect().width])')
+        for src, natural, shown in sizes:
+            assert shown >= 0.75 * natural, f'{pg}: {src} is {natural} px wide, shown at {shown:.0f} px'
+        digests = [hashlib.sha256((info['out'] / src).read_bytes()).hexdigest() for src, _, _ in sizes]
+        assert len(digests) == len(set(digests)), f'{pg} shows a figure twice'
+
+
 def test_screenshots(site, browser):
     "Screenshots for a person to look at, only when NNTRAIN_DOCS_SHOTS names a folder."
     shots = os.environ.get('NNTRAIN_DOCS_SHOTS')
     if not shots: pytest.skip('set NNTRAIN_DOCS_SHOTS=<folder> to save screenshots')
     _, base = site
     Path(shots).mkdir(parents=True, exist_ok=True)
-    for pg in ('index', '90_ablation', '98_outputs', '03_learner#Learner.fit'):
+    for pg in ('index', '90_ablation', '13_progress', '03_learner', '98_outputs', '03_learner#Learner.fit'):
         assert not browser.goto(base + pg.replace('#', '.html#', 1) if '#' in pg else base + pg + '.html')
         name = pg.replace('#', '_')
         browser.screenshot(Path(shots) / f'docs_{name}.png', full_height=None if '#' in pg else 2400)

@@ -41,22 +41,34 @@ AFTER = '''n = learn2.global_step
 learn2.fit(1)
 print('steps', learn2.global_step - n, 'rows', len(learn2.history))'''
 
+SLOW_CLEANUP = '''class SlowEnd(ProgressS):
+    "Its final drawing takes long enough for a second Ctrl-C to land in it."
+    def _end_fit(self, learn, stopped):
+        print('cleaning up', flush=True)
+        time.sleep(30)
+        super()._end_fit(learn, stopped)
+
+learn3 = tiny_classifier(subs=[MetricsS(), SlowEnd()])
+learn3.fit(100, subs=[Slow()])'''
+
 CELLS = [SETUP, FIT, 'progress.figure()', 'learn.summary()', 'learn.show_training_loop()', SLOW_FIT, AFTER,
-         'learn.fit(1, subs=[ModelMonitorS()])']
+         'learn.fit(1, subs=[ModelMonitorS()])', SLOW_CLEANUP]
+INTERRUPT_ON = ('fit under way', 'cleaning up')   # printed by the cells: the client presses Ctrl-C once for each
 
 
 class RecordingClient(nbclient.NotebookClient):
-    "Keeps every message of every cell, and interrupts the kernel once when a cell prints `fit under way`."
+    "Keeps every message of every cell, and interrupts the kernel once per cell for each marker a cell prints."
     def __init__(self, nb, **kw):
         super().__init__(nb, **kw)
-        self.msgs, self.interrupted = {}, False
+        self.msgs, self.interrupted = {}, set()
 
     def process_message(self, msg, cell, cell_index):
         self.msgs.setdefault(cell_index, []).append(msg)
-        content = msg['content']
-        if (not self.interrupted and msg['msg_type'] == 'stream' and 'fit under way' in content.get('text', '')):
-            self.interrupted = True
-            asyncio.ensure_future(self.km.interrupt_kernel())   # a real SIGINT, as the notebook's stop button sends
+        text = msg['content'].get('text', '') if msg['msg_type'] == 'stream' else ''
+        for marker in INTERRUPT_ON:
+            if marker in text and (cell_index, marker) not in self.interrupted:
+                self.interrupted.add((cell_index, marker))
+                asyncio.ensure_future(self.km.interrupt_kernel())   # a real SIGINT, as the stop button sends
         return super().process_message(msg, cell, cell_index)
 
 
@@ -156,3 +168,17 @@ def test_interrupt_leaves_the_bar_marked_and_the_learner_usable(run):
     out = ''.join(o.get('text', '') for o in nb.cells[6].outputs if o.output_type == 'stream')
     steps, n_rows = out.split()[1], int(out.split()[3])
     assert steps == '3' and n_rows % 2 == 0 and n_rows < 2 * 100
+
+
+def test_second_ctrl_c_during_cleanup_still_marks_the_bars(run):
+    "The first Ctrl-C stops the fit after its batch; a second one, while ProgressS draws its last state, stops that."
+    nb, msgs = run
+    (err,) = _errors(nb, 8)
+    assert err.ename == 'KeyboardInterrupt'
+    stdout = ''.join(m['content']['text'] for m in msgs[8] if m['msg_type'] == 'stream')
+    assert 'cleaning up' in stdout
+    outs = [o for o in nb.cells[8].outputs if 'text/html' in o.get('data', {})]
+    assert len(outs) == 1                                  # the bars' one display, in its final state: marked
+    html, text = outs[0].data['text/html'], outs[0].data['text/plain']
+    assert html.count('<progress') == 2 and html.count('progress-bar-interrupted"') == 2
+    assert all(line.endswith('interrupted') for line in text.splitlines()[:2])

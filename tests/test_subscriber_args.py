@@ -14,6 +14,7 @@ from nntrain.subs.lr_find import LRFindS
 from nntrain.subs.metrics import MetricsS
 from nntrain.subs.normalize import NormalizationS
 from nntrain.subs.precision import CompileS, MixedPrecisionS
+from nntrain.subs.progress import ProgressS
 from nntrain.subs.schedule import ParamSchedulerS, SchedulerS, sched_lin
 from nntrain.subs.tracking import CSVLoggerS, EarlyStoppingS
 from nntrain.subs.training import EMAS, GradAccumS, GradClipS, TerminateOnNaNS
@@ -93,6 +94,11 @@ BAD = [
     (lambda: EarlyStoppingS(restore_best=1), 'restore_best', '1'),
     (lambda: CSVLoggerS(path=None), 'path', 'None'),
     (lambda: CSVLoggerS(append='yes'), 'append', "'yes'"),
+    (lambda: ProgressS(plot='yes'), 'plot', "'yes'"),
+    (lambda: ProgressS(plot=1), 'plot', '1'),
+    (lambda: ProgressS(notebook='no'), 'notebook', "'no'"),
+    (lambda: ProgressS(table='rows'), 'table', "'rows'"),
+    (lambda: ProgressS(comment_every=-1), 'comment_every', '-1'),
 ]
 
 
@@ -113,6 +119,7 @@ def test_good_arguments_still_accepted(tmp_path):
     NormalizationS(0.5, 2.); NormalizationS([0., 1.], (1., 2.)); NormalizationS(n_batches=None)
     EarlyStoppingS(min_delta=0.); DeviceS(torch.device('cpu')); MixUpS(seed=0); CompileS(backend='eager')
     LRFindS(start_lr=1e-3, end_lr=1e-2, num_it=2, beta=0.)
+    ProgressS(plot=True, comment_every=0, table='phase', notebook=None); ProgressS(notebook=False)
 
 
 # -- refusals at before_fit: nothing changes -----------------------------------------------------------------

@@ -60,7 +60,8 @@ def _quietly(f: Callable, *args):
 # %% ../../nbs/44_debug.ipynb #bc67949a
 def _num(v: float) -> str: return f'{v:.4g}'
 
-def tensor_stats(t: torch.Tensor) -> str:
+def tensor_stats(t: torch.Tensor,    # a tensor
+                ) -> str:
     "A short value summary: the value of a one-element tensor, else mean/std (floats) or min/max (integers, bools)."
     if t.numel() == 0: return 'empty'
     with torch.no_grad():
@@ -73,7 +74,8 @@ def tensor_stats(t: torch.Tensor) -> str:
         t = t.long()
         return f'min {t.min().item()} max {t.max().item()}'
 
-def summarize(v) -> dict:
+def summarize(v,    # any value
+             ) -> dict:
     "What `v` is, compactly: for a tensor its shape, dtype, device and `tensor_stats`; else its value (or type)."
     if isinstance(v, torch.Tensor):
         try: value = tensor_stats(v)
@@ -88,7 +90,9 @@ def summarize(v) -> dict:
     r = re.sub(r' at 0x[0-9a-fA-F]+', '', repr(v))   # addresses say nothing to a reader
     return {'value': r if len(r) <= 60 else f'{type(v).__name__} object'}
 
-def describe_change(before: dict | None, after: dict | None) -> str:
+def describe_change(before: dict | None,    # the summary before (None: absent)
+                    after: dict | None,     # the summary after (None: absent)
+                   ) -> str:
     "`before → after`: the value summaries, with shape, dtype and device only where they differ."
     if before is None: return f'(new) {_render(after)}'
     if after is None: return f'{_render(before)} → (gone)'
@@ -108,7 +112,8 @@ def _items(path: str, v, depth: int = 0):
         for k, x in v.items(): yield from _items(f'{path}[{k!r}]', x, depth + 1)
     else: yield path, v
 
-def fingerprint(v):
+def fingerprint(v,    # any value
+               ):
     "What tells an in-place change apart: a tensor's storage address and version counter; for other values, the value."
     if isinstance(v, torch.Tensor):
         try: return (v.data_ptr(), v._version, tuple(v.shape), v.dtype)
@@ -121,7 +126,17 @@ def fingerprint(v):
 class Change:
     "One change seen by `TraceS`: who (`owner`) changed which attribute at which event or step, and how."
     __slots__ = ('epoch', 'phase', 'batch', 'where', 'owner', 'attr', 'kind', 'before', 'after')
-    def __init__(self, epoch, phase, batch, where, owner, attr, kind, before, after):
+    def __init__(self,
+                 epoch,     # the epoch
+                 phase,     # 'train' or 'valid' (None outside a phase)
+                 batch,     # the batch index (None outside a batch)
+                 where,     # the event or step
+                 owner,     # the subscriber (or the learner) that ran
+                 attr,      # the attribute changed
+                 kind,      # 'set', 'replaced', 'removed' or 'in place'
+                 before,    # its summary before
+                 after,     # its summary after
+                ):
         self.epoch, self.phase, self.batch, self.where, self.owner = epoch, phase, batch, where, owner
         self.attr, self.kind, self.before, self.after = attr, kind, before, after
 
@@ -161,7 +176,11 @@ class TraceS(Subscriber):
 
     def cleanup_fit(self, learn) -> None: self._fresh = True   # the next fit starts a new trace
 
-    def instrument(self, fn, where: str, owner):
+    def instrument(self,
+                   fn,            # a handler or step
+                   where: str,    # the event or step it runs at
+                   owner,         # the subscriber (or learner) it belongs to
+                  ):
         "Wrap `fn` (a handler or step) so that the watched attributes are compared before and after it runs."
         if owner is self: return fn
         name, batch_level, is_event = _owner_name(owner), where in _BATCH_PLACES, where in EVENTS
@@ -231,7 +250,11 @@ class TraceS(Subscriber):
             self.changes.append(Change(learn.epoch, phase, batch, where, owner, path, kind,
                                        None if b is None else b[2], None if a is None else a[2]))
 
-    def find(self, attr: str | None = None, where: str | None = None, owner: str | None = None) -> list[Change]:
+    def find(self,
+             attr: str | None = None,     # an attribute (`'batch'`), also matching what is inside it (`'batch[0]'`)
+             where: str | None = None,    # an event or step
+             owner: str | None = None,    # a subscriber's class name
+            ) -> list[Change]:
         "The changes to `attr` (or any `attr[...]` inside it) at `where` by `owner` (each: None for any)."
         ok = lambda c: ((attr is None or c.attr == attr or c.attr.startswith(attr + '[')) and
                         (where is None or c.where == where) and (owner is None or c.owner == owner))
@@ -289,7 +312,10 @@ def _to_target(args, kwargs):
 
 def _on_cpu(d) -> bool: return d is not None and torch.device(d).type == 'cpu'
 
-def sync_op(name: str, args: tuple, kwargs: dict) -> tuple[str, list] | None:
+def sync_op(name: str,       # the torch function called
+            args: tuple,     # its positional arguments
+            kwargs: dict,    # its keyword arguments
+           ) -> tuple[str, list] | None:
     "If calling torch function `name` on `args` makes the host wait for the data: (what, the tensors it waits for)."
     if name in _ALWAYS: return _ALWAYS[name], list(_tensors(args[:1] if name not in ('equal', 'allclose') else args))
     if name not in _SOMETIMES: return None
@@ -313,7 +339,18 @@ def sync_op(name: str, args: tuple, kwargs: dict) -> tuple[str, list] | None:
 class Sync:
     "One host sync seen by `SyncAuditS`: what, where (event or step, and its owner), when, and the line of code."
     __slots__ = ('what', 'where', 'owner', 'level', 'phase', 'epoch', 'batch', 'check', 'site', 'code')
-    def __init__(self, what, where, owner, level, phase, epoch, batch, check, site, code):
+    def __init__(self,
+                 what,     # the operation that waited
+                 where,    # the event or step
+                 owner,    # the subscriber (or the learner) that ran
+                 level,    # 'batch' (every batch) or 'fit'
+                 phase,    # 'train' or 'valid' (None outside a phase)
+                 epoch,    # the epoch
+                 batch,    # the batch index
+                 check,    # a first-batch input check (not paid on other batches)
+                 site,     # file and line
+                 code,     # the line of code
+                ):
         self.what, self.where, self.owner, self.level, self.phase = what, where, owner, level, phase
         self.epoch, self.batch, self.check, self.site, self.code = epoch, batch, check, site, code
 
@@ -365,7 +402,11 @@ class SyncAuditS(Subscriber):
         self._tags, self._debug_mode = {}, None
 
     # -- the hook: know where we are -------------------------------------------------------------------------
-    def instrument(self, fn, where: str, owner):
+    def instrument(self,
+                   fn,            # a handler or step
+                   where: str,    # the event or step it runs at
+                   owner,         # the subscriber (or learner) it belongs to
+                  ):
         "Wrap `fn` so that syncs during it are attributed to `where` and its owner."
         name, is_event = _owner_name(owner), where in EVENTS
         step_learn = None if is_event else _learner_of(fn, owner) or self._learn
@@ -485,11 +526,16 @@ class SyncAuditS(Subscriber):
         epoch = getattr(learn, 'epoch', None)
         self.syncs.append(Sync(what, where, owner, level, phase, epoch, batch, check, loc, line))
     # -- the report ------------------------------------------------------------------------------------------
-    def batch_syncs(self, checks: bool = False) -> list[Sync]:
+    def batch_syncs(self,
+                    checks: bool = False,    # include the first-batch input checks
+                   ) -> list[Sync]:
         "The syncs inside batches (the ones that cost every batch); with `checks`, also the first-batch checks."
         return [s for s in self.syncs if s.level == 'batch' and (checks or not s.check)]
 
-    def table(self, level: str = 'batch', checks: bool = False) -> list[dict]:
+    def table(self,
+              level: str = 'batch',    # 'batch' (inside batches) or 'fit' (once per phase or fit)
+              checks: bool = False,    # include the first-batch input checks
+             ) -> list[dict]:
         "Rows (event or step, subscriber, operation, site) with counts per phase: syncs at `level` ('batch' or 'fit')."
         rows = {}
         for s in self.syncs:
@@ -500,7 +546,10 @@ class SyncAuditS(Subscriber):
             row[s.phase if s.phase in ('train', 'valid') else 'other'] += 1
         return list(rows.values())
 
-    def per_batch(self, row: dict, phase: str) -> float:
+    def per_batch(self,
+                  row: dict,     # a row of `table()`
+                  phase: str,    # 'train' or 'valid'
+                 ) -> float:
         "A row's syncs per audited batch of `phase`."
         return row[phase] / self.batches[phase] if self.batches[phase] else 0.
 
@@ -555,8 +604,12 @@ class SyncAuditS(Subscriber):
 _OWN_CODE = {f.__code__ for f in (_SyncMode.__torch_function__, SyncAuditS._check_sync, SyncAuditS._record_sync)}
 
 @patch
-def audit_syncs(self: Learner, n_epochs: int = 1, n_batches: int | None = 3, cuda_debug: bool = False,
-                **fit_kwargs) -> SyncAuditS:
+def audit_syncs(self: Learner,
+                n_epochs: int = 1,            # epochs to audit
+                n_batches: int | None = 3,    # batches per phase (None: all)
+                cuda_debug: bool = False,     # also CUDA's own sync warnings (`torch.cuda.set_sync_debug_mode`)
+                **fit_kwargs,                 # passed on to `fit` (`subs`, `lr`, ...)
+               ) -> SyncAuditS:
     "Fit with a `SyncAuditS` (each phase stopping after `n_batches`) and return it; this trains the model."
     audit = SyncAuditS(cuda_debug)
     self.fit(n_epochs, subs=[audit, *fit_kwargs.pop('subs', ())], n_batches=n_batches, **fit_kwargs)
@@ -570,9 +623,13 @@ def _break(learn) -> None:
 class DebugS(Subscriber):
     "Call `f(learn)` (default: the debugger) at `event`, whenever `when(learn)` is true (default: always)."
     order = Order.DEFAULT
-    def __init__(self, event: str, f: Callable | None = None,
-                 when: Callable | None = None,   # e.g. lambda learn: learn.training and learn.iter == 3
-                 runs=RUNS, order: int | None = None):
+    def __init__(self,
+                 event: str,                      # the event to stop at
+                 f: Callable | None = None,       # called with the learner (default: `breakpoint()`)
+                 when: Callable | None = None,    # e.g. lambda learn: learn.training and learn.iter == 3
+                 runs=RUNS,                       # the kinds of run it takes part in
+                 order: int | None = None,        # where it runs among the subscribers (default: `Order.DEFAULT`)
+                ):
         if not isinstance(event, str) or event not in EVENTS:
             hint = difflib.get_close_matches(str(event), EVENTS, n=1, cutoff=0.6)
             raise ValueError(f'DebugS: {event!r} is not an event.' + (f' Did you mean {hint[0]!r}?' if hint else '')

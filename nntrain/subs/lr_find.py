@@ -9,7 +9,6 @@ import copy
 import math
 from typing import NamedTuple
 
-import matplotlib.pyplot as plt
 import torch
 from fastcore.basics import patch
 
@@ -19,6 +18,7 @@ from ..core import (
 from ..data import loader_state, set_loader_state
 from ..learner import Learner
 from ..run import Run
+from ..show import subplots
 from .progress import in_kernel
 from .schedule import sched_exp, sched_lin
 
@@ -26,7 +26,9 @@ from .schedule import sched_exp, sched_lin
 __all__ = ['valley_lr', 'steep_lr', 'minimum_lr', 'LRFindResult', 'LRFindS']
 
 # %% ../../nbs/15_lr_find.ipynb #16b2e6c8
-def valley_lr(lrs: list, losses: list) -> float:
+def valley_lr(lrs: list,       # the learning rates tried, increasing
+              losses: list,    # the smoothed loss at each
+             ) -> float:
     "Halfway down the longest run of decreasing loss (fastai's `valley`)."
     n = len(losses)
     run = [1] * n               # run[i]: length of the longest decreasing subsequence ending at i
@@ -38,14 +40,18 @@ def valley_lr(lrs: list, losses: list) -> float:
     third = (best_end - best_start) / 3
     return lrs[min(max(best_start + int(third) + int(third / 2), 0), n - 1)]
 
-def steep_lr(lrs: list, losses: list) -> float:
+def steep_lr(lrs: list,       # the learning rates tried, increasing
+             losses: list,    # the smoothed loss at each
+            ) -> float:
     "The learning rate where the loss falls fastest against `log(lr)`."
     if len(lrs) < 2: return lrs[0]
     slopes = [(losses[i + 1] - losses[i]) / (math.log(lrs[i + 1]) - math.log(lrs[i]) or 1e-12)
               for i in range(len(lrs) - 1)]
     return lrs[min(range(len(slopes)), key=slopes.__getitem__)]
 
-def minimum_lr(lrs: list, losses: list) -> float:
+def minimum_lr(lrs: list,       # the learning rates tried, increasing
+               losses: list,    # the smoothed loss at each
+              ) -> float:
     "A tenth of the learning rate with the lowest loss, kept within the tried range."
     return max(lrs[min(range(len(losses)), key=losses.__getitem__)] / 10, min(lrs))
 
@@ -58,15 +64,15 @@ class LRFindResult(NamedTuple):
     lrs: list
     losses: list
 
-    def plot(self, ax=None):
-        "Smoothed loss against the learning rate (log scale), with the suggestions marked."
-        if ax is None: _, ax = plt.subplots(figsize=(5, 3.5))
+    def plot(self, ax=None):   # axes to draw into (default: a new figure)
+        "Smoothed loss against the learning rate (log scale), with the suggestions marked; returns the figure."
+        if ax is None: _, ax = subplots(figsize=(5, 3.5))
         ax.plot(self.lrs, self.losses)
         if min(self.lrs) > 0: ax.set_xscale('log')
         for (name, lr), c in zip(self.suggestions().items(), ('C1', 'C2', 'C3')):
             ax.axvline(lr, color=c, ls='--', lw=1, label=f'{name}: {lr:.2e}')
         ax.set_xlabel('learning rate'); ax.set_ylabel('loss (smoothed)'); ax.legend()
-        return ax
+        return ax.figure
 
     def suggestions(self) -> dict:
         "The suggestions by name."
@@ -80,8 +86,14 @@ class LRFindS(Subscriber):
     order = Order.SCHEDULE
     runs = ('fit', 'lr_find')   # `learn.lr_find()`, or passed to a fit as in the earlier nntrain
 
-    def __init__(self, start_lr: float = 1e-7, end_lr: float = 10., num_it: int = 100, mode: str = 'exp',
-                 stop_div: bool = True, div_factor: float = 4., beta: float = 0.98):
+    def __init__(self, start_lr: float = 1e-7,   # the first learning rate tried
+                 end_lr: float = 10.,            # the last learning rate tried
+                 num_it: int = 100,              # how many learning rates (one batch each)
+                 mode: str = 'exp',              # 'exp': evenly spaced on a log scale; 'linear': evenly spaced
+                 stop_div: bool = True,          # stop once the smoothed loss exceeds `div_factor` times its best
+                 div_factor: float = 4.,         # how far above its best the loss may go before the search stops
+                 beta: float = 0.98,             # smoothing of the loss (exponential moving average)
+                ):
         check_number('start_lr', start_lr, 0, low_open=True); check_number('end_lr', end_lr, 0, low_open=True)
         if not start_lr < end_lr: raise ValueError(f'need 0 < start_lr < end_lr, got {start_lr} and {end_lr}')
         check_int('num_it', num_it, min_value=2)
@@ -114,7 +126,9 @@ class LRFindS(Subscriber):
             raise CancelFitException()
         if len(self.lrs) >= self.num_it: raise CancelFitException()   # no need to step on the last one
 
-    def result(self, skip_start: int | None = None, skip_end: int = 5) -> LRFindResult:
+    def result(self, skip_start: int | None = None,   # first points ignored by the suggestions (default: a tenth)
+               skip_end: int = 5,                    # last points ignored by the suggestions
+              ) -> LRFindResult:
         "Suggestions from the recorded points, ignoring `skip_start` (default: a tenth) and `skip_end` points."
         pts = [(lr, l) for lr, l in zip(self.lrs, self.losses) if math.isfinite(l)]
         if not pts: raise RuntimeError('the LR finder recorded no finite loss: check the model and data first')
@@ -124,7 +138,7 @@ class LRFindS(Subscriber):
         return LRFindResult(valley_lr(lrs, losses), steep_lr(lrs, losses), minimum_lr(lrs, losses),
                             list(self.lrs), list(self.losses))
 
-    def plot(self, ax=None):
+    def plot(self, ax=None):   # axes to draw into (default: a new figure)
         "Smoothed loss against the learning rate, with the suggestions marked (as `result().plot()`)."
         return self.result().plot(ax)
 
@@ -162,8 +176,15 @@ class _Snapshot:
 
 # %% ../../nbs/15_lr_find.ipynb #01cb290d
 @patch
-def lr_find(self: Learner, start_lr: float = 1e-7, end_lr: float = 10., num_it: int = 100, mode: str = 'exp',
-            stop_div: bool = True, div_factor: float = 4., show_plot: bool | None = None) -> LRFindResult:
+def lr_find(self: Learner,
+            start_lr: float = 1e-7,           # the first learning rate tried
+            end_lr: float = 10.,              # the last learning rate tried
+            num_it: int = 100,                # how many learning rates (one batch each)
+            mode: str = 'exp',                # 'exp': evenly spaced on a log scale; 'linear': evenly spaced
+            stop_div: bool = True,            # stop once the smoothed loss exceeds `div_factor` times its best
+            div_factor: float = 4.,           # how far above its best the loss may go before the search stops
+            show_plot: bool | None = None,    # plot the curve (None: in a notebook only)
+           ) -> LRFindResult:
     "Run the LR range test on a fresh optimizer and restore everything afterwards; returns the suggestions."
     if show_plot is not None: check_bool('show_plot', show_plot)
     finder = LRFindS(start_lr, end_lr, num_it, mode, stop_div, div_factor)   # checks the other arguments

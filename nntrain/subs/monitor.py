@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import math
 
-import matplotlib.pyplot as plt
 import torch
 from torch import nn
 
 from ..core import CancelFitException, Order, Subscriber
 from ..hooks import Hooks
+from ..show import subplots
 from ..summary import LayerRecorder, first_tensor, leaf_modules, pick_modules
 
 _all_ = ['Hooks']   # Hooks lived here before nntrain.hooks; `from nntrain.subs.monitor import *` still gives it
@@ -33,7 +33,11 @@ class ModelMonitorS(Subscriber):
     order = Order.PROGRESS
     runs = ('fit',)
 
-    def __init__(self, modules=None, show: bool = True, cancel: bool = True):
+    def __init__(self,
+                 modules=None,           # the modules to report, or their names (default: every leaf module)
+                 show: bool = True,      # display (or print) the table when it is ready
+                 cancel: bool = True,    # stop the fit after the first batch (nothing is trained)
+                ):
         self.modules, self.show, self.cancel, self.summary = modules, show, cancel, None
         self._rec = self._modes = self._dl_state = None
 
@@ -69,8 +73,11 @@ class ModelMonitorS(Subscriber):
     def _repr_markdown_(self): return self.summary._repr_markdown_() if self.summary is not None else None
 
 # %% ../../nbs/19_monitor.ipynb #13cf7cf5
-def activation_stats(x: torch.Tensor, bins: int = 40, hist_range: tuple[float, float] = (-10., 10.),
-                     dead_threshold: float = 1e-6) -> dict[str, torch.Tensor]:
+def activation_stats(x: torch.Tensor,                                  # activations, channels in dimension 1
+                     bins: int = 40,                                   # histogram bins
+                     hist_range: tuple[float, float] = (-10., 10.),    # the histogram's range
+                     dead_threshold: float = 1e-6,  # an activation at most this far from zero is dead
+                    ) -> dict[str, torch.Tensor]:
     "Mean, std, histogram and dead fraction (overall and per channel, dim 1) of activations `x`, on `x`'s device."
     x = x.detach().float()
     mean, std = x.mean(), x.std()   # on a CPU, several times faster than torch.std_mean
@@ -100,8 +107,12 @@ class ActivationStatsS(Subscriber):
     order = Order.METRICS
     runs = ('fit',)
 
-    def __init__(self, modules=None, every: int = 1, dead_threshold: float = 1e-6, bins: int = 40,
-                 hist_range: tuple[float, float] = (-10., 10.)):
+    def __init__(self, modules=None,                # modules to watch, by name or type (default: each block)
+                 every: int = 1,                    # record one training batch in `every`
+                 dead_threshold: float = 1e-6,      # an activation at most this far from zero is dead
+                 bins: int = 40,                    # histogram bins
+                 hist_range: tuple[float, float] = (-10., 10.),   # the histogram's range of activations
+                ):
         if every < 1: raise ValueError(f'every must be at least 1, got {every}')
         self.modules, self.every, self.dead_threshold = modules, every, dead_threshold
         self.bins, self.hist_range = bins, hist_range
@@ -161,9 +172,9 @@ class ActivationStatsS(Subscriber):
     # batch, one row per histogram bin, brighter for more activations, log scale), and the dead fraction.
     def _label(self, name: str) -> str: return self.labels.get(name, name)
 
-    def plot_stats(self, figsize=(12, 3.5)):
-        "Mean and standard deviation of each module's activations over the recorded batches."
-        fig, (ax0, ax1) = plt.subplots(1, 2, figsize=figsize)
+    def plot_stats(self, figsize=(12, 3.5)):   # (width, height) in inches
+        "Mean and standard deviation of each module's activations over the recorded batches; returns the figure."
+        fig, (ax0, ax1) = subplots(1, 2, figsize=figsize)
         for name, st in self.stats.items():
             ax0.plot(st['mean'].numpy(), label=self._label(name))
             ax1.plot(st['std'].numpy(), label=self._label(name))
@@ -171,9 +182,11 @@ class ActivationStatsS(Subscriber):
             ax.set(title=f'activation {stat}', xlabel='recorded batch', ylabel=stat)
         ax0.legend(fontsize='small')   # the same colours on the right
         fig.tight_layout()
-        return _figure(fig)
+        return fig
 
-    def color_dim(self, figsize=None, ncols: int = 2):
+    def color_dim(self, figsize=None,     # (width, height) in inches (default: 6 x 2.5 per panel)
+                  ncols: int = 2,         # panels per row
+                 ):
         "Each module's activation histogram over the recorded batches (log scale): one column per batch."
         stats, (lo, hi) = self.stats, self.hist_range
         fig, axs = _grid(len(stats), figsize, ncols)
@@ -181,9 +194,12 @@ class ActivationStatsS(Subscriber):
             ax.imshow(st['hist'].T.log1p().numpy(), origin='lower', aspect='auto', extent=(0, len(st['hist']), lo, hi))
             ax.set(title=self._label(name), xlabel='recorded batch', ylabel='activation')
         fig.tight_layout()
-        return _figure(fig)
+        return fig
 
-    def dead_chart(self, figsize=None, ncols: int = 2, per_unit: bool = False):
+    def dead_chart(self, figsize=None,            # (width, height) in inches (default: 6 x 2.5 per panel)
+                   ncols: int = 2,                # panels per row
+                   per_unit: bool = False,        # one row per channel (black: dead) instead of the fraction
+                  ):
         "Fraction of dead activations per module over the recorded batches; `per_unit`: one row per channel."
         stats = self.stats
         fig, axs = _grid(len(stats), figsize, ncols)
@@ -196,24 +212,21 @@ class ActivationStatsS(Subscriber):
                 ax.set(ylim=(0, 1), ylabel='dead fraction')
             ax.set(title=self._label(name), xlabel='recorded batch')
         fig.tight_layout()
-        return _figure(fig)
+        return fig
 
-def module_label(name: str, m: nn.Module) -> str:
+def module_label(name: str,       # the module's name in the model
+                 m: nn.Module,    # the module
+                ) -> str:
     "A panel title: the module's name and what it is (a plain `nn.Sequential` by what it chains)."
     kids = [type(c).__name__ for c in m.children()]
     what = type(m).__name__
     if type(m) is nn.Sequential and kids: what = '→'.join(kids[:3]) + ('→…' if len(kids) > 3 else '')
     return f'{name}: {what}' if name else what
 
-def _figure(fig):
-    "`fig`, out of pyplot's registry: a notebook shows it once, as the cell's value (not again when the cell ends)."
-    plt.close(fig)
-    return fig
-
 def _grid(n: int, figsize, ncols: int = 2):
     "A figure with `n` axes in rows of `ncols`."
     ncols = max(1, min(ncols, n))
     nrows = max(1, math.ceil(n / ncols))
-    fig, axs = plt.subplots(nrows, ncols, figsize=figsize or (6 * ncols, 2.5 * nrows), squeeze=False)
+    fig, axs = subplots(nrows, ncols, figsize=figsize or (6 * ncols, 2.5 * nrows), squeeze=False)
     for ax in axs.flat[n:]: ax.set_visible(False)
     return fig, axs.flat

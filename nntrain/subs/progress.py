@@ -13,9 +13,10 @@ from html import escape
 import matplotlib.pyplot as plt
 import torch
 from fastcore.imports import in_colab, ipython_shell
-from fastprogress.fastprogress import force_console_behavior, format_time
+from fastprogress.fastprogress import ConsoleProgressBar, format_time
 
 from ..core import Order, Subscriber, check_bool, check_choice, check_number
+from ..show import subplots
 
 # %% auto #0
 __all__ = ['phase_table', 'epoch_table', 'in_kernel', 'Bar', 'ProgressView', 'plot_losses', 'ProgressS']
@@ -29,12 +30,14 @@ def _fmt_cell(column: str, v) -> str:
 
 _NOT_SPLIT = ('epoch', 'phase', 'time')   # one per epoch, not one column per phase
 
-def phase_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+def phase_table(rows: list[dict],    # rows as `learn.history` keeps them
+               ) -> tuple[list[str], list[list[str]]]:
     "The rows as they are in `learn.history` (one per phase), as (columns, formatted cells)."
     columns = list(dict.fromkeys(k for r in rows for k in r))
     return columns, [[_fmt_cell(c, r.get(c, '')) for c in columns] for r in rows]
 
-def epoch_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+def epoch_table(rows: list[dict],    # rows as `learn.history` keeps them, one per phase
+               ) -> tuple[list[str], list[list[str]]]:
     "One row per epoch: `epoch`, each value per phase side by side (`train_loss`, `valid_loss`, ...), summed `time`."
     epochs: dict = {}
     for r in rows: epochs.setdefault(r.get('epoch'), []).append(r)
@@ -70,11 +73,18 @@ def in_kernel() -> bool:
 
 class Bar:
     "One progress bar: how far it is, since when, what it says, and whether it was interrupted."
-    def __init__(self, total: int, label: str = ''):
+    def __init__(self,
+                 total: int,         # the count at which the bar is full
+                 label: str = '',    # what the bar counts, shown before it
+                ):
         self.total, self.label, self.value, self.comment, self.interrupted = total, label, 0, '', False
         self.start = self.last = time.perf_counter()
 
-    def update(self, value: int) -> None: self.value, self.last = value, time.perf_counter()
+    def update(self,
+               value: int,    # how far it is now
+              ) -> None:
+        "Set how far the bar is, now."
+        self.value, self.last = value, time.perf_counter()
 
     def text(self) -> str:
         "fastprogress's wording: `label  50.00% [3/6 00:02<00:02 comment]`, and `interrupted` when it was."
@@ -86,14 +96,18 @@ class Bar:
         return text + (' interrupted' if self.interrupted else '')
 
     def html(self) -> str:
+        "The bar as HTML: a `<progress>` element and its text."
         cls = 'nntrain-bar progress-bar-interrupted' if self.interrupted else 'nntrain-bar'
         bar = f'<progress value="{self.value}" max="{self.total}" class="{cls}"></progress>'
         return f'<div>{bar} {escape(self.text())}</div>'
 
 class ProgressView:
     "What `ProgressS` shows in a notebook: bars over the results table, as HTML, markdown or plain text."
-    def __init__(self, bars: list[Bar] | None = None, columns: list[str] | None = None,
-                 rows: list[list[str]] | None = None):
+    def __init__(self,
+                 bars: list[Bar] | None = None,          # the bars, top to bottom
+                 columns: list[str] | None = None,       # the table's column names
+                 rows: list[list[str]] | None = None,    # the formatted cells, one list per row
+                ):
         self.bars, self.columns, self.rows = bars or [], columns or [], rows or []
 
     def _repr_html_(self) -> str:
@@ -119,13 +133,18 @@ class ProgressView:
         return '\n'.join(lines)
 
 # %% ../../nbs/13_progress.ipynb #046fb0e3
-def plot_losses(train_steps, train_losses, valid_steps, valid_losses, ax=None):
+def plot_losses(train_steps,      # the optimizer step of each training loss
+                train_losses,     # training loss per step
+                valid_steps,      # the optimizer step at the end of each validation pass
+                valid_losses,     # validation loss per pass
+                ax=None,          # axes to draw into (default: a new figure)
+               ):
     "Training loss per optimizer step and validation loss per epoch (with markers: one epoch is one point)."
-    if ax is None: _, ax = plt.subplots(figsize=(6, 4))
+    if ax is None: _, ax = subplots(figsize=(6, 4))
     ax.plot(train_steps, train_losses, label='train', alpha=0.8)
     if len(valid_steps): ax.plot(valid_steps, valid_losses, 'o-', label='valid')
     ax.set_xlabel('optimizer step'); ax.set_ylabel('loss'); ax.legend()
-    return ax
+    return ax.figure
 
 # %% ../../nbs/13_progress.ipynb #16f1b5ce
 class ProgressS(Subscriber):
@@ -134,8 +153,12 @@ class ProgressS(Subscriber):
     runs = ('fit', 'validate')
     update_every = 0.2   # seconds between two refreshes of the notebook display within a phase
 
-    def __init__(self, plot: bool = False, comment_every: float = 0.5, table: str = 'epoch',
-                 notebook: bool | None = None):   # None: a notebook display in a Jupyter kernel, else console bars
+    def __init__(self, plot: bool = False,           # a live plot of the training and validation losses
+                 comment_every: float = 0.5,        # seconds between two readings of the loss shown by the bar
+                 table: str = 'epoch',              # 'epoch': one row per epoch; 'phase': one row per phase
+                 notebook: bool | None = None,      # None: a notebook display in a Jupyter kernel, else console bars
+                ):
+        check_bool('plot', plot)
         check_number('comment_every', comment_every, low=0)
         check_choice('table', table, ('epoch', 'phase'))
         if notebook is not None: check_bool('notebook', notebook)
@@ -175,6 +198,10 @@ class ProgressS(Subscriber):
         try:
             # stopped by an error or a Ctrl-C (not a cancel, which is no error): the bars stay, marked
             self._guard(self._end_fit, learn, not self._done and sys.exc_info()[1] is not None)
+        except KeyboardInterrupt:
+            # a second Ctrl-C while this cleanup draws: the bars still say that the fit stopped, and where
+            self._guard(self._mark_stopped)
+            raise
         finally:
             self._started = False
             if self._kept is not None:
@@ -189,9 +216,8 @@ class ProgressS(Subscriber):
             from IPython.display import display
             self.view = ProgressView([self.epochs])
             self._out = display(self.view, display_id=True)
-        else:
-            master_bar, self._pbar_cls = force_console_behavior()
-            self.mbar = master_bar(range(learn.n_epochs))
+        else:   # text bars only on a terminal: in a log or a pipe they would be a line per refresh
+            self._tty, self.pbar, self._widths = sys.stdout.isatty(), None, None
 
     def _start_epoch(self, learn):
         if learn.training and learn.epoch: self.epochs.update(learn.epoch)   # a fit without validation passes
@@ -199,8 +225,10 @@ class ProgressS(Subscriber):
         if self.notebook:
             self.view.bars = [self.epochs, self.batches]
             self._show()
-        else:
-            self.pbar = self._pbar_cls(range(learn.n_iter), parent=self.mbar, leave=False)
+        elif self._tty:
+            # labelled here: fastprogress's master bar numbers its child from its own iterator, which never runs
+            self.pbar = ConsoleProgressBar(range(learn.n_iter), leave=False)
+            self.pbar.prefix = f'Epoch {learn.epoch + 1}/{learn.n_epochs} {self.batches.label}'
             self.pbar.update(0)
 
     def _batch(self, learn):
@@ -211,11 +239,11 @@ class ProgressS(Subscriber):
         if now - self._last_comment >= self.comment_every:
             self._last_comment = now
             self.batches.comment = f'loss {learn.loss.item():.4f}'
-            if not self.notebook: self.pbar.comment = self.batches.comment
+            if getattr(self, 'pbar', None) is not None: self.pbar.comment = self.batches.comment
         self.batches.update(learn.iter + 1)
         if self.notebook:
             if now - self._shown >= self.update_every: self._show()
-        else: self.pbar.update(learn.iter + 1)
+        elif self.pbar is not None: self.pbar.update(learn.iter + 1)
 
     def _end_epoch(self, learn):
         self._take_rows(learn)
@@ -240,11 +268,16 @@ class ProgressS(Subscriber):
         if not self.rows: return
         columns, rows = self._table()
         if self.table == 'epoch' and not final and self.rows[-1].get('phase') != 'valid': rows = rows[:-1]
-        if self.printed == 0 and rows: self.columns = columns; self.mbar.write(columns, table=True)
+        if self.printed == 0 and rows: self.columns = columns; self._write(columns)
         for r in rows[self.printed:]:
             cells = dict(zip(columns, r))
-            self.mbar.write([cells.get(c, '') for c in self.columns], table=True)
+            self._write([cells.get(c, '') for c in self.columns])
         self.printed = max(self.printed, len(rows))
+
+    def _write(self, cells: list[str]) -> None:
+        "One line of the console table, in fastprogress's layout (columns at least 8 wide, two spaces apart)."
+        if self._widths is None: self._widths = [max(8, len(c)) for c in cells]
+        print('  '.join(c.ljust(w) for c, w in zip(cells, self._widths)).rstrip(), flush=True)
 
     def _show(self):
         self.view.columns, self.view.rows = self._table()
@@ -268,12 +301,11 @@ class ProgressS(Subscriber):
         else: self._plot_out.update(self._fig)
 
     def _end_fit(self, learn, stopped: bool):
+        if stopped and self.notebook:   # marked first: a second Ctrl-C below must not leave them unmarked
+            for b in self._bars(): b.interrupted = True
         self._take_rows(learn)
         if self.notebook:
-            bars = [b for b in (self.epochs, self.batches) if b is not None]
-            if stopped:
-                for b in bars: b.interrupted = True
-            self.view.bars = bars if stopped else [self.epochs]   # a finished phase's batch bar goes
+            self.view.bars = self._bars() if stopped else [self.epochs]   # a finished phase's batch bar goes
             if self.plot and self._losses: self._update_plot()
             self._show()
         else:
@@ -283,9 +315,19 @@ class ProgressS(Subscriber):
                 else: self.pbar.on_iter_end()
             self.pbar = None
 
+    def _bars(self) -> list[Bar]: return [b for b in (self.epochs, self.batches) if b is not None]
+
+    def _mark_stopped(self):
+        "Show the bars as interrupted, as they are now."
+        if self.notebook:
+            for b in self._bars(): b.interrupted = True
+            self.view.bars = self._bars()
+            self._show()
+        elif getattr(self, 'pbar', None) is not None and self.pbar.last_v is not None:
+            self.pbar.on_interrupt()
+            self.pbar = None
+
     def figure(self):
-        "A matplotlib figure of the losses seen so far (needs `plot=True`); shown once as a cell's last expression."
+        "A new figure of the losses seen so far (needs `plot=True`), shown once in a notebook."
         if self._losses: self._update_plot()
-        fig = plot_losses(self.train_steps, self.train_losses, self.valid_steps, self.valid_losses).figure
-        plt.close(fig)   # out of pyplot's registry: the notebook shows it as the cell's value only, not twice
-        return fig
+        return plot_losses(self.train_steps, self.train_losses, self.valid_steps, self.valid_losses)

@@ -10,45 +10,60 @@ from functools import partial, wraps
 from itertools import accumulate
 from typing import Callable, Sequence
 
-import matplotlib.pyplot as plt
 from fastcore.basics import patch
 
 from ..core import Order, Subscriber, check_choice
 from ..learner import Learner, check_lr, lr_for_groups
+from ..show import subplots
 
 # %% auto #0
 __all__ = ['annealer', 'sched_lin', 'sched_cos', 'sched_no', 'sched_exp', 'combine_scheds', 'cos_1cycle_anneal',
            'one_cycle_scheds', 'flat_cos_scheds', 'get_hyper', 'set_hyper', 'ParamSchedulerS', 'SchedulerS']
 
 # %% ../../nbs/14_schedule.ipynb #a99e74eb
-def annealer(f: Callable) -> Callable:
+def annealer(f: Callable,    # a function `f(start, end, pos)`
+            ) -> Callable:
     "Decorator: `f(start, end, pos)` becomes `f(start, end)`, which returns the schedule `pos ↦ f(start, end, pos)`."
     @wraps(f)
     def _inner(start, end): return partial(f, start, end)
     return _inner
 
 @annealer
-def sched_lin(start: float, end: float, pos: float) -> float:
+def sched_lin(start: float,    # the value at pos 0
+              end: float,      # the value at pos 1
+              pos: float,      # progress through the schedule, 0 to 1
+             ) -> float:
     "Linear from `start` to `end`."
     return start + pos * (end - start)
 
 @annealer
-def sched_cos(start: float, end: float, pos: float) -> float:
+def sched_cos(start: float,    # the value at pos 0
+              end: float,      # the value at pos 1
+              pos: float,      # progress through the schedule, 0 to 1
+             ) -> float:
     "Half a cosine from `start` to `end`: flat at both ends."
     return start + (1 + math.cos(math.pi * (1 - pos))) * (end - start) / 2
 
 @annealer
-def sched_no(start: float, end: float, pos: float) -> float:
+def sched_no(start: float,    # the value throughout
+             end: float,      # ignored
+             pos: float,      # progress through the schedule, 0 to 1
+            ) -> float:
     "Constant `start`."
     return start
 
 @annealer
-def sched_exp(start: float, end: float, pos: float) -> float:
+def sched_exp(start: float,    # the value at pos 0 (positive)
+              end: float,      # the value at pos 1 (positive)
+              pos: float,      # progress through the schedule, 0 to 1
+             ) -> float:
     "Exponential from `start` to `end` (linear in log space); both must be positive."
     return start * (end / start) ** pos
 
 # %% ../../nbs/14_schedule.ipynb #e947f215
-def combine_scheds(pcts: Sequence[float], scheds: Sequence[Callable]) -> Callable:
+def combine_scheds(pcts: Sequence[float],         # the fraction of the run each schedule covers (summing to 1)
+                   scheds: Sequence[Callable],    # the schedules, in order
+                  ) -> Callable:
     "One schedule that follows `scheds[i]` for a fraction `pcts[i]` of the run; the fractions must sum to 1."
     pcts, scheds = list(pcts), list(scheds)
     if len(pcts) != len(scheds): raise ValueError(f'{len(pcts)} fractions for {len(scheds)} schedules')
@@ -63,7 +78,10 @@ def combine_scheds(pcts: Sequence[float], scheds: Sequence[Callable]) -> Callabl
         return scheds[i](min((pos - (ends[i] - pcts[i])) / pcts[i], 1.))
     return _combined
 
-def cos_1cycle_anneal(start: float, high: float, end: float) -> list:
+def cos_1cycle_anneal(start: float,    # the value at the start
+                      high: float,     # the value at the top of the cycle
+                      end: float,      # the value at the end
+                     ) -> list:
     "The two halves of one cycle: cosine from `start` up to `high`, then down to `end`."
     return [sched_cos(start, high), sched_cos(high, end)]
 
@@ -87,8 +105,12 @@ def _spread_slices(factory: Callable, n_groups: int) -> Callable:
     spread = lambda v: lr_for_groups(v, n_groups) if isinstance(v, slice) else v
     return partial(factory.func, *map(spread, factory.args), **{k: spread(v) for k, v in factory.keywords.items()})
 
-def one_cycle_scheds(lr_max, pct_start: float = 0.25, div: float = 25., div_final: float = 1e5,
-                     moms: tuple | None = (0.95, 0.85, 0.95)) -> dict:
+def one_cycle_scheds(lr_max,  # the peak learning rate (a number, or `slice(lo, hi)` spread over the param groups)
+                     pct_start: float = 0.25,                    # the fraction of the run spent warming up
+                     div: float = 25.,                           # the run starts at `lr_max / div`
+                     div_final: float = 1e5,                     # and ends at `lr_max / div_final`
+                     moms: tuple | None = (0.95, 0.85, 0.95),    # momentum at start, peak and end (None: none)
+                    ) -> dict:
     "The `{'lr': ..., 'mom': ...}` schedules of a one-cycle run, for `ParamSchedulerS`."
     pcts = [pct_start, 1 - pct_start]
     cycle = lambda lr: combine_scheds(pcts, cos_1cycle_anneal(lr / div, lr, lr / div_final))
@@ -96,7 +118,10 @@ def one_cycle_scheds(lr_max, pct_start: float = 0.25, div: float = 25., div_fina
     if moms is not None: scheds['mom'] = combine_scheds(pcts, cos_1cycle_anneal(*moms))
     return scheds
 
-def flat_cos_scheds(lr, pct_start: float = 0.75, div_final: float = 1e5) -> dict:
+def flat_cos_scheds(lr,  # the learning rate (a number, or `slice(lo, hi)` spread over the param groups)
+                    pct_start: float = 0.75,    # the fraction of the run at the flat rate
+                    div_final: float = 1e5,     # the run ends at `lr / div_final`
+                   ) -> dict:
     "Flat at `lr` for `pct_start` of the run, then a cosine down to `lr/div_final`."
     pcts = [pct_start, 1 - pct_start]
     return {'lr': _per_group(lr, lambda lr: combine_scheds(pcts, [sched_no(lr, lr), sched_cos(lr, lr / div_final)]),
@@ -114,12 +139,17 @@ def _hyper_key(group: dict, name: str) -> tuple:
     have = sorted(k for k in group if k != 'params')
     raise KeyError(f'the optimizer has no hyper-parameter for {name!r}; its param groups have {have}')
 
-def get_hyper(group: dict, name: str):
+def get_hyper(group: dict,    # a param group of an optimizer (`opt.param_groups[i]`)
+              name: str,      # the hyper-parameter ('lr', 'mom', 'sqr_mom', 'wd', or the optimizer's own name)
+             ):
     "The value of hyper-parameter `name` (or its alias) in the param group `group`."
     key, idx = _hyper_key(group, name)
     return group[key] if idx is None else group[key][idx]
 
-def set_hyper(group: dict, name: str, value) -> None:
+def set_hyper(group: dict,    # a param group of an optimizer (`opt.param_groups[i]`)
+              name: str,      # the hyper-parameter ('lr', 'mom', 'sqr_mom', 'wd', or the optimizer's own name)
+              value,          # its new value
+             ) -> None:
     "Set hyper-parameter `name` (or its alias) in the param group `group`; tuples like `betas` are rebuilt."
     key, idx = _hyper_key(group, name)
     if idx is None: group[key] = value
@@ -131,7 +161,7 @@ class ParamSchedulerS(Subscriber):
     order = Order.SCHEDULE
     runs = ('fit',)   # never in an LR search, whose ramp it would fight
 
-    def __init__(self, scheds: dict):
+    def __init__(self, scheds: dict):   # hyper-parameter name -> schedule (a function of pos), or one per group
         if not isinstance(scheds, dict) or not scheds:
             raise TypeError("scheds must be a non-empty dict of hyper-parameter name -> schedule, e.g. "
                             f"{{'lr': sched_cos(0.1, 0.001)}}, got {scheds!r}")
@@ -165,14 +195,19 @@ class ParamSchedulerS(Subscriber):
         g = learn.opt.param_groups[-1]
         for name in self.scheds: self.hps[name].append(get_hyper(g, name))
 
-    def plot_sched(self, keys: Sequence[str] | None = None, figsize: tuple | None = None):
-        "Plot the recorded value of each hyper-parameter in `keys` (default: all) against the optimizer step."
+    def plot_sched(self, keys: Sequence[str] | None = None,   # hyper-parameters to plot (default: all)
+                   figsize: tuple | None = None,              # (width, height) in inches (default: 4 x 3 per plot)
+                  ):
+        "Plot the recorded value of each hyper-parameter in `keys` against the optimizer step; returns the figure."
         keys = list(keys or self.hps)
-        _, axs = plt.subplots(1, len(keys), figsize=figsize or (4 * len(keys), 3), squeeze=False)
+        missing = [k for k in keys if k not in self.hps]
+        if missing: raise KeyError(f'no schedule recorded for {missing}; recorded: {list(self.hps)}')
+        fig, axs = subplots(1, len(keys), figsize=figsize or (4 * len(keys), 3), squeeze=False)
         for ax, k in zip(axs[0], keys):
             ax.plot(self.hps[k])
             ax.set_xlabel('step'); ax.set_ylabel(k)
-        return axs[0]
+        fig.tight_layout()
+        return fig
 
     def __repr__(self):
         n = len(next(iter(self.hps.values()), []))
@@ -184,7 +219,10 @@ class SchedulerS(Subscriber):
     order = Order.SCHEDULE
     runs = ('fit',)   # never in an LR search, whose ramp it would fight
 
-    def __init__(self, scheduler_factory: Callable, interval: str = 'step'):
+    def __init__(self,
+                 scheduler_factory: Callable,    # a function of the optimizer returning a torch lr_scheduler
+                 interval: str = 'step',         # step it after each 'step' or each training 'epoch'
+                ):
         if not callable(scheduler_factory):   # e.g. a scheduler already built, which needs the optimizer first
             raise TypeError('scheduler_factory must be a function of the optimizer returning a torch lr_scheduler, '
                             f'e.g. lambda opt: StepLR(opt, 10), got {scheduler_factory!r}')
@@ -222,17 +260,29 @@ class SchedulerS(Subscriber):
         if self.scheduler is not None: return self.scheduler.state_dict()
         return dict(self._pending or {})
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self,
+                        state: dict,    # what `state_dict()` returned
+                       ) -> None:
         "Restore the scheduler's state now if it exists, else when it is built."
         if self.scheduler is not None: self.scheduler.load_state_dict(state)
         else: self._pending = dict(state)
 
 # %% ../../nbs/14_schedule.ipynb #f094bcef
 @patch
-def fit_one_cycle(self: Learner, n_epochs: int, lr_max=None, pct_start: float = 0.25, div: float = 25.,
-                  div_final: float = 1e5, moms: tuple | None = (0.95, 0.85, 0.95), subs=(), train: bool = True,
-                  valid: bool = True, reset_opt: bool = False, resume: bool = False,
-                  n_batches: int | None = None) -> ParamSchedulerS:
+def fit_one_cycle(self: Learner,
+                  n_epochs: int,                              # epochs to train
+                  lr_max=None,  # the peak learning rate, or `slice(lo, hi)` over the param groups (default: `learn.lr`)
+                  pct_start: float = 0.25,                    # the fraction of the run spent warming up
+                  div: float = 25.,                           # the run starts at `lr_max / div`
+                  div_final: float = 1e5,                     # and ends at `lr_max / div_final`
+                  moms: tuple | None = (0.95, 0.85, 0.95),    # momentum at start, peak and end (None: untouched)
+                  subs=(),                                    # subscribers for this fit only
+                  train: bool = True,                         # run the training passes
+                  valid: bool = True,                         # run the validation passes
+                  reset_opt: bool = False,                    # a fresh optimizer (its state forgotten)
+                  resume: bool = False,  # continue an interrupted fit from the checkpoint just loaded
+                  n_batches: int | None = None,               # stop each pass after this many batches (a quick check)
+                 ) -> ParamSchedulerS:
     "Fit with the one-cycle policy (`lr_max` defaults to `self.lr`); returns the `ParamSchedulerS` that recorded it."
     sched = ParamSchedulerS(one_cycle_scheds(self.lr if lr_max is None else lr_max, pct_start, div, div_final, moms))
     self.fit(n_epochs, subs=[sched, *subs], train=train, valid=valid, reset_opt=reset_opt, resume=resume,
@@ -240,9 +290,18 @@ def fit_one_cycle(self: Learner, n_epochs: int, lr_max=None, pct_start: float = 
     return sched
 
 @patch
-def fit_flat_cos(self: Learner, n_epochs: int, lr=None, pct_start: float = 0.75, div_final: float = 1e5,
-                 subs=(), train: bool = True, valid: bool = True, reset_opt: bool = False, resume: bool = False,
-                 n_batches: int | None = None) -> ParamSchedulerS:
+def fit_flat_cos(self: Learner,
+                 n_epochs: int,                   # epochs to train
+                 lr=None,  # the flat learning rate, or `slice(lo, hi)` over the param groups (default: `learn.lr`)
+                 pct_start: float = 0.75,         # the fraction of the run at the flat rate
+                 div_final: float = 1e5,          # the run ends at `lr / div_final`
+                 subs=(),                         # subscribers for this fit only
+                 train: bool = True,              # run the training passes
+                 valid: bool = True,              # run the validation passes
+                 reset_opt: bool = False,         # a fresh optimizer (its state forgotten)
+                 resume: bool = False,            # continue an interrupted fit from the checkpoint just loaded
+                 n_batches: int | None = None,    # stop each pass after this many batches (a quick check)
+                ) -> ParamSchedulerS:
     "Fit at a flat `lr` (default `self.lr`), then cosine-anneal it; returns the `ParamSchedulerS` that recorded it."
     sched = ParamSchedulerS(flat_cos_scheds(self.lr if lr is None else lr, pct_start, div_final))
     self.fit(n_epochs, subs=[sched, *subs], train=train, valid=valid, reset_opt=reset_opt, resume=resume,

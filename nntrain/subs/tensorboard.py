@@ -19,19 +19,22 @@ from .schedule import get_hyper
 __all__ = ['summary_writer', 'momentum_of', 'is_image_batch', 'TensorBoardS']
 
 # %% ../../nbs/43_tensorboard.ipynb #7c6570c1
-def summary_writer(log_dir):
+def summary_writer(log_dir,    # the folder of the event files
+                  ):
     "A `torch.utils.tensorboard.SummaryWriter` on `log_dir`, or an ImportError saying how to install TensorBoard."
     try: from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:
         raise ImportError('TensorBoardS needs the tensorboard package: pip install tensorboard') from e
     return SummaryWriter(log_dir=str(log_dir))
 
-def momentum_of(group: dict) -> float | None:
+def momentum_of(group: dict,    # a param group of an optimizer
+               ) -> float | None:
     "A param group's momentum (the schedules' `mom`: `momentum`, or the first of `betas`); None if it has none."
     try: return get_hyper(group, 'mom')
     except KeyError: return None
 
-def is_image_batch(x) -> bool:
+def is_image_batch(x,    # a batch's inputs
+                  ) -> bool:
     "Inputs that look like images: a float tensor (N, C, H, W) with 1 or 3 channels."
     return isinstance(x, torch.Tensor) and x.ndim == 4 and x.shape[1] in (1, 3) and x.is_floating_point()
 
@@ -43,7 +46,12 @@ class TensorBoardS(Subscriber):
     order = Order.LOG
     runs = ('fit',)
 
-    def __init__(self, log_dir='runs', hist_every: int | None = None, n_images: int = 8, graph: bool = True):
+    def __init__(self,
+                 log_dir='runs',                   # the folder of the event files (`tensorboard --logdir` it)
+                 hist_every: int | None = None,    # weight and gradient histograms every this many steps (None: none)
+                 n_images: int = 8,                # validation images in the grid of predictions (0: none)
+                 graph: bool = True,               # write the model's graph once
+                ):
         if not isinstance(log_dir, (str, Path)): raise TypeError(f'log_dir must be a str or Path, got {log_dir!r}')
         check_int('hist_every', hist_every, allow_none=True)
         check_int('n_images', n_images, min_value=0)

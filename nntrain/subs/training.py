@@ -19,15 +19,19 @@ __all__ = ['opt_params', 'opt_grads', 'grad_norm', 'GradClipS', 'set_grad_sync',
            'TerminateOnNaNS', 'EMAS']
 
 # %% ../../nbs/18_training.ipynb #eae27794
-def opt_params(learn) -> list[torch.Tensor]:
+def opt_params(learn,    # the learner, between backward and step
+              ) -> list[torch.Tensor]:
     "The parameters the optimizer is about to update: those of every param group that have a gradient."
     return [p for g in learn.opt.param_groups for p in g['params'] if p.grad is not None]
 
-def opt_grads(learn) -> list[torch.Tensor]:
+def opt_grads(learn,    # the learner, between backward and step
+             ) -> list[torch.Tensor]:
     "The gradients the optimizer is about to use (parameters without a gradient left out)."
     return [p.grad for p in opt_params(learn)]
 
-def grad_norm(grads: list[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
+def grad_norm(grads: list[torch.Tensor],    # gradient tensors
+              norm_type: float = 2.0,       # the order of the norm (`inf` for the largest absolute value)
+             ) -> torch.Tensor:
     "Total `norm_type`-norm of `grads`, as one tensor on their device: no host sync."
     if not grads: return torch.tensor(0.)
     norms = torch._foreach_norm(grads, norm_type)   # one fused kernel per device and dtype
@@ -60,7 +64,9 @@ class GradClipS(Subscriber):
             nn.utils.clip_grad_value_(params, self.max_norm)
 
 # %% ../../nbs/18_training.ipynb #2e2fe355
-def set_grad_sync(model: nn.Module, sync: bool) -> None:
+def set_grad_sync(model: nn.Module,    # the model (wrapped by DDP, or sharded by FSDP2, or neither)
+                  sync: bool,          # all-reduce the gradients of the next backward pass
+                 ) -> None:
     "Under DDP or FSDP2, whether the next backward pass all-reduces gradients (set before its forward); else nothing."
     if hasattr(model, 'require_backward_grad_sync'): model.require_backward_grad_sync = sync   # DDP's no_sync flag
     elif callable(getattr(model, 'set_requires_gradient_sync', None)): model.set_requires_gradient_sync(sync)
@@ -70,7 +76,9 @@ class GradAccumS(Subscriber):
     order = Order.ACCUMULATE
     runs = ('fit',)
 
-    def __init__(self, n_acc: int):
+    def __init__(self,
+                 n_acc: int,    # training batches per optimizer step
+                ):
         check_int('n_acc', n_acc)
         self.n_acc, self.count = n_acc, 0
 
@@ -104,7 +112,9 @@ def _nonfinite(out: Any) -> bool:
     if isinstance(out, (list, tuple)): return any(_nonfinite(v) for v in out)
     return False
 
-def first_nonfinite_module(model: nn.Module, run: Callable[[], Any]) -> str | None:
+def first_nonfinite_module(model: nn.Module,          # the model to hook
+                           run: Callable[[], Any],    # runs a forward pass of `model` (no arguments)
+                          ) -> str | None:
     "Call `run()` (a forward pass of `model`) with a hook on every module: the first to output a non-finite value."
     found = []
     def hook(name):
@@ -192,7 +202,9 @@ class EMAS(Subscriber):
     order = Order.EMA
     runs = ('fit', 'validate', 'predict')   # the LR finder's exploratory steps must not enter the average
 
-    def __init__(self, decay: float = 0.999):
+    def __init__(self,
+                 decay: float = 0.999,    # the average's weight at each step (the new weights: 1 - it)
+                ):
         check_number('decay', decay, 0., 1.)
         self.decay, self.n_updates = decay, 0
         self.ema: list[torch.Tensor] | None = None
@@ -239,7 +251,9 @@ class EMAS(Subscriber):
         return {'decay': self.decay, 'n_updates': self.n_updates,
                 'ema': None if self.ema is None else [e.detach().clone() for e in self.ema]}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self,
+                        state: dict,    # what `state_dict()` returned
+                       ) -> None:
         "Restore what `state_dict` returned; shapes are checked against the model at the next fit."
         self.decay, self.n_updates = state['decay'], state['n_updates']
         self.ema = None if state['ema'] is None else [e.clone() for e in state['ema']]
