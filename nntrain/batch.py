@@ -39,6 +39,7 @@ def leaves(o):
 
 def batch_size(xb: tuple, yb: tuple = ()) -> int:
     "How many items a batch holds: the length of its first tensor (inputs first, then targets); 1 if it has none."
+    if xb and isinstance(xb[0], torch.Tensor) and xb[0].ndim: return len(xb[0])   # the usual case, once per batch
     t = next((t for t in leaves((xb, yb)) if t.ndim), None)
     return 1 if t is None else len(t)
 
@@ -51,16 +52,16 @@ def _remade(mapping: Mapping, items: dict) -> Mapping:
 
 def split_batch(batch, n_inp: int | None = None, label_names=LABEL_NAMES) -> tuple[tuple, tuple]:
     "`(inputs, targets)`, both tuples: a sequence split by `n_inp` (default: all but the last), a mapping by `label_names`."
-    if isinstance(batch, Mapping):
-        keys = [k for k in label_names if k in batch]
-        inputs = _remade(batch, {k: v for k, v in batch.items() if k not in keys}) if keys else batch
-        return (inputs,), tuple(batch[k] for k in keys)
-    if isinstance(batch, (tuple, list)):
+    if isinstance(batch, (tuple, list)):   # tested first: the usual case, and cheaper than the Mapping check
         n = (max(len(batch) - 1, 1) if n_inp is None else n_inp)
         if not 0 < n <= len(batch):
             raise ValueError(f'n_inp={n_inp} cannot split a batch of {len(batch)} items ({describe(batch)}): it '
                              f'must be in 1..{len(batch)}')
         return tuple(batch[:n]), tuple(batch[n:])
+    if isinstance(batch, Mapping):
+        keys = [k for k in label_names if k in batch]
+        inputs = _remade(batch, {k: v for k, v in batch.items() if k not in keys}) if keys else batch
+        return (inputs,), tuple(batch[k] for k in keys)
     return (batch,), ()   # a bare tensor (or any other object): one input, no targets
 
 def join_batch(batch, xb: tuple, yb: tuple, label_names=LABEL_NAMES):
@@ -94,7 +95,8 @@ def set_input(xb: tuple, value, key: str | None = None) -> tuple:
 # %% ../nbs/03a_batch.ipynb #65ca916f
 def call_model(model: nn.Module, inputs: tuple):
     "`model(*inputs)`; a single mapping of inputs (a dict batch) is passed as keyword arguments, `model(**inputs[0])`."
-    if len(inputs) == 1 and isinstance(inputs[0], Mapping): return model(**inputs[0])
+    if len(inputs) == 1 and not isinstance(inputs[0], torch.Tensor) and isinstance(inputs[0], Mapping):
+        return model(**inputs[0])
     return model(*inputs)
 
 def _field(out, name: str):
@@ -103,6 +105,7 @@ def _field(out, name: str):
 
 def output_preds(out):
     "The predictions in a model's output: its `logits` (key or attribute) when it has them, else the output itself."
+    if isinstance(out, torch.Tensor): return out
     logits = _field(out, 'logits')
     return out if logits is None else logits
 

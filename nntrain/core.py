@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import os
 import random
@@ -137,13 +138,18 @@ def check_subscriber(sub,    # the subscriber to check (an instance)
         if hasattr(sub, old):
             raise TypeError(f'{name}.{old} is no longer read: declare the kinds of run instead, e.g. '
                             f"runs = ('fit', 'validate'); kinds: {RUNS}")
-    for attr in dir(type(sub)):
-        if _suspicious(attr) and callable(getattr(sub, attr, None)):
-            what = 'a step wrapper' if attr.startswith('around_') else 'an event handler'
-            valid = AROUNDS if attr.startswith('around_') else EVENTS
-            raise ValueError(f'{name}.{attr} looks like {what} but {attr!r} is not one.'
-                             f'{_did_you_mean(attr, valid)} Events: {", ".join(EVENTS)}; step wrappers: '
-                             f'{", ".join(AROUNDS)}.')
+    bad = _misnamed(type(sub))
+    if bad is not None:
+        what = 'a step wrapper' if bad.startswith('around_') else 'an event handler'
+        valid = AROUNDS if bad.startswith('around_') else EVENTS
+        raise ValueError(f'{name}.{bad} looks like {what} but {bad!r} is not one.'
+                         f'{_did_you_mean(bad, valid)} Events: {", ".join(EVENTS)}; step wrappers: '
+                         f'{", ".join(AROUNDS)}.')
+
+@functools.lru_cache(maxsize=None)
+def _misnamed(cls: type) -> str | None:
+    "The first method of `cls` that looks like a misspelt event or step wrapper (once per class: difflib is slow)."
+    return next((a for a in dir(cls) if _suspicious(a) and callable(getattr(cls, a, None))), None)
 
 def sort_subs(subs: Iterable,    # subscribers, in the order given
              ) -> list:

@@ -192,6 +192,7 @@ class Learner:
         self.class_dim: int | None = None   # where predictions hold class scores, as the first batch's check found
         self._fit_end = (0, Position())     # (n_epochs, position) of the last fit: what `state_dict` saves between fits
         self._resume: dict | None = None    # a loaded checkpoint's position and state, until fit(resume=True)
+        self._set_subs([])
         self.add_subs(*subs)
 
     def __repr__(self):
@@ -210,12 +211,13 @@ class Learner:
         check_subs(subs)
         for s in subs:
             if any(s is t for t in self.subs): raise ValueError(f'{s!r} is already subscribed to this learner')
-        self._set_subs(self.subs + list(subs))
+        if subs: self._set_subs(self.subs + list(subs))
         return self
 
     def remove_subs(self, *subs) -> Learner:
         "Remove subscribers (by identity) and rebuild the dispatch tables."
-        self._set_subs([t for t in self.subs if not any(t is s for s in subs)])
+        kept = [t for t in self.subs if not any(t is s for s in subs)]
+        if len(kept) != len(self.subs): self._set_subs(kept)
         return self
 
     def _set_subs(self, subs: list) -> None:

@@ -48,12 +48,14 @@ def flat_tokens(ignore_index: int | None = -100) -> Callable:
 # %% ../../nbs/12_metrics.ipynb #7ecafd68
 class _Buffer:
     "Predictions and targets of batches for some metrics, concatenated and given to them at once (fewer updates)."
-    def __init__(self, metrics: list, limit: int): self.metrics, self.limit, self.preds, self.targets, self.n = metrics, limit, [], [], 0
+    def __init__(self, metrics: list, limit: int):
+        self.metrics, self.limit, self.preds, self.targets, self.n, self.shape = metrics, limit, [], [], 0, None
 
     def add(self, preds: torch.Tensor, targets: tuple) -> None:
-        if self.preds and (preds.shape[1:] != self.preds[0].shape[1:] or
-                           [t.shape[1:] for t in targets] != [t.shape[1:] for t in self.targets[0]]):
-            self.flush()   # batches of another shape (variable lengths) cannot be concatenated with these
+        shape = (preds.shape[1:], *(t.shape[1:] for t in targets))
+        if shape != self.shape:   # batches of another shape (variable lengths) cannot be concatenated with these
+            self.flush()
+            self.shape = shape
         self.preds.append(preds); self.targets.append(targets)
         self.n += preds.numel()
         if self.n >= self.limit: self.flush()
@@ -145,7 +147,8 @@ class MetricsS(Subscriber):
 
     def after_batch(self, learn):
         if not self.metrics: return
-        preds, yb = learn.preds.detach(), tuple(y.detach() for y in learn.yb)
+        yb = learn.yb
+        preds, yb = learn.preds.detach(), (yb[0].detach(),) if len(yb) == 1 else tuple(y.detach() for y in yb)
         for tfm, buf in self._buffers.items(): buf.add(*((preds, yb) if tfm is None else _pair(tfm(preds, *yb))))
 
     def after_epoch(self, learn):
