@@ -271,3 +271,34 @@ def test_row_loss_is_weighted_by_batch_size():
 def test_describe():
     assert describe({'a': torch.zeros(2, dtype=torch.long)}) == "{'a': tensor (2,) int64}"
     assert describe((torch.zeros(1),)) == '(tensor (1,) float32,)'
+
+
+def test_fp16_refuses_a_provided_optimizer_step():
+    class OwnStep(Subscriber):
+        def step(self, learn): learn.opt.step()
+    learn = Learner(nn.Linear(3, 2), DataLoaders.from_tensors(X1, Y, X1, Y, batch_size=8), lr=0.1,
+                    subs=[OwnStep(), MixedPrecisionS('fp16')])
+    w = learn.model.weight.detach().clone()
+    with pytest.raises(ValueError, match='a subscriber provides the step itself: use bf16'): learn.fit(1)
+    assert torch.equal(learn.model.weight, w) and learn.global_step == 0
+
+
+def test_hugging_face_columns_as_dict_batches():
+    hf = pytest.importorskip('datasets')
+    rows = {'input_ids': [[1, 2, 3], [4, 5], [6], [7, 8, 9, 1]], 'labels': [0, 1, 0, 1]}
+    dd = hf.DatasetDict(train=hf.Dataset.from_dict(rows), validation=hf.Dataset.from_dict(rows))
+    dls = DataLoaders.from_hf_dd(dd, 2, as_dict=True)
+    batch = next(iter(dls.valid))
+    assert set(batch) == {'input_ids', 'labels'} and batch['input_ids'].shape == (4, 4)
+    assert batch['input_ids'][1].tolist() == [4, 5, 0, 0]   # padded at the end
+
+    class Bag(nn.Module):
+        def __init__(self): super().__init__(); self.emb, self.out = nn.EmbeddingBag(10, 4), nn.Linear(4, 2)
+        def forward(self, input_ids): return self.out(self.emb(input_ids))
+    learn = Learner(Bag(), dls, lr=0.1)
+    learn.fit(1)
+    assert len(learn.history) == 2 and learn.get_preds()[0].shape == (4, 2)
+    fast = DataLoaders.from_hf_dd(hf.DatasetDict(train=hf.Dataset.from_dict({'x': [[1., 2.]] * 4, 'labels': [0] * 4}),
+                                                 validation=hf.Dataset.from_dict({'x': [[1., 2.]] * 2, 'labels': [1] * 2})),
+                                  2, as_dict=True)
+    assert isinstance(fast.train, TensorLoader) and set(next(iter(fast.train))) == {'x', 'labels'}
