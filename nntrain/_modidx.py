@@ -35,6 +35,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'nntrain.core._did_you_mean': ('core.html#_did_you_mean', 'nntrain/core.py'),
                               'nntrain.core._is_number': ('core.html#_is_number', 'nntrain/core.py'),
                               'nntrain.core._is_subscriber': ('core.html#_is_subscriber', 'nntrain/core.py'),
+                              'nntrain.core._misnamed': ('core.html#_misnamed', 'nntrain/core.py'),
                               'nntrain.core._suspicious': ('core.html#_suspicious', 'nntrain/core.py'),
                               'nntrain.core.add_note': ('core.html#add_note', 'nntrain/core.py'),
                               'nntrain.core.atomic_save': ('core.html#atomic_save', 'nntrain/core.py'),

@@ -510,12 +510,16 @@ def _stop(self: Learner, run: Run, when: str):
 
 @patch
 def _after_error(self: Learner, run: Run, e: BaseException) -> None:
-    "Say where `e` happened, and drop partial gradients (the run, with its batch and graph, goes with `self.run`)."
+    "Say where `e` happened; drop partial gradients, and the run's batch and graph (its traceback keeps the run)."
     if not isinstance(e, CANCELS):
         phase = 'train' if run.training else 'valid'
         add_note(e, f'nntrain: stopped in epoch {run.epoch} of {run.n_epochs}, {phase} batch {run.iter}'
                     f' of {run.n_iter} ({run.kind})')
     if self.opt is not None: self.opt.zero_grad()   # partial gradients must not leak into the next step
+    # The traceback (kept by a notebook as `sys.last_traceback`) holds the loop's frames, which hold the run: empty
+    # it, rather than clear the frames, which would leave the traceback unreadable.
+    run.batch, run.out, run.preds, run.loss = None, None, None, None
+    run._of.clear()
 
 # %% ../nbs/03_learner.ipynb #3867f8fa
 @patch

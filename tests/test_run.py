@@ -132,3 +132,21 @@ def test_validation_rows_do_not_enter_history_and_fit_rows_do():
     x, y = learn.dls.valid.tensors
     with torch.no_grad(): expected = F.cross_entropy(learn.model.eval()(x), y).item()
     assert learn.validate()['loss'] == pytest.approx(expected, rel=1e-5) and len(learn.history) == 4
+
+
+def test_a_kept_traceback_holds_no_batch_or_graph():
+    import weakref
+    refs = []
+
+    class Boom(Subscriber):
+        def after_loss(self, learn):
+            refs.extend([weakref.ref(learn.xb[0]), weakref.ref(learn.loss)])
+            raise RuntimeError('boom')
+    learn = tiny_classifier()
+    try: learn.fit(1, subs=[Boom()])
+    except RuntimeError as e: kept = e   # as a notebook keeps sys.last_traceback
+    gc.collect()
+    assert kept.__traceback__ is not None and all(r() is None for r in refs)
+    tb, frames = kept.__traceback__, {}
+    while tb is not None: frames[tb.tb_frame.f_code.co_name] = tb.tb_frame.f_locals; tb = tb.tb_next
+    assert frames['fit']['n_epochs'] == 1   # the frames keep their locals: the traceback stays readable
