@@ -53,7 +53,7 @@ def _remade(mapping: Mapping, items: dict) -> Mapping:
 def split_batch(batch, n_inp: int | None = None, label_names=LABEL_NAMES) -> tuple[tuple, tuple]:
     "`(inputs, targets)`, both tuples: a sequence split by `n_inp` (default: all but the last), a mapping by `label_names`."
     if isinstance(batch, (tuple, list)):   # tested first: the usual case, and cheaper than the Mapping check
-        n = (max(len(batch) - 1, 1) if n_inp is None else n_inp)
+        n = n_inp if n_inp is not None else len(batch) - 1 if len(batch) > 1 else 1
         if not 0 < n <= len(batch):
             raise ValueError(f'n_inp={n_inp} cannot split a batch of {len(batch)} items ({describe(batch)}): it '
                              f'must be in 1..{len(batch)}')
@@ -66,6 +66,7 @@ def split_batch(batch, n_inp: int | None = None, label_names=LABEL_NAMES) -> tup
 
 def join_batch(batch, xb: tuple, yb: tuple, label_names=LABEL_NAMES):
     "The batch made of inputs `xb` and targets `yb` with the structure of `batch` (the inverse of `split_batch`)."
+    if type(batch) is tuple: return (*xb, *yb)   # the usual case first
     if isinstance(batch, Mapping):
         keys = [k for k in label_names if k in batch]
         if len(xb) != 1 or not isinstance(xb[0], Mapping) or len(yb) != len(keys):
@@ -80,7 +81,7 @@ def join_batch(batch, xb: tuple, yb: tuple, label_names=LABEL_NAMES):
 def get_input(xb: tuple, key: str | None = None):
     "The main input of a batch's inputs: the first, or entry `key` of a mapping of inputs."
     x = xb[0]
-    if isinstance(x, Mapping):
+    if not isinstance(x, torch.Tensor) and isinstance(x, Mapping):
         if key is None: raise ValueError(f'the inputs are a mapping ({describe(x)}): say which entry to use (key=...)')
         if key not in x: raise KeyError(f'the inputs have no entry {key!r}; they have {list(x)}')
         return x[key]
@@ -89,7 +90,7 @@ def get_input(xb: tuple, key: str | None = None):
 def set_input(xb: tuple, value, key: str | None = None) -> tuple:
     "`xb` with its main input (as `get_input` finds it) replaced by `value`."
     x = xb[0]
-    if isinstance(x, Mapping): return (_remade(x, {**x, key: value}), *xb[1:])
+    if not isinstance(x, torch.Tensor) and isinstance(x, Mapping): return (_remade(x, {**x, key: value}), *xb[1:])
     return (value, *xb[1:])
 
 # %% ../nbs/03a_batch.ipynb #65ca916f

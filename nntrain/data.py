@@ -99,13 +99,12 @@ class TensorLoader:
     def __len__(self) -> int:
         return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
 
-    def _batch(self, parts: tuple):
-        return parts if self.names is None else dict(zip(self.names, parts))
-
     def __iter__(self):
         bs, n_batches = self.batch_size, len(self)
         if not self.shuffle:
-            for i in range(n_batches): yield self._batch(tuple(t[i*bs:(i+1)*bs] for t in self.tensors))
+            for i in range(n_batches):
+                parts = tuple(t[i*bs:(i+1)*bs] for t in self.tensors)
+                yield parts if self.names is None else dict(zip(self.names, parts))
             return
         self._epoch_state = self.generator.get_state()
         idx = torch.randperm(self.n, generator=self.generator).to(self.tensors[0].device)
@@ -114,7 +113,8 @@ class TensorLoader:
         for i in range(n_batches):
             j = idx[i*bs:(i+1)*bs]
             if i == n_batches - 1: self._epoch_state = None   # the whole order is handed out: the next state is next
-            yield self._batch(tuple(t.index_select(0, j) for t in self.tensors))
+            parts = tuple(t.index_select(0, j) for t in self.tensors)
+            yield parts if self.names is None else dict(zip(self.names, parts))
 
     @property
     def device(self) -> torch.device:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from functools import partial
 from typing import Callable
 
@@ -166,7 +166,7 @@ RUN_STATE = ('n_epochs', 'epoch', 'training', 'dl', 'n_iter', 'iter', 'pct_train
 "What `learn.<name>` reads from (and writes to) the run in progress; each is None between runs."
 
 def _run_attr(name: str) -> property:
-    def get(self): return None if self.run is None else getattr(self.run, name)
+    def get(self): return getattr(self.run, name, None)   # None between runs (`self.run` is None)
     def set(self, value):
         if self.run is None: raise AttributeError(f'learn.{name} belongs to a run, and no run is in progress')
         setattr(self.run, name, value)
@@ -278,7 +278,7 @@ class Learner:
         "Run the model on the batch's inputs (and its targets, when the model computes its loss): sets `out`, `preds`."
         run = self.run
         if self.loss_func is not None or not run.yb: inputs = run.xb
-        else: inputs = (run.batch,) if isinstance(run.batch, Mapping) else run.xb + run.yb
+        else: inputs = (run.batch,) if isinstance(run.batch, Mapping) else (*run.xb, *run.yb)
         run.out = call_model(self.model, inputs)
         run.preds = output_preds(run.out)
 
@@ -469,24 +469,31 @@ def _all_batches(self: Learner, run: Run, skip: int) -> None:
 
 @patch
 def _one_batch(self: Learner, run: Run) -> None:
-    first = run.training in run.unchecked   # each phase's first batch runs its steps with checks around it
-    run.unchecked.discard(run.training)
-    do = partial(checked_step, self) if first else lambda name, step: step()
-    # a refused first training batch changes nothing, not even batch-norm statistics
-    with buffers_kept_on_error(self.model) if first and run.training else nullcontext():
-        do('predict', run.steps['predict']); self.publish('after_predict')
-        if run.kind == 'predict': return
-        do('get_loss', run.steps['get_loss']); self.publish('after_loss')
+    steps, first = run.steps, run.training in run.unchecked
+    if first:   # each phase's first batch runs its steps with the checks around them
+        run.unchecked.discard(run.training)
+        steps = {n: partial(checked_step, self, n, f) for n, f in steps.items()}
+        if run.training:   # a refused first training batch changes nothing, not even batch-norm statistics
+            with buffers_kept_on_error(self.model): self._forward(run, steps)
+        else: self._forward(run, steps)
+    else: self._forward(run, steps)
+    if run.kind == 'predict': return
     if run.training:
         try:
-            run.steps['backward'](); self.publish('after_backward')
-            run.steps['step']()
+            steps['backward'](); self.publish('after_backward')
+            steps['step']()
             self.global_step, run.pos = self.global_step + 1, Position(run.epoch, True, run.iter + 1)
             self.publish('after_step')
-            run.steps['zero_grad']()
+            steps['zero_grad']()
         except CancelStepException: pass
     else: run.pos = Position(run.epoch, False, run.iter + 1)
     run.losses.add(run.loss, batch_size(run.xb, run.yb))
+
+@patch
+def _forward(self: Learner, run: Run, steps: dict) -> None:
+    "The predictions, and (but in a prediction run) the loss."
+    steps['predict'](); self.publish('after_predict')
+    if run.kind != 'predict': steps['get_loss'](); self.publish('after_loss')
 
 @patch
 def _end_phase(self: Learner, run: Run) -> None:

@@ -99,7 +99,7 @@ class Run:
         self.resume_rng = None          # the random state to restore before the first batch of a resumed fit
         self.resumed: dict | None = None   # the checkpoint's resume point, while its first phase has not started
         self.epoch, self.training, self.dl, self.iter, self.n_iter, self.pct_train = start.epoch, False, None, 0, 0, 0.
-        self._batch, self._xb, self._yb = None, (), ()
+        self._batch, self.xb, self.yb, self._split = None, (), (), ((), ())
         self.out = self.preds = self.loss = self.scaler = None
         self.rows: list[dict] = []      # the history rows this run made (a fit also adds them to `learn.history`)
         self.losses = WeightedMean()    # this phase's losses, weighted by batch size
@@ -112,30 +112,21 @@ class Run:
         self.table = self.steps = self.providers = None   # the dispatch of this kind of run
         self._of: dict = {}
 
-    # the batch, its inputs and its targets always agree: set one, the others follow
+    # The batch, its inputs and its targets always agree. Setting the batch splits it; `xb` and `yb` are plain
+    # attributes (read many times per batch, so reads cost nothing), and the batch, when read after one of them was
+    # replaced, is made again from them.
     @property
-    def batch(self): return self._batch
+    def batch(self):
+        if self._batch is not None and (self.xb is not self._split[0] or self.yb is not self._split[1]):
+            self._batch = join_batch(self._batch, self.xb, self.yb, self.label_names)
+            self._split = (self.xb, self.yb)
+        return self._batch
 
     @batch.setter
     def batch(self, batch):
         self._batch = batch
-        self._xb, self._yb = ((), ()) if batch is None else split_batch(batch, self.n_inp, self.label_names)
-
-    @property
-    def xb(self) -> tuple: return self._xb
-
-    @xb.setter
-    def xb(self, xb) -> None:
-        self._xb = tuple(xb)
-        if self._batch is not None: self._batch = join_batch(self._batch, self._xb, self._yb, self.label_names)
-
-    @property
-    def yb(self) -> tuple: return self._yb
-
-    @yb.setter
-    def yb(self, yb) -> None:
-        self._yb = tuple(yb)
-        if self._batch is not None: self._batch = join_batch(self._batch, self._xb, self._yb, self.label_names)
+        self.xb, self.yb = ((), ()) if batch is None else split_batch(batch, self.n_inp, self.label_names)
+        self._split = (self.xb, self.yb)
 
     @property
     def sharded(self) -> bool:

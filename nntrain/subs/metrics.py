@@ -52,7 +52,8 @@ class _Buffer:
         self.metrics, self.limit, self.preds, self.targets, self.n, self.shape = metrics, limit, [], [], 0, None
 
     def add(self, preds: torch.Tensor, targets: tuple) -> None:
-        shape = (preds.shape[1:], *(t.shape[1:] for t in targets))
+        shape = (preds.shape[1:], targets[0].shape[1:]) if len(targets) == 1 else (
+            preds.shape[1:], *[t.shape[1:] for t in targets])
         if shape != self.shape:   # batches of another shape (variable lengths) cannot be concatenated with these
             self.flush()
             self.shape = shape
