@@ -344,8 +344,14 @@ def test_api_entries_document_their_parameters(site, browser):
     # the source is there, folded: not shown until asked for
     visible = browser.eval('document.querySelector("main").innerText')
     assert 'def _start_fit' not in visible and 'class ProgressS(Subscriber)' not in visible
+    assert 'def _fmt_cell' not in visible and 'from fastprogress' not in visible   # private helpers, imports
+    assert 'Implementation: _fmt_cell' in visible                                 # ... folded, not gone
     browser.eval('document.querySelector("#ProgressS > details.source").open = true')
     assert 'def _start_fit' in browser.eval('document.querySelector("#ProgressS > details.source").innerText')
+    # a tutorial is read for its code: none of it folded
+    browser.goto(base + '90_ablation.html')
+    assert 'def run(name, opt_func, lr, one_cycle' in browser.eval('document.querySelector("main").innerText')
+    browser.goto(base + '13_progress.html')
     # a subscriber's event methods are the learner's to call: not in its entry, nor in the index of names
     assert browser.eval('document.getElementById("ProgressS.before_fit")') is None
     browser.goto(base + 'names.html')

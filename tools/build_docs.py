@@ -423,7 +423,9 @@ class Site:
             elif only_imports(body) and not outs: continue   # the notebook's own imports: nothing to show a reader
             elif 'hide_input' in flags or flags.get('echo') == 'false':
                 parts.append(f'<div class="cell code">{outs}</div>')
-            elif outs: parts.append(f'<div class="cell code example">{self.cell_code(body)}{outs}</div>')
+            # a module's page folds code without output (checks, setup); a tutorial is read for its code
+            elif outs or not info.module:
+                parts.append(f'<div class="cell code example">{self.cell_code(body)}{outs}</div>')
             else:
                 lines = body.splitlines()
                 more = f' <span class="more">+{len(lines) - 1} lines</span>' if len(lines) > 1 else ''
