@@ -210,6 +210,22 @@ def test_every_public_name_has_an_entry(site):
     assert len(ids) == len(re.findall(r'<div class="api" id=', text)), 'an API id appears twice'
 
 
+# modules whose notebooks other work is editing now (issue 19); their parameters get descriptions there
+UNDOCUMENTED_FOR_NOW = {'nntrain.learner', 'nntrain.testing', 'nntrain.transfer', 'nntrain.subs.device',
+                        'nntrain.subs.normalize', 'nntrain.subs.metrics', 'nntrain.subs.augment',
+                        'nntrain.subs.precision', 'nntrain.subs.checkpoint', 'nntrain.subs.tracking',
+                        'nntrain.subs.distributed'}
+
+
+def test_every_parameter_has_a_description(site):
+    "Each parameter of the public API has a description beside it in the source (fastcore `docments`)."
+    info, _ = site
+    missing = [u for u in info['undocumented'] if u.split(':')[0] not in UNDOCUMENTED_FOR_NOW]
+    assert not missing, f'{len(missing)} parameters without a description: {missing[:20]}'
+    progress = (info['out'] / '13_progress.html').read_text()
+    assert 'no description' not in progress
+
+
 def test_failing_execution_shows_on_page(tmp_path):
     "A cell that raises under --execute shows its traceback on the page; a broken notebook gets an error page."
     from build_docs import build
