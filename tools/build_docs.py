@@ -1,6 +1,11 @@
 """Build nntrain's documentation site OFFLINE: one static HTML page per notebook in nbs/, with API entries.
 
-    python tools/build_docs.py [--out _site] [--execute [NAME ...]]
+    python tools/build_docs.py [--out _site] [--execute [NAME ...]] [--undocumented]
+
+Each page reads as a library's documentation: the notebook's prose; an API entry where the notebook defines a public
+name (signature, parameters with their `docments` descriptions, docstring, source folded); examples with their
+outputs; implementation cells folded; a table of contents. Plus an index of the public names and a full-text search
+(names, parameters, docstrings, prose) that runs in the browser from `search_index.js`.
 
 No Quarto, no network: markdown is rendered with mistune (which nbconvert brings), code with Pygments, and
 API entries (signature, docstring, docments parameters) with `inspect` and `fastcore.docments`. Notebooks are
@@ -261,7 +266,7 @@ class Site:
         self.pages = {'index.html', 'names.html'} | {i.page for i in nbs}
         self.entries: dict[str, list[Entry]] = {}   # page -> entries
         self.where: dict[str, str] = {}             # api name -> page
-        self.undocumented: list[str] = []           # `name(param)` without a description
+        self.undocumented: list[str] = []           # `module: Name(param)` without a description
         self.n_img = 0
         self.fmt = HtmlFormatter(nowrap=True)
 
@@ -371,7 +376,7 @@ class Site:
         rows = parameters(e)
         if not rows: return ''
         for name, *_, desc in rows:
-            if not desc: self.undocumented.append(f'{e.name}({name})')
+            if not desc: self.undocumented.append(f'{e.module}: {e.name}({name})')
         cell = lambda v, cls: f'<td class="{cls}">{v}</td>'
         body = ''.join('<tr>' + cell(f'<code>{html.escape(n)}</code>', 'p-name')
                        + cell(f'<code>{html.escape(t)}</code>' if t else '', 'p-type')
@@ -423,7 +428,9 @@ class Site:
             elif only_imports(body) and not outs: continue   # the notebook's own imports: nothing to show a reader
             elif 'hide_input' in flags or flags.get('echo') == 'false':
                 parts.append(f'<div class="cell code">{outs}</div>')
-            elif outs: parts.append(f'<div class="cell code example">{self.cell_code(body)}{outs}</div>')
+            # a module's page folds code without output (checks, setup); a tutorial is read for its code
+            elif outs or not info.module:
+                parts.append(f'<div class="cell code example">{self.cell_code(body)}{outs}</div>')
             else:
                 lines = body.splitlines()
                 more = f' <span class="more">+{len(lines) - 1} lines</span>' if len(lines) > 1 else ''

@@ -153,10 +153,11 @@ class ProgressS(Subscriber):
     runs = ('fit', 'validate')
     update_every = 0.2   # seconds between two refreshes of the notebook display within a phase
 
-    def __init__(self, plot: bool = False,           # a live plot of the training and validation losses
-                 comment_every: float = 0.5,        # seconds between two readings of the loss shown by the bar
-                 table: str = 'epoch',              # 'epoch': one row per epoch; 'phase': one row per phase
-                 notebook: bool | None = None,      # None: a notebook display in a Jupyter kernel, else console bars
+    def __init__(self,
+                 plot: bool = False,              # a live plot of the training and validation losses
+                 comment_every: float = 0.5,      # seconds between two readings of the loss shown by the bar
+                 table: str = 'epoch',            # 'epoch': one row per epoch; 'phase': one row per phase
+                 notebook: bool | None = None,    # None: a notebook display in a Jupyter kernel, else console bars
                 ):
         check_bool('plot', plot)
         check_number('comment_every', comment_every, low=0)
