@@ -20,7 +20,8 @@ __all__ = ['LABEL_NAMES', 'describe', 'leaves', 'batch_size', 'split_batch', 'jo
 LABEL_NAMES = ('labels', 'label')
 "The entries of a mapping batch that are targets, unless a learner or its loaders name others (Hugging Face's names)."
 
-def describe(o) -> str:
+def describe(o,   # a batch, an output, or anything in them
+             ) -> str:
     "A short description of a batch or output for error messages: shapes and dtypes, not values."
     if isinstance(o, torch.Tensor): return f'tensor {tuple(o.shape)} {str(o.dtype).replace("torch.", "")}'
     if isinstance(o, Mapping): return '{' + ', '.join(f'{k!r}: {describe(v)}' for k, v in list(o.items())[:8]) + '}'
@@ -29,7 +30,7 @@ def describe(o) -> str:
         return f'({inner},)' if isinstance(o, tuple) and len(o) == 1 else f'({inner})' if isinstance(o, tuple) else f'[{inner}]'
     return type(o).__name__
 
-def leaves(o):
+def leaves(o):   # nested tuples, lists and mappings of tensors
     "The tensors in `o` (nested tuples, lists, mappings), in order."
     if isinstance(o, torch.Tensor): yield o
     elif isinstance(o, Mapping):
@@ -37,7 +38,9 @@ def leaves(o):
     elif isinstance(o, (tuple, list)):
         for v in o: yield from leaves(v)
 
-def batch_size(xb: tuple, yb: tuple = ()) -> int:
+def batch_size(xb: tuple,        # the batch's inputs
+               yb: tuple = (),   # its targets
+              ) -> int:
     "How many items a batch holds: the length of its first tensor (inputs first, then targets); 1 if it has none."
     if xb and isinstance(xb[0], torch.Tensor) and xb[0].ndim: return len(xb[0])   # the usual case, once per batch
     t = next((t for t in leaves((xb, yb)) if t.ndim), None)
@@ -50,7 +53,10 @@ def _remade(mapping: Mapping, items: dict) -> Mapping:
     try: return type(mapping)(items)
     except Exception: return items
 
-def split_batch(batch, n_inp: int | None = None, label_names=LABEL_NAMES) -> tuple[tuple, tuple]:
+def split_batch(batch,                        # what a loader yields: a tuple, a list, a mapping or a tensor
+                n_inp: int | None = None,     # leading items of a sequence that are inputs (None: all but the last)
+                label_names=LABEL_NAMES,      # the keys of a mapping that are targets
+               ) -> tuple[tuple, tuple]:
     "`(inputs, targets)`, both tuples: a sequence split by `n_inp` (default: all but the last), a mapping by `label_names`."
     if isinstance(batch, (tuple, list)):   # tested first: the usual case, and cheaper than the Mapping check
         n = n_inp if n_inp is not None else len(batch) - 1 if len(batch) > 1 else 1
@@ -64,7 +70,11 @@ def split_batch(batch, n_inp: int | None = None, label_names=LABEL_NAMES) -> tup
         return (inputs,), tuple(batch[k] for k in keys)
     return (batch,), ()   # a bare tensor (or any other object): one input, no targets
 
-def join_batch(batch, xb: tuple, yb: tuple, label_names=LABEL_NAMES):
+def join_batch(batch,                    # the batch whose structure (tuple, list, mapping) to keep
+               xb: tuple,                # its new inputs
+               yb: tuple,                # its new targets
+               label_names=LABEL_NAMES,  # the keys of a mapping that are targets
+              ):
     "The batch made of inputs `xb` and targets `yb` with the structure of `batch` (the inverse of `split_batch`)."
     if type(batch) is tuple: return (*xb, *yb)   # the usual case first
     if isinstance(batch, Mapping):
@@ -78,7 +88,9 @@ def join_batch(batch, xb: tuple, yb: tuple, label_names=LABEL_NAMES):
     return xb[0] if len(xb) == 1 else tuple(xb)
 
 # %% ../nbs/03a_batch.ipynb #e99ebf3f
-def get_input(xb: tuple, key: str | None = None):
+def get_input(xb: tuple,                  # a batch's inputs
+              key: str | None = None,     # the entry to use when the inputs are a mapping
+             ):
     "The main input of a batch's inputs: the first, or entry `key` of a mapping of inputs."
     x = xb[0]
     if not isinstance(x, torch.Tensor) and isinstance(x, Mapping):
@@ -87,14 +99,19 @@ def get_input(xb: tuple, key: str | None = None):
         return x[key]
     return x
 
-def set_input(xb: tuple, value, key: str | None = None) -> tuple:
+def set_input(xb: tuple,                  # a batch's inputs
+              value,                      # the new main input
+              key: str | None = None,     # the entry to replace when the inputs are a mapping
+             ) -> tuple:
     "`xb` with its main input (as `get_input` finds it) replaced by `value`."
     x = xb[0]
     if not isinstance(x, torch.Tensor) and isinstance(x, Mapping): return (_remade(x, {**x, key: value}), *xb[1:])
     return (value, *xb[1:])
 
 # %% ../nbs/03a_batch.ipynb #65ca916f
-def call_model(model: nn.Module, inputs: tuple):
+def call_model(model: nn.Module,   # the model (or any callable)
+               inputs: tuple,      # positional inputs, or one mapping of keyword inputs
+              ):
     "`model(*inputs)`; a single mapping of inputs (a dict batch) is passed as keyword arguments, `model(**inputs[0])`."
     if len(inputs) == 1 and not isinstance(inputs[0], torch.Tensor) and isinstance(inputs[0], Mapping):
         return model(**inputs[0])
@@ -104,13 +121,14 @@ def _field(out, name: str):
     if isinstance(out, Mapping): return out.get(name)
     return getattr(out, name, None) if not isinstance(out, (torch.Tensor, tuple, list)) else None
 
-def output_preds(out):
+def output_preds(out):   # what the model returned
     "The predictions in a model's output: its `logits` (key or attribute) when it has them, else the output itself."
     if isinstance(out, torch.Tensor): return out
     logits = _field(out, 'logits')
     return out if logits is None else logits
 
-def output_loss(out) -> torch.Tensor:
+def output_loss(out,   # what the model returned, given the targets
+               ) -> torch.Tensor:
     "The loss a model computed itself: its output's `loss` (key or attribute); an error that says so when there is none."
     loss = _field(out, 'loss')
     if loss is None:
@@ -120,18 +138,24 @@ def output_loss(out) -> torch.Tensor:
     return loss
 
 # %% ../nbs/03a_batch.ipynb #68c98690
-def is_index(y) -> bool:
+def is_index(y,   # targets
+             ) -> bool:
     "Are `y` integer class indices (not floats, complex numbers or booleans)?"
     return isinstance(y, torch.Tensor) and not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool)
 
-def class_dim(preds, y) -> int | None:
+def class_dim(preds,   # the model's scores
+              y,       # the labels
+             ) -> int | None:
     "Where `preds` holds class scores for labels `y`: 1 for `(B, C, ...)` with `y` `(B, ...)`, -1 for `(B, ..., C)` with `y` `(B, ...)`; else None."
     if not (isinstance(preds, torch.Tensor) and isinstance(y, torch.Tensor)) or preds.ndim != y.ndim + 1: return None
     if preds.shape[:1] + preds.shape[2:] == y.shape: return 1   # torch's losses: classes on dim 1 (also (B, C))
     if preds.shape[:-1] == y.shape: return -1                     # a language model's (B, T, V) with (B, T)
     return None
 
-def layout_name(dim: int | None, preds=None, y=None) -> str:
+def layout_name(dim: int | None,   # 1, -1 (the last dim) or None, as `class_dim` says
+                preds=None,        # the scores, to show their shape
+                y=None,            # the labels, to show their shape
+               ) -> str:
     "How a message names the layout it assumed."
     shapes = '' if preds is None else f': scores {tuple(preds.shape)}, labels {tuple(y.shape)}'
     if dim == 1: return f'classes on dim 1 ((B, C, ...) with labels (B, ...){shapes})'
@@ -139,7 +163,10 @@ def layout_name(dim: int | None, preds=None, y=None) -> str:
     return f'no class layout{shapes}'
 
 # %% ../nbs/03a_batch.ipynb #cc479ed4
-def check_inputs(xb: tuple, yb: tuple, model: nn.Module | None = None) -> None:
+def check_inputs(xb: tuple,                       # a batch's inputs
+                 yb: tuple,                       # its targets
+                 model: nn.Module | None = None,  # the model, whose device the inputs must be on
+                ) -> None:
     "Raise a clear error if inputs and targets disagree on batch size, or the inputs are on another device than the model."
     x = next((t for t in leaves(xb) if t.ndim), None)
     y = next((t for t in leaves(yb) if t.ndim), None)
@@ -150,8 +177,12 @@ def check_inputs(xb: tuple, yb: tuple, model: nn.Module | None = None) -> None:
         raise RuntimeError(f'inputs are on {x.device} but the model is on {param.device}: add DeviceS() to the '
                            "subscribers, or build the loaders on the model's device")
 
-def check_targets(preds, y, all_targets: torch.Tensor | None = None, ignore_index: int = -100,
-                  where: str = 'this batch has') -> int | None:
+def check_targets(preds,                                    # the model's predictions for a batch
+                  y,                                        # the batch's targets
+                  all_targets: torch.Tensor | None = None,  # every label of the loader, when known (in memory)
+                  ignore_index: int = -100,                 # a label that is ignored, never out of range
+                  where: str = 'this batch has',            # how the message names where the labels are
+                 ) -> int | None:
     "Raise a clear error if labels `y` (or `all_targets`, when known) cannot be targets for `preds`; the class dim found."
     if not (isinstance(preds, torch.Tensor) and isinstance(y, torch.Tensor)) or not preds.is_floating_point(): return None
     if preds.ndim and y.ndim and len(preds) != len(y):
@@ -177,7 +208,8 @@ def check_targets(preds, y, all_targets: torch.Tensor | None = None, ignore_inde
                          'would broadcast them silently. Reshape one (e.g. `preds.squeeze(-1)` or `y.view(-1, 1)`).')
     return dim
 
-def check_loss(loss) -> None:
+def check_loss(loss,   # what the loss function returned
+               ) -> None:
     "Raise a clear error unless `loss` is one number (a scalar tensor): a loss per item cannot be averaged silently."
     if not isinstance(loss, torch.Tensor):
         raise TypeError(f'the loss must be a tensor, got {describe(loss)}')
@@ -186,7 +218,10 @@ def check_loss(loss) -> None:
                          "(e.g. `reduction='mean'`); nntrain weights each batch's mean loss by its size itself")
 
 # %% ../nbs/03a_batch.ipynb #f72e201a
-def per_item_loss(loss_func: Callable, preds: torch.Tensor, *targets) -> torch.Tensor:
+def per_item_loss(loss_func: Callable,   # a loss function or module (taking `reduction`)
+                  preds: torch.Tensor,    # the predictions
+                  *targets,               # the targets
+                 ) -> torch.Tensor:
     "`loss_func(preds, *targets)` without reduction: one value per item (or per position)."
     if isinstance(loss_func, nn.Module) and hasattr(loss_func, 'reduction'):
         old, loss_func.reduction = loss_func.reduction, 'none'
@@ -195,7 +230,9 @@ def per_item_loss(loss_func: Callable, preds: torch.Tensor, *targets) -> torch.T
     return loss_func(preds, *targets, reduction='none')
 
 # %% ../nbs/03a_batch.ipynb #50c59b82
-def cat_items(parts: list[torch.Tensor], pad_value: float | None = -100):
+def cat_items(parts: list[torch.Tensor],        # per-batch tensors
+              pad_value: float | None = -100,   # fills the space of shorter items; None: a list of items instead
+             ):
     "Per-batch tensors as one: concatenated, padded at the end of each dim with `pad_value` where shapes differ (None: a list of per-item tensors)."
     if not parts: return None
     shapes = {p.shape[1:] for p in parts}

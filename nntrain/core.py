@@ -102,7 +102,8 @@ def _is_subscriber(obj) -> bool:
     if obj is None or isinstance(obj, (type, str, bytes, int, float, bool)): return False
     return any(callable(getattr(obj, n, None)) for n in _HOOKS + STEPS)
 
-def check_subs(subs) -> None:
+def check_subs(subs,   # what was passed as `subs` (to Learner, add_subs or fit)
+               ) -> None:
     "Raise unless `subs` is a collection of subscribers, each once: `None`, a function, a class or a string is refused."
     if isinstance(subs, (str, bytes)) or not hasattr(subs, '__iter__') or isinstance(subs, Subscriber):
         raise TypeError(f'subs must be a list of subscribers, got {subs!r}')

@@ -433,8 +433,11 @@ def hf_ds_collate_fn(data: list[dict],        # rows of a Hugging Face dataset (
         return torch.tensor(v)
     return tuple(torch.stack([to_tensor(v) for v in col]) for col in zip(*(row.values() for row in data)))
 
-def pad_collate(rows: list[dict], pad_value: int = 0, label_pad_value: int = -100,
-                label_names: tuple = ('labels', 'label')) -> dict:
+def pad_collate(rows: list[dict],                         # rows of a dataset: dicts of numbers, lists, arrays
+                pad_value: int = 0,                       # pads input sequences (token id 0, attention mask 0)
+                label_pad_value: int = -100,              # pads targets: the value losses ignore
+                label_names: tuple = ('labels', 'label'), # the columns that are targets
+               ) -> dict:
     "Rows (dicts) as one dict batch: equal shapes stacked, sequences of other lengths padded at the end (labels: -100)."
     out = {}
     for k in rows[0]:

@@ -22,8 +22,10 @@ __all__ = ['Collect', 'get_preds', 'infer', 'TTAViews', 'tta']
 class Collect(Subscriber):
     "Gathers (reduced) predictions, targets and per-item losses batch by batch on the CPU, so logits never pile up."
     order, runs = Order.COLLECT, ('predict',)
-    def __init__(self, act: Callable | None = None, reduce: str | Callable | None = None, with_loss: bool = False,
-                 pad_value: float | None = -100):
+    def __init__(self, act: Callable | None = None,          # applied to each batch's predictions
+                 reduce: str | Callable | None = None,   # 'argmax' over the class dim, or a function of the predictions
+                 with_loss: bool = False,                # also per-item losses
+                 pad_value: float | None = -100):        # pads batches of other shapes; None: lists of items
         self.act, self.reduce, self.with_loss, self.pad_value = act, reduce, with_loss, pad_value
         self.preds, self.targets, self.losses = [], [], []
 
@@ -55,12 +57,14 @@ class Collect(Subscriber):
         res = (cat(self.preds), targets)
         return res + (cat(self.losses),) if self.with_loss else res
 
-def get_preds(learn, dl=None,                       # a loader (default: the validation loader)
+def get_preds(learn,                                # the learner
+              dl=None,                              # a loader (default: the validation loader)
               act: Callable | None = None,          # applied to each batch's predictions (e.g. torch.softmax)
               reduce: str | Callable | None = None, # 'argmax' over the class dim, or any function of the predictions
               with_loss: bool = False,              # also return the loss of each item
               pad_value: float | None = -100,       # pads batches whose shapes differ; None: lists of items
-              n_inp: int | None = None) -> tuple:   # inputs per batch (default: the learner's)
+              n_inp: int | None = None,             # inputs per batch (default: the learner's)
+             ) -> tuple:
     "Predictions and targets for `dl` (default: the valid loader) on the CPU; `with_loss`: per-item losses too."
     learn._refuse_nested('a prediction')
     if reduce is not None and reduce != 'argmax' and not callable(reduce):
@@ -75,7 +79,9 @@ def get_preds(learn, dl=None,                       # a loader (default: the val
                       label_names=learn.label_names), [collect])
     return collect.result()
 
-def infer(learn, *inputs) -> torch.Tensor:
+def infer(learn,     # the learner
+          *inputs,   # one batch of inputs: `x`, several (`x1, x2`), or a mapping of them
+         ) -> torch.Tensor:
     "The model's output for one batch of inputs, through the input subscribers (device, normalization), on the CPU."
     if not inputs: raise TypeError('infer needs inputs: learn.infer(x), learn.infer(x1, x2) or learn.infer(batch_dict)')
     if len(inputs) == 1 and isinstance(inputs[0], Mapping): return get_preds(learn, [inputs[0]])[0]
@@ -86,7 +92,10 @@ class TTAViews(Subscriber):
     "During a `tta` pass: after each plain prediction, predict augmented views and blend them in."
     order, runs = Order.TTA, ('predict',)
 
-    def __init__(self, views: list, beta: float, act: Callable | None, key: str | None = None):
+    def __init__(self, views: list,             # (transform, undo or None) pairs, one per view
+                 beta: float,                   # the weight of the plain prediction
+                 act: Callable | None,          # applied to predictions before blending
+                 key: str | None = None):       # the input to augment, when inputs are a mapping
         self.views, self.beta, self.act, self.key = views, beta, act or (lambda p: p), key
 
     def after_predict(self, learn):
@@ -109,14 +118,16 @@ def _views(transform, undo, n: int) -> list:
         return list(zip(transform, undo))
     return [(transform, undo)] * n
 
-def tta(learn, dl=None,                           # a loader (default: the validation loader)
+def tta(learn,                                    # the learner
+        dl=None,                                  # a loader (default: the validation loader)
         n: int = 4,                               # augmented views of a random `transform`
         beta: float = 0.25,                       # the weight of the plain prediction
         transform: Callable | list | None = None, # inputs -> augmented inputs (default: the training augmentation's)
         undo: Callable | list | None = None,      # maps an augmented view's predictions back (e.g. flip masks back)
         act: Callable | None = None,              # applied to predictions before blending (e.g. softmax)
         reduce: str | Callable | None = None,     # as in `get_preds`
-        key: str | None = None) -> tuple:         # the input to augment, when inputs are a mapping
+        key: str | None = None,                   # the input to augment, when inputs are a mapping
+       ) -> tuple:
     "Predictions for `dl` blended over augmented views: `(1 - beta) * mean(views) + beta * plain`."
     check_int('n', n, 0)
     check_number('beta', beta, 0, 1)

@@ -31,7 +31,9 @@ __all__ = ['RUN_STATE', 'lr_for_groups', 'check_lr', 'loader_targets', 'buffers_
            'TrainingLoop', 'MomentumLearner']
 
 # %% ../nbs/03_learner.ipynb #6a0e8e74
-def lr_for_groups(lr: float | slice | list, n_groups: int) -> list[float]:
+def lr_for_groups(lr: float | slice | list,   # a rate, a slice of rates, or one rate per group
+                  n_groups: int,               # parameter groups
+                 ) -> list[float]:
     "A learning rate per param group: a number for all; `slice(hi)`: `hi/10` but the last; `slice(lo, hi)`: geometric."
     if isinstance(lr, (list, tuple)):
         if len(lr) != n_groups: raise ValueError(f'{len(lr)} learning rates for {n_groups} param groups')
@@ -44,7 +46,10 @@ def lr_for_groups(lr: float | slice | list, n_groups: int) -> list[float]:
                          'or a splitter (e.g. learn.freeze() or Learner(..., splitter=default_splitter))')
     return [lo * (hi / lo) ** (i / (n_groups - 1)) for i in range(n_groups)]
 
-def check_lr(name: str, lr, allow_none: bool = False) -> None:
+def check_lr(name: str,                 # the argument's name, for the message
+             lr,                        # what was given
+             allow_none: bool = False,  # is None allowed (keep the current rate)?
+            ) -> None:
     "Raise unless `lr` is a positive finite number, a `slice` of them, or a list of them (or None when allowed)."
     if lr is None and allow_none: return
     if hasattr(lr, 'valley') and hasattr(lr, 'suggestions'):
@@ -59,7 +64,9 @@ def check_lr(name: str, lr, allow_none: bool = False) -> None:
     for v in (lr if isinstance(lr, (list, tuple)) else [lr]): check_number(name, v, 0, low_open=True)
 
 # %% ../nbs/03_learner.ipynb #8e46d151
-def loader_targets(dl, n_inp: int | None = None) -> torch.Tensor | None:
+def loader_targets(dl,                        # a loader
+                   n_inp: int | None = None,  # how its batches split into inputs and targets
+                  ) -> torch.Tensor | None:
     "Every target of an in-memory loader when it has exactly one target tensor (a `TensorLoader`), else None."
     tensors = getattr(dl, 'tensors', None)
     if not isinstance(tensors, tuple) or getattr(dl, 'names', None) is not None: return None
@@ -67,7 +74,7 @@ def loader_targets(dl, n_inp: int | None = None) -> torch.Tensor | None:
     return tensors[n] if len(tensors) - n == 1 else None
 
 @contextmanager
-def buffers_kept_on_error(model: nn.Module):
+def buffers_kept_on_error(model: nn.Module):   # the model whose buffers to keep
     "Inside: if an error (not a cancel) escapes, put back the model's buffers (batch-norm statistics) as they were."
     saved = [(b, b.detach().clone()) for b in model.buffers()]
     try: yield
@@ -87,7 +94,10 @@ def _standard_loss(learn) -> bool:
     "Is the loss the learner's own `loss_func(preds, *targets)` (so the checks know what it compares)?"
     return learn.loss_func is not None and not learn.provides('get_loss')
 
-def checked_step(learn, name: str, step: Callable) -> None:
+def checked_step(learn,            # the learner
+                 name: str,        # the step: 'predict', 'get_loss', ...
+                 step: Callable,   # the step to run (whoever provides it, in its wrappers)
+                ) -> None:
     "Run step `name` of a phase's first batch with the checks around it; a failing model or loss says what it got."
     run = learn.run
     if name == 'predict':
@@ -206,7 +216,8 @@ class Learner:
         return None if self.run is None else self.run.kind
 
     # -- subscribers -------------------------------------------------------------------------------------------
-    def add_subs(self, *subs) -> Learner:
+    def add_subs(self, *subs,   # subscribers to add
+                ) -> Learner:
         "Add subscribers; the dispatch tables are checked and rebuilt once."
         check_subs(subs)
         for s in subs:
@@ -214,7 +225,8 @@ class Learner:
         if subs: self._set_subs(self.subs + list(subs))
         return self
 
-    def remove_subs(self, *subs) -> Learner:
+    def remove_subs(self, *subs,   # subscribers to remove
+                   ) -> Learner:
         "Remove subscribers (by identity) and rebuild the dispatch tables."
         kept = [t for t in self.subs if not any(t is s for s in subs)]
         if len(kept) != len(self.subs): self._set_subs(kept)
@@ -241,11 +253,13 @@ class Learner:
     def _use(self, run: Run) -> None:
         run.table, run.steps, run.providers = self._tables[run.kind]
 
-    def provides(self, step: str) -> bool:
+    def provides(self, step: str,   # 'predict', 'get_loss', 'backward', 'step' or 'zero_grad'
+                ) -> bool:
         "Does a subscriber provide `step` in the current kind of run (instead of the learner's own method)?"
         return step in self._tables[self.run_kind or 'fit'][2]
 
-    def publish(self, event: str) -> None:
+    def publish(self, event: str,   # an event of `nntrain.core.EVENTS`
+               ) -> None:
         "Call every subscriber listening to `event` in this kind of run, in order."
         try: fns = (self.run.table if self.run is not None else self._tables['fit'][0])[event]
         except KeyError: raise ValueError(f'unknown event {event!r}; events are: {", ".join(EVENTS)}') from None
@@ -269,7 +283,8 @@ class Learner:
         for e in errors: add_note(exc, f'nntrain: while cleaning up, {e._nntrain_origin} also raised {e!r}')
 
     # -- the replaceable steps ---------------------------------------------------------------------------------
-    def run_step(self, name: str) -> None:
+    def run_step(self, name: str,   # 'predict', 'get_loss', 'backward', 'step' or 'zero_grad'
+                ) -> None:
         "Run the batch step `name` as the loop does: the subscriber that provides it (else the learner's), wrapped."
         if name not in STEPS: raise ValueError(f'unknown step {name!r}; steps are: {", ".join(STEPS)}')
         self.run.steps[name]()
@@ -300,7 +315,8 @@ class Learner:
         self.opt.zero_grad()
 
     # -- other kinds of run: a validation here; predictions (nntrain.inference) and state (nntrain.state) ---------
-    def validate(self, dl=None) -> dict:   # a loader (default: the validation loader)
+    def validate(self, dl=None,   # a loader (default: the validation loader)
+                ) -> dict:
         "One validation pass over `dl` (default: the valid loader); returns its results and leaves `history` alone."
         run = Run('validate', [(self.dls.valid if dl is None else dl, False)], n_inp=self.n_inp,
                   label_names=self.label_names)
@@ -338,7 +354,8 @@ def fit(self: Learner, n_epochs: int = 1,              # epochs: each a training
         valid: bool = True,                   # run the validation passes
         reset_opt: bool = False,              # start from a fresh optimizer
         resume: bool | str = False,           # True: continue a loaded checkpoint's fit; 'auto': a subscriber's, if any
-        n_batches: int | None = None) -> None:  # at most this many batches per pass (a quick check)
+        n_batches: int | None = None,         # at most this many batches per pass (a quick check)
+       ) -> None:
     "Train for `n_epochs` (each a train pass, then a valid pass); `subs` are added for this fit only."
     self._refuse_nested(_WHAT['fit'])
     check_int('n_epochs', n_epochs)
@@ -385,7 +402,9 @@ def _refuse_nested(self: Learner, what: str) -> None:
                            'nest. Read the valid pass\'s row in after_epoch (learn.history[-1]), or start it after.')
 
 @patch
-def execute(self: Learner, run: Run, subs=()) -> None:
+def execute(self: Learner, run: Run,   # the run to carry out
+            subs=(),                   # subscribers for this run only (e.g. a collector of predictions)
+           ) -> None:
     "Carry out `run` (every fit, validation, prediction and LR search goes through here) with extra `subs`."
     self._refuse_nested(_WHAT[run.kind])
     _check_loaders(run.phases)
@@ -573,7 +592,9 @@ def _opt_state(self: Learner, saved: tuple | None = None) -> tuple | None:
 # %% ../nbs/03_learner.ipynb #eaa78810
 class TrainingLoop:
     "Who runs at each event of a kind of run, and who provides each step: text, markdown and HTML tables."
-    def __init__(self, kind: str, rows: list[tuple[str, str]]): self.kind, self.rows = kind, rows
+    def __init__(self, kind: str,                   # the kind of run shown
+                 rows: list[tuple[str, str]]):   # (event or step, who runs there)
+        self.kind, self.rows = kind, rows
 
     def __repr__(self) -> str: return '\n'.join(f'{what:<15} {who}' for what, who in self.rows)
 
@@ -588,7 +609,8 @@ class TrainingLoop:
 
 # %% ../nbs/03_learner.ipynb #6fec2551
 @patch
-def show_training_loop(self: Learner, kind: str = 'fit') -> TrainingLoop:   # the kind of run to show
+def show_training_loop(self: Learner, kind: str = 'fit',   # the kind of run to show
+                      ) -> TrainingLoop:
     "For each event of a `kind` run, the subscribers that run there in order, and who provides each step (a table)."
     if kind not in RUNS: raise ValueError(f'kind must be one of {RUNS}, got {kind!r}')
     table, steps, providers = self._tables[kind]
@@ -603,8 +625,14 @@ def show_training_loop(self: Learner, kind: str = 'fit') -> TrainingLoop:   # th
 # %% ../nbs/03_learner.ipynb #e064ea81
 class MomentumLearner(Learner):
     "A `Learner` whose `zero_grad` decays the gradients by `mom` instead of zeroing them (momentum for any optimizer)."
-    def __init__(self, model: nn.Module, dls, loss_func: Callable | None = F.cross_entropy,
-                 opt_func: Callable = torch.optim.SGD, lr: float = 1e-2, subs=(), mom: float = 0.85, **kwargs):
+    def __init__(self, model: nn.Module,                      # as for `Learner`
+                 dls,                                          # as for `Learner`
+                 loss_func: Callable | None = F.cross_entropy, # as for `Learner`
+                 opt_func: Callable = torch.optim.SGD,         # as for `Learner`
+                 lr: float = 1e-2,                             # as for `Learner`
+                 subs=(),                                      # as for `Learner`
+                 mom: float = 0.85,                            # the factor the gradients are decayed by after a step
+                 **kwargs):                                    # more `Learner` arguments (splitter, n_inp, ...)
         check_number('mom', mom, 0, 1, high_open=True)
         self.mom = mom
         super().__init__(model, dls, loss_func, opt_func, lr, subs, **kwargs)

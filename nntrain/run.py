@@ -56,7 +56,11 @@ class DeferredInterrupt:
 class WeightedMean:
     "The mean of per-batch values weighted by batch size, accumulated on the device: no host sync until read."
     def __init__(self): self.values, self.sizes = [], []
-    def add(self, value: torch.Tensor, n: int) -> None: self.values.append(value.detach()); self.sizes.append(n)
+    def add(self, value: torch.Tensor,   # a batch's mean value (a loss)
+            n: int,                # the batch's size, its weight
+           ) -> None:
+        "Add one batch's value."
+        self.values.append(value.detach()); self.sizes.append(n)
     def __len__(self) -> int: return len(self.values)
 
     def totals(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,7 +86,8 @@ class WeightedMean:
         total, count = self.totals()
         return {'total': total.cpu(), 'count': count.cpu()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict,   # what `state_dict` returned
+                       ) -> None:
         "Go on from a saved (weighted sum, count)."
         self.values, self.sizes = [], []
         if state['count'] > 0: self.add(state['total'] / state['count'], int(state['count']))
@@ -90,8 +95,14 @@ class WeightedMean:
 # %% ../nbs/03b_run.ipynb #fc1592c3
 class Run:
     "One fit, validation, prediction or LR search: its kind, loaders, counters, batch, outputs, rows, stop requests."
-    def __init__(self, kind: str, phases: list, n_epochs: int = 1, n_batches: int | None = None,
-                 start: Position = Position(), n_inp: int | None = None, label_names: tuple = LABEL_NAMES):
+    def __init__(self, kind: str,                 # 'fit', 'validate', 'predict' or 'lr_find'
+                 phases: list,                     # (loader, training?) pairs, run in this order every epoch
+                 n_epochs: int = 1,                # epochs
+                 n_batches: int | None = None,     # at most this many batches per phase
+                 start: Position = Position(),     # where it starts (a resumed fit: where the checkpoint stopped)
+                 n_inp: int | None = None,         # how batches split into inputs and targets
+                 label_names: tuple = LABEL_NAMES, # the target keys of mapping batches
+                ):
         if kind not in RUNS: raise ValueError(f'unknown kind of run {kind!r}; kinds: {RUNS}')
         self.kind, self.phases, self.n_epochs, self.n_batches = kind, phases, n_epochs, n_batches
         self.n_inp, self.label_names = n_inp, label_names
@@ -141,7 +152,8 @@ class Run:
         "Seconds this phase has run so far (with the part before a resume)."
         return self.elapsed + time.perf_counter() - self.phase_start
 
-    def of(self, sub) -> SimpleNamespace:
+    def of(self, sub,   # a subscriber
+          ) -> SimpleNamespace:
         "This run's record for subscriber `sub`: an empty namespace at first use, gone with the run."
         return self._of.setdefault(id(sub), SimpleNamespace())
 

@@ -27,11 +27,14 @@ __all__ = ['FORMAT', 'WEIGHT_KEYS', 'plain_module', 'weight_problems', 'read_che
            'auto_resume', 'check_resumed_loader', 'resume_run']
 
 # %% ../nbs/03d_state.ipynb #fa320a4c
-def plain_module(model: nn.Module) -> nn.Module:
+def plain_module(model: nn.Module,   # a model, compiled or not
+                ) -> nn.Module:
     "`model` without `torch.compile`'s wrapper: checkpoints hold the plain module's keys (no `_orig_mod.`)."
     return getattr(model, '_orig_mod', model)
 
-def weight_problems(model: nn.Module, weights: dict) -> list[str]:
+def weight_problems(model: nn.Module,   # the model to load into
+                    weights: dict,      # a `state_dict` of weights
+                   ) -> list[str]:
     "What stops `weights` from loading into `model`: missing and unexpected keys, different shapes (empty: it loads)."
     mine = model.state_dict()
     missing = [k for k in mine if k not in weights]
@@ -44,7 +47,8 @@ def weight_problems(model: nn.Module, weights: dict) -> list[str]:
         if keys: out.append(f'weights {what}: {", ".join(keys[:3])}{", ..." if len(keys) > 3 else ""}')
     return out
 
-def read_checkpoint(path) -> dict:
+def read_checkpoint(path,   # a file written by `save` (or a `state_dict` file)
+                   ) -> dict:
     "Load a checkpoint file with `weights_only=True`; a file that is not one gets an error saying what it is."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f'no checkpoint file at {path}')
@@ -59,14 +63,16 @@ def read_checkpoint(path) -> dict:
         raise ValueError(f'{path} is not a readable checkpoint (truncated, or another program\'s file): '
                          f'{type(e).__name__}: {e}') from e
 
-def is_weights(state) -> bool:
+def is_weights(state,   # what a file held
+              ) -> bool:
     "Is `state` a model's `state_dict` (names to tensors)?"
     return isinstance(state, dict) and bool(state) and all(isinstance(v, torch.Tensor) for v in state.values())
 
 WEIGHT_KEYS = ('model', 'state_dict', 'model_state_dict')
 "Where checkpoints written by other code keep a model's weights (nntrain, Lightning, common scripts)."
 
-def find_weights(state) -> dict | None:
+def find_weights(state,   # what a file held
+                ) -> dict | None:
     "The model weights in a checkpoint: the state itself when it is a `state_dict`, else under one of `WEIGHT_KEYS`."
     if is_weights(state): return state
     if isinstance(state, dict):
@@ -88,7 +94,8 @@ def _loader_size(dl) -> dict | None:
     return {'n_batches': len(dl), 'batch_size': getattr(dl, 'batch_size', None)}
 
 # %% ../nbs/03d_state.ipynb #79b12ff3
-def state_dict(learn) -> dict:
+def state_dict(learn,   # the learner
+              ) -> dict:
     "Everything needed to continue this run exactly: weights, optimizer, counters, history, RNG, loaders, subscribers."
     run = learn.run if learn.run is not None and learn.run.kind == 'fit' else None
     n_epochs, pos = (run.n_epochs, run.pos) if run is not None else learn._fit_end
@@ -122,7 +129,10 @@ def _opt_problems(learn, saved: dict, saved_type: str | None) -> list[str]:
     if lacking: return [f'the optimizer state lacks hyper-parameters {sorted(lacking)}: another kind of optimizer']
     return []
 
-def state_problems(learn, state, with_opt: bool) -> list[str]:
+def state_problems(learn,           # the learner
+                   state,           # a `state_dict` to load
+                   with_opt: bool,  # with the optimizer's state?
+                  ) -> list[str]:
     "Everything that differs between `state` and this learner, checked before anything is changed."
     if not isinstance(state, dict) or not {'model', 'counters'} <= set(state):
         keys = list(state)[:5] if isinstance(state, dict) else type(state).__name__
@@ -143,7 +153,10 @@ def state_problems(learn, state, with_opt: bool) -> list[str]:
     return problems
 
 # %% ../nbs/03d_state.ipynb #17bb34a9
-def load_state_dict(learn, state: dict, with_opt: bool = True) -> None:
+def load_state_dict(learn,                 # the learner
+                    state: dict,           # what `state_dict` returned
+                    with_opt: bool = True, # also the optimizer's state
+                   ) -> None:
     "Restore a `state_dict` (all of it or, on any mismatch, nothing); `fit(n_epochs, resume=True)` then continues it."
     if learn.run is not None: raise RuntimeError(f'cannot load a state during a {learn.run.kind}')
     problems = state_problems(learn, state, with_opt)
@@ -179,19 +192,27 @@ def _apply(learn, state: dict, with_opt: bool) -> None:
         'n_epochs': counters['n_epochs'], 'start': Position(*counters['position']), 'rng': state['rng'],
         'phase': state.get('phase'), 'loaders': counters.get('loaders', {})}
 
-def save(learn, path) -> Path:
+def save(learn,   # the learner
+         path,    # the file to write
+        ) -> Path:
     "Write `state_dict()` to `path` atomically (temporary file, fsync, rename); distributed, call it on every rank."
     state = learn.state_dict()   # on every rank: gathering it may be a collective (each rank's RNG, sharded weights)
     return atomic_save(state, path) if learn.is_main else Path(path)
 
-def load(learn, path, with_opt: bool = True):
+def load(learn,                   # the learner
+         path,                    # a file written by `save` (or a `state_dict` file)
+         with_opt: bool = True,   # also the optimizer's state
+        ):
     "Load a file written by `save` (no pickled code runs); a bare model `state_dict` file loads as weights."
     state = read_checkpoint(path)
     if is_weights(state): return load_weights(learn, path, state)
     learn.load_state_dict(state, with_opt)
     return learn
 
-def load_weights(learn, path, state: dict | None = None):
+def load_weights(learn,                    # the learner
+                 path,                     # a checkpoint, or any file holding a model's `state_dict`
+                 state: dict | None = None, # what the file holds, when already read
+                ):
     "Load only the model's weights from a checkpoint (nntrain's, or a dict holding a `state_dict`); nothing else changes."
     state = read_checkpoint(path) if state is None else state
     weights = find_weights(state)
@@ -206,7 +227,11 @@ def load_weights(learn, path, state: dict | None = None):
     return learn
 
 # %% ../nbs/03d_state.ipynb #55749c8a
-def take_resume(learn, n_epochs: int, lr, reset_opt: bool) -> dict:
+def take_resume(learn,            # the learner, with a loaded checkpoint
+                n_epochs: int,    # the epochs of the fit asked for
+                lr,               # its `lr` argument (a resume takes none)
+                reset_opt: bool,  # its `reset_opt` argument (a resume takes none)
+               ) -> dict:
     "The loaded checkpoint's resume point, checked against this fit before anything changes (then it is used up)."
     r = learn._resume
     if r is None: raise ValueError('fit(resume=True) needs a state loaded with learn.load(path) first')
@@ -217,7 +242,9 @@ def take_resume(learn, n_epochs: int, lr, reset_opt: bool) -> dict:
     learn._resume = None
     return r
 
-def auto_resume(learn, n_epochs: int) -> dict | None:
+def auto_resume(learn,          # the learner
+                n_epochs: int,  # the epochs of the fit asked for
+               ) -> dict | None:
     "Load the checkpoint a subscriber offers to resume this fit from (`resume_from()`); the state before, or None."
     paths = [p for s in learn.subs if callable(getattr(s, 'resume_from', None)) and (p := s.resume_from()) is not None]
     if not paths: return None
@@ -231,7 +258,10 @@ def auto_resume(learn, n_epochs: int) -> dict | None:
     learn.load_state_dict(saved)
     return backup
 
-def check_resumed_loader(r: dict, dl, training: bool) -> None:
+def check_resumed_loader(r: dict,         # the resume point (`take_resume`)
+                         dl,              # the loader of the phase starting
+                         training: bool,  # is it the training loader?
+                        ) -> None:
     "A loader of a resumed fit, as it is when its phase starts (sharded, under DistributedS), against the saved one."
     name = 'train' if training else 'valid'
     saved, now = r['loaders'].get(name), _loader_size(dl)
@@ -247,7 +277,9 @@ def check_resumed_loader(r: dict, dl, training: bool) -> None:
                       'remaining epochs take another number of steps, so schedules and step counts differ from the '
                       'uninterrupted run', RuntimeWarning, stacklevel=2)
 
-def resume_run(run, r: dict) -> None:
+def resume_run(run,       # the fit's run
+               r: dict,   # the resume point (`take_resume`)
+              ) -> None:
     "Set `run` to continue where the checkpoint stopped: its random state, and the interrupted phase's totals."
     run.resume_rng, run.resumed = r['rng'], r
     if r.get('phase'):

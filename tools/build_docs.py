@@ -131,9 +131,9 @@ def _unwrap(v):
 
 
 def _loop_methods() -> set:
-    "Names a subscriber implements for the learner to call (events and steps): not API a user calls."
-    from nntrain.core import EVENTS, STEPS
-    return set(EVENTS) | set(STEPS)
+    "Names a subscriber implements for the learner to call (events, steps, step wrappers): not API a user calls."
+    from nntrain.core import AROUNDS, EVENTS, STEPS
+    return set(EVENTS) | set(STEPS) | set(AROUNDS)
 
 
 def _is_public_member(cls, k, v) -> bool:

@@ -90,7 +90,8 @@ def _item(x, i: int):
     from torchvision import tv_tensors
     return tv_tensors.wrap(x[i], like=x) if isinstance(x, tv_tensors.TVTensor) else x[i]
 
-def per_sample(transform: Callable) -> Callable:
+def per_sample(transform: Callable,   # a transform of one sample (and its targets)
+               ) -> Callable:
     "Wrap `transform` so it is called once per sample of a batch (a fresh random draw each) and re-stacked."
     def apply(x: torch.Tensor, *targets):
         if not targets: return torch.stack([transform(xi) for xi in x])
@@ -100,11 +101,19 @@ def per_sample(transform: Callable) -> Callable:
     return apply
 
 # %% ../../nbs/16_augment.ipynb #5d5f6a3b
-def mixup(x: torch.Tensor, y: torch.Tensor, lam: float, perm: torch.Tensor):
+def mixup(x: torch.Tensor,      # a batch of inputs
+          y: torch.Tensor,      # its targets
+          lam: float,           # the weight of each sample itself
+          perm: torch.Tensor,   # the partner of each sample
+         ):
     "Blend each sample with the one `perm` points at: `(lam * x + (1 - lam) * x[perm], y, y[perm])`."
     return lam * x + (1 - lam) * x[perm], y, y[perm]
 
-def rand_box(h: int, w: int, lam: float, generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
+def rand_box(h: int,                                     # the image's height
+             w: int,                                     # its width
+             lam: float,                                 # the fraction of the image the box leaves
+             generator: torch.Generator | None = None,   # draws the centre
+            ) -> tuple[int, int, int, int]:
     "A box `(top, bottom, left, right)` of about `1 - lam` of an `h` x `w` image, centred at random, clipped to it."
     cut = math.sqrt(1. - lam)
     # Rounded sides, not the reference code's `2 * (int(h * cut) // 2)`, which shrinks boxes badly on small images.
@@ -113,8 +122,13 @@ def rand_box(h: int, w: int, lam: float, generator: torch.Generator | None = Non
     top, left = cy - ch // 2, cx - cw // 2
     return max(top, 0), min(top + ch, h), max(left, 0), min(left + cw, w)
 
-def cutmix(x: torch.Tensor, y: torch.Tensor, lam: float, perm: torch.Tensor,
-           box: tuple[int, int, int, int] | None = None, generator: torch.Generator | None = None):
+def cutmix(x: torch.Tensor,                                # a batch of images (..., H, W)
+           y: torch.Tensor,                                # its targets
+           lam: float,                                     # the fraction of each image to keep
+           perm: torch.Tensor,                             # the partner of each image
+           box: tuple[int, int, int, int] | None = None,   # (top, bottom, left, right); None: drawn
+           generator: torch.Generator | None = None,       # draws the box
+          ):
     "Paste a box of `x[perm]` into `x` (last dims H, W); return `(x_mixed, y, y[perm], lam)`, `lam` the area kept."
     if x.ndim < 3: raise ValueError(f'cutmix needs images (..., H, W) with a batch dim, got shape {tuple(x.shape)}')
     h, w = x.shape[-2:]
@@ -191,7 +205,7 @@ class _MixS(Subscriber):
         "The generator state, so a resumed run draws the same `lam` and permutations."
         return {'generator': self.generator.get_state()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict) -> None:   # what `state_dict` returned
         "Restore the state saved by `state_dict`."
         self.generator.set_state(state['generator'])
 

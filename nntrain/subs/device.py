@@ -34,7 +34,7 @@ class DeviceS(Subscriber):
     "Move the model to `device` (default: the best available) at the start of each fit, and each batch as it comes."
     order = Order.DEVICE
 
-    def __init__(self, device: torch.device | str | None = None):
+    def __init__(self, device: torch.device | str | None = None):   # where to train (None: the best available)
         if device is not None:
             try: torch.device(device)   # parsed now: a misspelt name fails here, not after the fit has started
             except (RuntimeError, TypeError, ValueError) as e:

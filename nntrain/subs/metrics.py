@@ -29,13 +29,15 @@ def _value(t):
     t = t.detach()
     return t.item() if t.numel() == 1 else t.cpu().tolist()
 
-def on_preds(f: Callable) -> Callable:
+def on_preds(f: Callable,   # a function of the predictions (e.g. torch.sigmoid)
+             ) -> Callable:
     "A metric transform applying `f` to the predictions only, e.g. `on_preds(torch.sigmoid)` for multi-label logits."
     def transform(preds, *targets): return f(preds), targets
     transform.__qualname__ = f'on_preds({getattr(f, "__name__", f)})'
     return transform
 
-def flat_tokens(ignore_index: int | None = -100) -> Callable:
+def flat_tokens(ignore_index: int | None = -100,   # positions with this label are left out (None: none)
+                ) -> Callable:
     "A metric transform for sequences: scores `(B, T, V)` and labels `(B, T)` become `(B*T, V)` and `(B*T,)`."
     def transform(preds, y):
         preds, y = preds.reshape(-1, preds.shape[-1]), y.reshape(-1)
@@ -178,7 +180,8 @@ class MetricsS(Subscriber):
                             for k, v in m.state_dict().items()}   # plain tensors: checkpoints load weights_only
         return {'metrics': states}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict,   # what `state_dict` returned
+                       ) -> None:
         "Keep the metric states for the phase a resumed fit continues."
         self._pending = state.get('metrics')
         if self._pending is None and self.metrics:

@@ -16,10 +16,12 @@ from ..show import denormalize
 __all__ = ['mean_std', 'NormalizationS']
 
 # %% ../../nbs/11_normalize.ipynb #e6d756b7
-def mean_std(dl, n_batches: int | None = 8,       # batches to measure (None: all)
+def mean_std(dl,                                   # the loader to measure
+             n_batches: int | None = 8,            # batches to measure (None: all)
              per_channel: bool | None = None,      # None: per channel (dim 1) for inputs of 3 dims or more
              key: str | None = None,               # the input to measure, when inputs are a mapping
-             n_inp: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:   # inputs per batch (the batch protocol)
+             n_inp: int | None = None,             # inputs per batch (the batch protocol)
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     "Mean and standard deviation of the (main) input of the first `n_batches` of `dl`: per channel, or one scalar."
     total = total_sq = None
     count = 0
@@ -58,7 +60,8 @@ class NormalizationS(Subscriber):
     "Standardize inputs as `(x - mean) / std` on their device; with no stats given, measure them on the first fit."
     order = Order.NORMALIZE
 
-    def __init__(self, mean=None, std=None,        # statistics (a scalar or one per channel); None: measured
+    def __init__(self, mean=None,                  # the mean (a scalar or one per channel); None: measured
+                 std=None,                         # the standard deviation, as `mean`
                  n_batches: int | None = 8,         # batches measured when no statistics are given
                  key: str | None = None):           # the input to normalize, when inputs are a mapping
         if (mean is None) != (std is None):
@@ -87,19 +90,25 @@ class NormalizationS(Subscriber):
             self._cache[key] = (mean.to(x.device, x.dtype), std.to(x.device, x.dtype))
         return self._cache[key]
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor,   # inputs
+              ) -> torch.Tensor:
         "Normalize `x`."
         mean, std = self._stats(x)
         return (x - mean) / std
 
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
+    def decode(self, x: torch.Tensor,   # normalized inputs
+              ) -> torch.Tensor:
         "Undo the normalization (for showing images)."
         return denormalize(x, self.mean, self.std)
 
     def before_batch(self, learn):
         learn.xb = set_input(learn.xb, self.encode(get_input(learn.xb, self.key)), self.key)
 
-    def state_dict(self) -> dict: return {'mean': self.mean, 'std': self.std}
+    def state_dict(self) -> dict:
+        "The statistics (measured once, kept for resumes and for showing images)."
+        return {'mean': self.mean, 'std': self.std}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict,   # what `state_dict` returned
+                       ) -> None:
+        "Restore the statistics."
         self.mean, self.std, self._cache = state['mean'], state['std'], {}

@@ -23,7 +23,9 @@ def _native_cuda_bf16() -> bool:
     try: return torch.cuda.is_bf16_supported(including_emulation=False)   # emulated bf16 (before Ampere) is slow
     except TypeError: return torch.cuda.is_bf16_supported()               # torch without that argument
 
-def resolve_precision(device_type: str, dtype: str | torch.dtype = 'auto') -> str:
+def resolve_precision(device_type: str,                    # 'cuda', 'cpu', 'mps', ...
+                      dtype: str | torch.dtype = 'auto',   # 'bf16', 'fp16', 'fp32', 'auto' or a torch dtype
+                     ) -> str:
     "'bf16', 'fp16' or 'fp32' for `dtype` on `device_type`; 'auto': bf16 where supported, else fp16 on CUDA, else fp32."
     if dtype == 'auto':
         if device_type == 'cuda': return 'bf16' if _native_cuda_bf16() else 'fp16'
@@ -32,7 +34,7 @@ def resolve_precision(device_type: str, dtype: str | torch.dtype = 'auto') -> st
     except (KeyError, TypeError):
         raise ValueError(f"dtype must be 'bf16', 'fp16', 'fp32' or 'auto' (or a torch dtype), got {dtype!r}") from None
 
-def make_scaler(device_type: str):
+def make_scaler(device_type: str):   # the device the scaler's tensors live on
     "A `GradScaler` for fp16 training on `device_type`."
     if hasattr(torch.amp, 'GradScaler'): return torch.amp.GradScaler(device_type)
     if device_type == 'cuda': return torch.cuda.amp.GradScaler()
@@ -119,7 +121,8 @@ class MixedPrecisionS(Subscriber):
         "The gradient scaler's state (None without one)."
         return {'scaler': self.scaler.state_dict() if self.scaler is not None else self.pending}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict,   # what `state_dict` returned
+                       ) -> None:
         "Restore the gradient scaler's state now, or when the scaler is made at the next fit."
         if state.get('scaler') is None: return
         if self.scaler is not None: self.scaler.load_state_dict(state['scaler'])
