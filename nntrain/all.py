@@ -34,18 +34,19 @@ __all__ = ['torch', 'nn', 'F', 'BinaryAccuracy', 'BinaryAUROC', 'BinaryF1Score',
            'SyncAuditS', 'DebugS', 'DeviceS', 'launched_by_torchrun', 'init_distributed', 'rank0_first', 'all_max',
            'all_gather_objects', 'interleave', 'ShardedTensorLoader', 'StrideSampler', 'is_sharded', 'can_shard',
            'shard_loader', 'loader_seed', 'PlainKeysDDP', 'to_sync_bn', 'FullStateDict', 'full_state_dicts', 'fsdp_opt',
-           'gather_fsdp', 'DistributedS', 'valley_lr', 'steep_lr', 'minimum_lr', 'LRFindResult', 'LRFindS', 'on_preds',
-           'flat_tokens', 'MetricsS', 'ModelMonitorS', 'activation_stats', 'ActivationStatsS', 'module_label',
-           'mean_std', 'NormalizationS', 'AUTOCAST_DTYPES', 'resolve_precision', 'make_scaler', 'MixedPrecisionS',
-           'ChannelsLastS', 'CompileS', 'phase_table', 'epoch_table', 'in_kernel', 'Bar', 'ProgressView', 'plot_losses',
-           'ProgressS', 'annealer', 'sched_lin', 'sched_cos', 'sched_no', 'sched_exp', 'combine_scheds',
-           'cos_1cycle_anneal', 'one_cycle_scheds', 'flat_cos_scheds', 'get_hyper', 'set_hyper', 'ParamSchedulerS',
-           'SchedulerS', 'summary_writer', 'momentum_of', 'is_image_batch', 'TensorBoardS', 'EarlyStoppingS',
-           'CSVLoggerS', 'opt_params', 'opt_grads', 'grad_norm', 'GradClipS', 'set_grad_sync', 'GradAccumS',
-           'first_nonfinite_module', 'TerminateOnNaNS', 'EMAS', 'conv_macs', 'conv_transpose_macs', 'linear_macs',
-           'norm_macs', 'mha_macs', 'first_tensor', 'module_macs', 'leaf_modules', 'pick_modules', 'LayerInfo',
-           'ModelSummary', 'LayerRecorder', 'summary', 'POOL_TYPES', 'HEAD_ATTRS', 'BN_TYPES', 'is_pool',
-           'default_splitter', 'FrozenBnS', 'concat_pool', 'cut_body', 'n_features', 'make_head', 'adapt_head']
+           'gather_fsdp', 'DistributedS', 'GANModule', 'gan_splitter', 'gan_crit_loss', 'gan_gen_loss', 'GANS',
+           'valley_lr', 'steep_lr', 'minimum_lr', 'LRFindResult', 'LRFindS', 'on_preds', 'flat_tokens', 'MetricsS',
+           'ModelMonitorS', 'activation_stats', 'ActivationStatsS', 'module_label', 'mean_std', 'NormalizationS',
+           'AUTOCAST_DTYPES', 'resolve_precision', 'make_scaler', 'MixedPrecisionS', 'ChannelsLastS', 'CompileS',
+           'phase_table', 'epoch_table', 'in_kernel', 'Bar', 'ProgressView', 'plot_losses', 'ProgressS', 'annealer',
+           'sched_lin', 'sched_cos', 'sched_no', 'sched_exp', 'combine_scheds', 'cos_1cycle_anneal', 'one_cycle_scheds',
+           'flat_cos_scheds', 'get_hyper', 'set_hyper', 'ParamSchedulerS', 'SchedulerS', 'summary_writer',
+           'momentum_of', 'is_image_batch', 'TensorBoardS', 'EarlyStoppingS', 'CSVLoggerS', 'opt_params', 'opt_grads',
+           'grad_norm', 'GradClipS', 'set_grad_sync', 'GradAccumS', 'first_nonfinite_module', 'TerminateOnNaNS', 'EMAS',
+           'conv_macs', 'conv_transpose_macs', 'linear_macs', 'norm_macs', 'mha_macs', 'first_tensor', 'module_macs',
+           'leaf_modules', 'pick_modules', 'LayerInfo', 'ModelSummary', 'LayerRecorder', 'summary', 'POOL_TYPES',
+           'HEAD_ATTRS', 'BN_TYPES', 'is_pool', 'default_splitter', 'FrozenBnS', 'concat_pool', 'cut_body',
+           'n_features', 'make_head', 'adapt_head']
 
 # %% ../nbs/99_all.ipynb #65bdd645
 import warnings
@@ -107,6 +108,7 @@ from .subs.distributed import (
     launched_by_torchrun, init_distributed, rank0_first, all_max, all_gather_objects, interleave,
     ShardedTensorLoader, StrideSampler, is_sharded, can_shard, shard_loader, loader_seed, PlainKeysDDP, to_sync_bn,
     FullStateDict, full_state_dicts, fsdp_opt, gather_fsdp, DistributedS)
+from .subs.gan import GANModule, gan_splitter, gan_crit_loss, gan_gen_loss, GANS
 from .subs.lr_find import valley_lr, steep_lr, minimum_lr, LRFindResult, LRFindS
 from .subs.metrics import on_preds, flat_tokens, MetricsS
 from .subs.monitor import ModelMonitorS, activation_stats, ActivationStatsS, module_label
@@ -163,17 +165,18 @@ _all_ = ['torch', 'nn', 'F', 'BinaryAccuracy', 'BinaryAUROC', 'BinaryF1Score', '
          'SyncAuditS', 'DebugS', 'DeviceS', 'launched_by_torchrun', 'init_distributed', 'rank0_first',
          'all_max', 'all_gather_objects', 'interleave', 'ShardedTensorLoader', 'StrideSampler', 'is_sharded',
          'can_shard', 'shard_loader', 'loader_seed', 'PlainKeysDDP', 'to_sync_bn', 'FullStateDict',
-         'full_state_dicts', 'fsdp_opt', 'gather_fsdp', 'DistributedS', 'valley_lr', 'steep_lr', 'minimum_lr',
-         'LRFindResult', 'LRFindS', 'on_preds', 'flat_tokens', 'MetricsS', 'ModelMonitorS',
-         'activation_stats', 'ActivationStatsS', 'module_label', 'mean_std', 'NormalizationS',
-         'AUTOCAST_DTYPES', 'resolve_precision', 'make_scaler', 'MixedPrecisionS', 'ChannelsLastS',
-         'CompileS', 'phase_table', 'epoch_table', 'in_kernel', 'Bar', 'ProgressView', 'plot_losses',
-         'ProgressS', 'annealer', 'sched_lin', 'sched_cos', 'sched_no', 'sched_exp', 'combine_scheds',
-         'cos_1cycle_anneal', 'one_cycle_scheds', 'flat_cos_scheds', 'get_hyper', 'set_hyper',
-         'ParamSchedulerS', 'SchedulerS', 'summary_writer', 'momentum_of', 'is_image_batch', 'TensorBoardS',
-         'EarlyStoppingS', 'CSVLoggerS', 'opt_params', 'opt_grads', 'grad_norm', 'GradClipS', 'set_grad_sync',
-         'GradAccumS', 'first_nonfinite_module', 'TerminateOnNaNS', 'EMAS', 'conv_macs',
-         'conv_transpose_macs', 'linear_macs', 'norm_macs', 'mha_macs', 'first_tensor', 'module_macs',
-         'leaf_modules', 'pick_modules', 'LayerInfo', 'ModelSummary', 'LayerRecorder', 'summary',
-         'POOL_TYPES', 'HEAD_ATTRS', 'BN_TYPES', 'is_pool', 'default_splitter', 'FrozenBnS', 'concat_pool',
-         'cut_body', 'n_features', 'make_head', 'adapt_head']
+         'full_state_dicts', 'fsdp_opt', 'gather_fsdp', 'DistributedS', 'GANModule', 'gan_splitter',
+         'gan_crit_loss', 'gan_gen_loss', 'GANS', 'valley_lr', 'steep_lr', 'minimum_lr', 'LRFindResult',
+         'LRFindS', 'on_preds', 'flat_tokens', 'MetricsS', 'ModelMonitorS', 'activation_stats',
+         'ActivationStatsS', 'module_label', 'mean_std', 'NormalizationS', 'AUTOCAST_DTYPES',
+         'resolve_precision', 'make_scaler', 'MixedPrecisionS', 'ChannelsLastS', 'CompileS', 'phase_table',
+         'epoch_table', 'in_kernel', 'Bar', 'ProgressView', 'plot_losses', 'ProgressS', 'annealer',
+         'sched_lin', 'sched_cos', 'sched_no', 'sched_exp', 'combine_scheds', 'cos_1cycle_anneal',
+         'one_cycle_scheds', 'flat_cos_scheds', 'get_hyper', 'set_hyper', 'ParamSchedulerS', 'SchedulerS',
+         'summary_writer', 'momentum_of', 'is_image_batch', 'TensorBoardS', 'EarlyStoppingS', 'CSVLoggerS',
+         'opt_params', 'opt_grads', 'grad_norm', 'GradClipS', 'set_grad_sync', 'GradAccumS',
+         'first_nonfinite_module', 'TerminateOnNaNS', 'EMAS', 'conv_macs', 'conv_transpose_macs',
+         'linear_macs', 'norm_macs', 'mha_macs', 'first_tensor', 'module_macs', 'leaf_modules',
+         'pick_modules', 'LayerInfo', 'ModelSummary', 'LayerRecorder', 'summary', 'POOL_TYPES', 'HEAD_ATTRS',
+         'BN_TYPES', 'is_pool', 'default_splitter', 'FrozenBnS', 'concat_pool', 'cut_body', 'n_features',
+         'make_head', 'adapt_head']
