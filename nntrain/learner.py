@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .batch import (LABEL_NAMES, batch_size, call_model, check_inputs, check_loss, check_targets, class_dim, describe,
-                    is_index, output_loss, output_preds)
+                    is_index, layout_name, output_loss, output_preds)
 from .core import (CANCELS, EVENTS, RUNS, STEPS, CancelBatchException, CancelEpochException, CancelFitException,
                    CancelStepException, add_note, build_table, check_bool, check_int, check_number, check_subs,
                    get_rank, get_world_size, note_origin, preserve_modes, set_rng_state)
@@ -117,6 +117,11 @@ def checked_step(learn,            # the learner
             if not run.yb and learn.loss_func is not None:
                 add_note(e, 'nntrain: this batch has no targets: a batch of one item, e.g. (x,), is inputs only; '
                             'yield (x, y) for a target, or set n_inp (on the Learner or the DataLoaders)')
+            if _standard_loss(learn) and len(run.yb) == 1 and class_dim(learn.preds, run.yb[0]) == -1:
+                # torch's cross-entropy wants classes on dim 1; a language model's (B, T, V) has them last
+                add_note(e, f'nntrain: the predictions hold {layout_name(-1, learn.preds, run.yb[0])}, as a language '
+                            "model's (B, T, V) with labels (B, T); torch's cross-entropy wants the classes on dim 1: "
+                            'use loss_func=nntrain.losses.cross_entropy_flat')
             raise
         check_loss(learn.loss)
     else: step()

@@ -112,6 +112,23 @@ def test_validate_between_load_and_resume_keeps_the_position(tmp_path):
     assert same_weights(resumed, reference)
 
 
+def test_validate_between_load_and_resume_keeps_the_phase_metrics(tmp_path):
+    "A loaded mid-phase metric state waits for the fit that resumes it: the row covers the whole phase."
+    import warnings
+    with warnings.catch_warnings():   # torcheval's import warns about torch.jit.script
+        warnings.simplefilter('ignore')
+        from torcheval.metrics import MulticlassAccuracy
+    metrics = lambda: MetricsS(accuracy=MulticlassAccuracy())
+    reference = make_learner(metrics())
+    reference.fit(2)
+    with pytest.raises(KeyboardInterrupt):
+        make_learner(metrics(), CheckpointS(tmp_path, every=1)).fit(2, subs=[Crash(5)])
+    resumed = make_learner(metrics(), CheckpointS(tmp_path, every=1)).load(latest_checkpoint(tmp_path))
+    resumed.validate()
+    resumed.fit(2, resume=True)
+    assert [r['accuracy'] for r in resumed.history] == [r['accuracy'] for r in reference.history]
+
+
 def test_early_stopping_patience_and_restore():
     learn = make_learner()
     stop = EarlyStoppingS(patience=1, restore_best=True, min_delta=10.)   # nothing improves by 10: stop after epoch 1

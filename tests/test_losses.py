@@ -1,10 +1,10 @@
-"Label smoothing: equivalence with torch, soft targets, and use through the Learner's per-item path."
+"Label smoothing and flat cross-entropy: equivalence with torch, soft targets, and use through the per-item path."
 import pytest
 import torch
 import torch.nn.functional as F
 
 from nntrain.batch import per_item_loss
-from nntrain.losses import LabelSmoothingCrossEntropy
+from nntrain.losses import LabelSmoothingCrossEntropy, cross_entropy_flat
 
 
 @pytest.mark.parametrize('reduction', ['mean', 'sum', 'none'])
@@ -59,3 +59,24 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match='eps'): LabelSmoothingCrossEntropy(1.5)
     with pytest.raises(ValueError, match='reduction'): LabelSmoothingCrossEntropy(reduction='avg')
     with pytest.raises(ValueError, match='shape'): LabelSmoothingCrossEntropy()(torch.randn(4, 3), torch.rand(4, 2))
+
+
+@pytest.mark.parametrize('reduction', ['mean', 'sum', 'none'])
+@pytest.mark.parametrize('shape', [(5, 7), (3, 4, 7), (2, 3, 4, 7)])
+def test_flat_cross_entropy_is_torch_with_classes_last(reduction, shape):
+    g = torch.Generator().manual_seed(3)
+    p = torch.randn(*shape, generator=g, dtype=torch.float64)
+    y = torch.randint(0, shape[-1], shape[:-1], generator=g)
+    y.view(-1)[::3] = -100    # padding
+    ref = F.cross_entropy(p.movedim(-1, 1), y, reduction=reduction, label_smoothing=0.1)
+    torch.testing.assert_close(cross_entropy_flat(p, y, reduction=reduction, label_smoothing=0.1), ref)
+
+
+def test_flat_cross_entropy_per_position_soft_targets_and_errors():
+    p, y = torch.randn(2, 5, 9), torch.randint(0, 9, (2, 5))
+    items = per_item_loss(cross_entropy_flat, p, y)   # what get_preds(with_loss=True) calls
+    assert items.shape == (2, 5)
+    torch.testing.assert_close(items.mean(), cross_entropy_flat(p, y))
+    t = torch.softmax(torch.randn(2, 5, 9), -1)
+    torch.testing.assert_close(cross_entropy_flat(p, t), F.cross_entropy(p.movedim(-1, 1), t.movedim(-1, 1)))
+    with pytest.raises(ValueError, match=r'scores \(B, \.\.\., C\)'): cross_entropy_flat(p.movedim(-1, 1), y)

@@ -120,7 +120,9 @@ class MetricsS(Subscriber):
         return groups
 
     def before_epoch(self, learn):
-        pending, self._pending = self._pending, None
+        # a loaded phase state waits for the fit that resumes it: a validate() in between leaves it alone
+        pending = self._pending if learn.run_kind == 'fit' else None
+        if learn.run_kind == 'fit': self._pending = None
         for name, m in self.metrics.items():
             m.reset()
             if learn.run.resuming and pending is not None and name in pending: m.load_state_dict(pending[name])
