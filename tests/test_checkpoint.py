@@ -18,6 +18,7 @@ from nntrain.subs.metrics import MetricsS
 from nntrain.subs.schedule import SchedulerS
 from nntrain.subs.tracking import CSVLoggerS, EarlyStoppingS
 from nntrain.subs.training import EMAS, GradAccumS
+from nntrain.testing import same_weights
 
 
 def make_learner(*subs, n=96, bs=8):
@@ -35,10 +36,6 @@ class Crash(Subscriber):
     def __init__(self, at): self.at = at
     def after_step(self, learn):
         if learn.global_step == self.at: os.kill(os.getpid(), signal.SIGINT)
-
-
-def same_weights(a, b):
-    return all(torch.equal(p, q) for p, q in zip(a.model.state_dict().values(), b.model.state_dict().values()))
 
 
 extra_subs = {

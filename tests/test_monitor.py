@@ -14,7 +14,7 @@ from nntrain.models import resnet, simple_cnn
 from nntrain.subs.monitor import ActivationStatsS, Hooks, ModelMonitorS, activation_stats
 from nntrain.summary import (conv_macs, conv_transpose_macs, leaf_modules, linear_macs, mha_macs, module_macs,
                              norm_macs, summary)
-from nntrain.testing import tiny_classifier
+from nntrain.testing import same_state, state_diffs, tiny_classifier
 from tests.contract import n_hooks
 
 
@@ -174,15 +174,7 @@ def state(learn):
                 loader=learn.dls.train.generator.get_state().clone(), modes=[m.training for m in learn.model.modules()])
 
 
-def same(a, b):
-    assert a['counters'] == b['counters']
-    assert torch.equal(a['loader'], b['loader'])
-    assert a['modes'] == b['modes']
-    for k, v in a['weights'].items(): assert torch.equal(v, b['weights'][k]), k
-    sa, sb = a['opt']['state'], b['opt']['state']
-    assert sa.keys() == sb.keys()
-    for i in sa:
-        for k, v in sa[i].items(): assert torch.equal(torch.as_tensor(v), torch.as_tensor(sb[i][k])), (i, k)
+def same(a, b): assert same_state(a, b), state_diffs(a, b)
 
 
 def test_summary_of_a_learner_changes_nothing():
