@@ -104,8 +104,9 @@ def test_cleanup_failures_are_isolated_and_noted():
 
 
 def test_keyboard_interrupt_is_a_clean_stop():
-    learn = two_by_two(raiser('after_loss', KeyboardInterrupt, when=lambda l: l.iter == 1))
-    with pytest.raises(KeyboardInterrupt):
+    press = lambda: KeyboardInterrupt('pressed in batch 1')
+    learn = two_by_two(raiser('after_loss', press, when=lambda l: l.iter == 1))
+    with pytest.raises(KeyboardInterrupt, match='pressed in batch 1'):
         learn.fit(1)
     assert learn.batch is None and learn.preds is None and learn.loss is None
     assert all(p.grad is None for p in learn.model.parameters())   # no half-made gradients leak into the next step
@@ -119,8 +120,8 @@ def test_temporary_subs_are_removed_even_after_errors():
     rec = Recorder()
     learn.fit(1, subs=[rec])
     assert learn.subs == [] and rec.seen
-    with pytest.raises(RuntimeError):
-        learn.fit(1, subs=[raiser('before_fit', RuntimeError)])
+    with pytest.raises(RuntimeError, match='raised in before_fit'):
+        learn.fit(1, subs=[raiser('before_fit', lambda: RuntimeError('raised in before_fit'))])
     assert learn.subs == []
 
 
@@ -263,13 +264,13 @@ def test_first_batch_failures_say_what_went_in():
     x8 = torch.randint(0, 256, (8, 2), dtype=torch.uint8)
     learn = Learner(nn.Linear(2, 3), DataLoaders.from_tensors(x8, torch.zeros(8, dtype=torch.long), x8,
                                                                torch.zeros(8, dtype=torch.long), batch_size=4), lr=0.1)
-    with pytest.raises(RuntimeError) as info:
+    with pytest.raises(RuntimeError, match='dtype') as info:   # torch's own message: uint8 inputs, float weights
         learn.fit(1)
     assert any('the model failed on the first training batch' in n and 'tensor (4, 2) uint8' in n
                for n in info.value.__notes__)
     x = torch.randn(8, 2)
     learn = Learner(nn.Linear(2, 3), DataLoaders.from_tensors(x, torch.zeros(8, 3), x, torch.zeros(8, 3), batch_size=4),
                     lambda p, t: F.nll_loss(p, t), lr=0.1)   # nll_loss wants class indices, not (N, 3) floats
-    with pytest.raises(RuntimeError) as info:
+    with pytest.raises(RuntimeError, match='target') as info:   # torch's own message: class indices expected
         learn.fit(1)
     assert any('the loss failed' in n and 'targets: (tensor (4, 3) float32,)' in n for n in info.value.__notes__)

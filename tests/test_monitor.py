@@ -214,9 +214,10 @@ def test_summary_removes_hooks_after_an_error():
 
 def test_hooks_remove_all_even_on_failure():
     model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
-    with pytest.raises(AttributeError): Hooks([model[0], model[1], 'not a module'], lambda *a: None)
+    with pytest.raises(AttributeError, match='register_forward_hook'):
+        Hooks([model[0], model[1], 'not a module'], lambda *a: None)
     assert n_hooks(model) == 0
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match='x'):
         with Hooks(model, lambda i, m, a, out: None, pre=False) as h:
             assert len(h) == 2 and n_hooks(model) == 2
             raise KeyError('x')
@@ -364,7 +365,7 @@ def test_activation_stats_survive_a_cancel_and_plot():
     dead = acts.dead_chart().axes
     assert [ax.get_title().split(':')[0] for ax in dead[:len(acts.names)]] == acts.names
     assert all(len(ax.get_lines()[0].get_ydata()) == n for ax in dead[:len(acts.names)])
-    with pytest.raises(ValueError): ActivationStatsS(every=0)
+    with pytest.raises(ValueError, match='every must be at least 1'): ActivationStatsS(every=0)
 
 
 def test_summary_text_and_markdown_tables():
