@@ -12,7 +12,7 @@ from nntrain.data import DataLoaders
 from nntrain.learner import Learner
 from nntrain.subs.precision import ChannelsLastS, CompileS, MixedPrecisionS, make_scaler, resolve_precision
 from nntrain.subs.training import EMAS, GradAccumS, GradClipS, TerminateOnNaNS, grad_norm, opt_grads
-from nntrain.testing import same_weights
+from nntrain.testing import same_state, same_weights
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 
@@ -83,13 +83,19 @@ def test_bf16_cpu_trains_and_preds_are_bf16():
 
 
 def test_bf16_get_preds_under_autocast():
+    "Every batch's predictions are what the model gives under bf16 autocast, bit for bit: not fp32 ones, cast."
     learn, mp = learner(), MixedPrecisionS('bf16')
     learn.add_subs(mp)
     preds, targets = learn.get_preds()
     assert preds.dtype == torch.bfloat16 and len(preds) == len(targets) == 32
     learn.remove_subs(mp)
-    ref, _ = learn.get_preds()
-    torch.testing.assert_close(preds.float(), ref, atol=0.1, rtol=0.05)
+    plain, _ = learn.get_preds()
+    learn.model.eval()
+    with torch.no_grad(), torch.autocast('cpu', torch.bfloat16):
+        ref = torch.cat([learn.model(x) for x, _ in learn.dls.valid])
+    assert same_state(preds, ref)
+    assert not same_state(preds, plain.to(torch.bfloat16))       # autocast is not the fp32 result rounded at the end
+    torch.testing.assert_close(preds.float(), plain, atol=0.1, rtol=0.05)
 
 
 def test_fp32_is_plain():
