@@ -169,8 +169,8 @@ def build_table(subs: Iterable, run: str = 'fit') -> tuple[dict, dict, dict]:
 
 # %% ../nbs/00_core.ipynb #8db32a1c
 def add_note(e: BaseException, note: str) -> None:
-    "Attach `note` to `e` (shown under its traceback), where Python supports exception notes."
-    if hasattr(e, 'add_note'): e.add_note(note)
+    "Attach `note` to `e`: shown under its traceback (exception notes, PEP 678: why nntrain needs Python 3.11)."
+    e.add_note(note)
 
 def note_origin(e: BaseException, fn: Callable, event: str) -> None:
     "Record on `e`, once, that it was raised by `fn`'s subscriber at `event`."

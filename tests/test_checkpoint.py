@@ -21,6 +21,14 @@ from nntrain.subs.training import EMAS, GradAccumS
 from nntrain.testing import same_weights
 
 
+@pytest.fixture(autouse=True)
+def sigint_raises():
+    "These tests press Ctrl-C with a real SIGINT: let it arrive even where the runner was started with SIGINT ignored."
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)   # as `cmd &` from a script leaves it
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def make_learner(*subs, n=96, bs=8):
     "The same run every time it is called, as a script started twice would be."
     set_seed(0)
