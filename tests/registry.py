@@ -44,7 +44,8 @@ from nntrain.subs.tracking import CSVLoggerS, EarlyStoppingS
 from nntrain.subs.training import EMAS, GradAccumS, GradClipS, TerminateOnNaNS
 from nntrain.testing import tiny_classifier
 
-__all__ = ['Entry', 'REGISTRY', 'names', 'params', 'shipped_subscribers', 'images', 'with_metrics']
+__all__ = ['Entry', 'REGISTRY', 'CPU_DRAWS', 'names', 'params', 'shipped_subscribers', 'images', 'with_metrics',
+           'images_with_metrics']
 
 images = partial(tiny_classifier, images=True)   # (N, 1, 4, 4) inputs: CutMix has something to cut, images to show
 

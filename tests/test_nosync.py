@@ -6,6 +6,7 @@ from nntrain.core import Subscriber
 from nntrain.testing import no_host_sync_in_batches, tiny_classifier
 from tests.registry import REGISTRY, names, params
 
+
 @pytest.mark.parametrize('name', params('nosync'))
 def test_no_host_sync_inside_batches(name, tmp_path, monkeypatch):
     "Each registry entry that does not say why it syncs: two epochs under the guard, every batch but the first checked."
