@@ -182,8 +182,8 @@ def build_table(subs: Iterable,      # every subscriber of the learner
 def add_note(e: BaseException,    # the exception
              note: str,           # one line shown under its traceback
             ) -> None:
-    "Attach `note` to `e` (shown under its traceback), where Python supports exception notes."
-    if hasattr(e, 'add_note'): e.add_note(note)
+    "Attach `note` to `e`: shown under its traceback (exception notes, PEP 678: why nntrain needs Python 3.11)."
+    e.add_note(note)
 
 def note_origin(e: BaseException,    # the exception raised
                 fn: Callable,        # the handler that raised it (a subscriber's bound method)

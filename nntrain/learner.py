@@ -325,7 +325,9 @@ class Learner:
         "One validation pass over `dl` (default: the valid loader); returns its results and leaves `history` alone."
         run = Run('validate', [(self.dls.valid if dl is None else dl, False)], n_inp=self.n_inp,
                   label_names=self.label_names)
-        self.execute(run)
+        # The random generators come back as they were: a model (or subscriber) that samples while it is evaluated
+        # scores the same every time, and a later fit draws what it would have drawn without this validation.
+        with undisturbed(run.phases[0][0]): self.execute(run)
         return dict(run.rows[-1]) if run.rows else {}
 
     get_preds, infer, tta = inference.get_preds, inference.infer, inference.tta

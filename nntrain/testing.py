@@ -5,6 +5,10 @@
 # %% ../nbs/06_testing.ipynb #c015ecd7
 from __future__ import annotations
 
+import sys
+from contextlib import contextmanager
+from types import SimpleNamespace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,7 +18,8 @@ from .data import DataLoaders
 from .learner import Learner
 
 # %% auto #0
-__all__ = ['synth_dls', 'synth_learner', 'tiny_classifier', 'Recorder', 'failing']
+__all__ = ['HOST_READS', 'synth_dls', 'synth_learner', 'tiny_classifier', 'Recorder', 'failing', 'state_diffs', 'same_state',
+           'weights_of', 'same_weights', 'no_host_sync_in_batches']
 
 # %% ../nbs/06_testing.ipynb #d8c5771a
 def synth_dls(n_train: int = 64, n_valid: int = 32, batch_size: int = 16, a: float = 2., b: float = 1.,
@@ -54,3 +59,107 @@ def failing(event: str = 'after_loss', at: int = 1, exc: type = RuntimeError, tr
     def handler(self, learn):
         if learn.training == training and learn.iter == at: raise exc('injected failure')
     return type('Fail', (Subscriber,), {'order': 1000, event: handler})()
+
+# %% ../nbs/06_testing.ipynb #2c2ac763
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    "The bytes of `t`, so NaNs and signed zeros compare as their bits do."
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+
+def _brief(x) -> str:
+    "`x` for a message: a tensor by its dtype, shape and device, anything else by its repr (cut short)."
+    if isinstance(x, torch.Tensor): return f'tensor {tuple(x.shape)} {str(x.dtype)[6:]} on {x.device}'
+    r = repr(x)
+    return r if len(r) <= 60 else r[:57] + '...'
+
+def state_diffs(a, b, path: str = '') -> list[str]:
+    "Where `a` and `b` (nested dicts, lists, tuples, tensors, numbers) differ; tensors by bits, dtype and shape."
+    at = path or 'the top level'
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or (a.dtype, a.shape, a.device) != (
+                b.dtype, b.shape, b.device): return [f'{at}: {_brief(a)} vs {_brief(b)}']
+        return [] if torch.equal(_bits(a), _bits(b)) else [f'{at}: the values of {_brief(a)} differ']
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return [f'{at}: keys only in the first {sorted(map(str, a.keys() - b.keys()))}, '
+                    f'only in the second {sorted(map(str, b.keys() - a.keys()))}']
+        return [d for k in a for d in state_diffs(a[k], b[k], f'{path}[{k!r}]')]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if type(a) is not type(b) or len(a) != len(b):
+            return [f'{at}: {type(a).__name__} of {len(a)} vs {type(b).__name__} of {len(b)}']
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in state_diffs(x, y, f'{path}[{i}]')]
+    if isinstance(a, float) and isinstance(b, float) and a != a and b != b: return []   # NaN is NaN here
+    return [] if type(a) is type(b) and a == b else [f'{at}: {_brief(a)} vs {_brief(b)}']
+
+def same_state(a, b) -> bool:
+    "Are `a` and `b` equal, tensors bit for bit (NaNs and signed zeros by their bits)? `state_diffs` says where not."
+    return not state_diffs(a, b)
+
+def weights_of(x) -> dict | list:
+    "The tensors of a `Learner` or a model (its state dict), a state dict as it is, or a sequence of tensors as a list."
+    if isinstance(getattr(x, 'model', None), nn.Module): x = x.model
+    if isinstance(x, nn.Module): return x.state_dict()
+    return x if isinstance(x, dict) else list(x)
+
+def same_weights(a, b) -> bool:
+    "Do `a` and `b` (learners, models, state dicts or sequences of tensors) hold the same tensors, bit for bit?"
+    return same_state(weights_of(a), weights_of(b))
+
+# %% ../nbs/06_testing.ipynb #1fbfb14b
+# Every way to get a tensor's value onto the host as a Python object (each makes the CPU wait for a GPU).
+HOST_READS = ('item', 'tolist', 'numpy', 'cpu', '__float__', '__int__', '__bool__', '__index__', '__complex__',
+              '__format__', '__repr__', '__array__')
+
+class _Window(Subscriber):
+    "Open from the first subscriber's before_batch to the last one's cleanup_batch; each phase's first batch aside."
+    def __init__(self, order: int, opens: bool, guard: SimpleNamespace):
+        self.order, self.opens, self.guard = order, opens, guard
+        self.checked = set()   # phases whose first batch (with the learner's checks) has run
+
+    def before_fit(self, learn):
+        if self.opens: self.checked = set()
+
+    def before_batch(self, learn):
+        if not self.opens: return
+        first = learn.training not in self.checked
+        self.checked.add(learn.training)
+        self.guard.on = not first
+        self.guard.batches += not first
+
+    def cleanup_batch(self, learn):
+        if not self.opens: self.guard.on = False
+
+@contextmanager
+def no_host_sync_in_batches(learn: Learner,
+                            allow=()):   # functions that may read (CPU-only tensors, by design), with what they call
+    "Inside: a tensor read on the host while a batch runs raises; yields `guard` (`guard.batches`: batches checked)."
+    guard = SimpleNamespace(on=False, batches=0, reads=[], caught=[])   # reads: the allowed reads seen
+    allowed = {getattr(f, '__code__', f) for f in allow}
+    subs = [_Window(-10**6, True, guard), _Window(10**6, False, guard)]
+    saved = {name: torch.Tensor.__dict__.get(name) for name in HOST_READS}
+    def guarded(name, orig):
+        def read(self, *args, **kwargs):
+            if guard.on:
+                frame = caller = sys._getframe(1)
+                while frame is not None and frame.f_code not in allowed: frame = frame.f_back
+                if frame is None:
+                    guard.on = False   # let the error message itself format tensors
+                    guard.caught.append(f'host sync inside a batch: Tensor.{name} called from {caller.f_code.co_name}'
+                                        f' ({caller.f_code.co_filename}:{caller.f_lineno})')
+                    raise AssertionError(guard.caught[-1])
+                guard.reads.append(name)
+            return orig(self, *args, **kwargs)
+        return read
+    learn.add_subs(*subs)
+    try:
+        for name in HOST_READS:
+            orig = getattr(torch.Tensor, name, None)
+            if orig is not None: setattr(torch.Tensor, name, guarded(name, orig))
+        yield guard
+        # a subscriber that catches every error (to keep training) must not hide a read from the guard
+        if guard.caught: raise AssertionError(guard.caught[0] + ' (the error was caught and not raised)')
+    finally:
+        for name, orig in saved.items():
+            if orig is None:
+                if name in torch.Tensor.__dict__: delattr(torch.Tensor, name)
+            else: setattr(torch.Tensor, name, orig)
+        learn.remove_subs(*subs)

@@ -14,10 +14,9 @@ from torch import nn
 from nntrain.core import set_seed
 from nntrain.learner import Learner
 from nntrain import run as run_module
-from nntrain.testing import failing, tiny_classifier
+from nntrain.testing import failing, same_state, state_diffs, tiny_classifier
 
-__all__ = ['n_hooks', 'snapshot', 'check_contract', 'check_run_scopes', 'files_on_disk', 'same_state', 'observe',
-           'changed']
+__all__ = ['n_hooks', 'snapshot', 'check_contract', 'check_run_scopes', 'files_on_disk', 'observe', 'changed']
 
 
 def n_hooks(model: nn.Module) -> int:
@@ -78,24 +77,6 @@ def _events(path) -> list:
     return out
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    "The bytes of `t` (so NaNs and signed zeros compare as bits do)."
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-
-
-def same_state(a, b) -> bool:
-    "Are `a` and `b` (nested dicts, lists, tuples, tensors, numbers) equal, tensors bit for bit?"
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and (a.dtype, a.shape, a.device) ==
-                (b.dtype, b.shape, b.device) and torch.equal(_bits(a), _bits(b)))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b))
-    if isinstance(a, float) and isinstance(b, float) and a != a and b != b: return True   # NaN == NaN here
-    return type(a) is type(b) and a == b
-
-
 def observe(learn, folder, sub=None) -> dict:
     "What a user could see: history, files under `folder`, `sub`'s state, weights, optimizer state, counters, RNG."
     sub_state = sub.state_dict() if callable(getattr(sub, 'state_dict', None)) else None
@@ -111,7 +92,7 @@ def changed(before: dict, after: dict) -> list:
     return [k for k in before if not same_state(before[k], after[k])]
 
 
-def _run(factory, make_learner, folder: Path, middle: bool) -> dict:
+def _run(factory, make_learner, folder: Path, middle: bool, lr_find: bool = True) -> dict:
     "Seeded: build, fit, (validate, get_preds, lr_find when `middle`: they must change nothing), fit; what is seen."
     folder.mkdir(parents=True)
     cwd = os.getcwd()
@@ -125,10 +106,11 @@ def _run(factory, make_learner, folder: Path, middle: bool) -> dict:
         if middle:
             learn.validate()
             learn.get_preds()
-            learn.lr_find(num_it=5, show_plot=False)
+            if lr_find: learn.lr_find(num_it=5, show_plot=False)
         after = observe(learn, folder, sub)
         for k in before:
-            assert same_state(before[k], after[k]), f'validate/get_preds/lr_find changed {k}'
+            assert same_state(before[k], after[k]), f'validate/get_preds/lr_find changed {k}: ' \
+                f'{state_diffs(before[k], after[k])[:3]}'
         learn.fit(1)
         return observe(learn, folder, sub)
     finally: os.chdir(cwd)
@@ -140,13 +122,14 @@ class _StillClock:
     def perf_counter() -> float: return 0.
 
 
-def check_run_scopes(factory, make_learner, tmp_path: Path) -> None:
+def check_run_scopes(factory, make_learner, tmp_path: Path, lr_find: bool = True) -> None:
     "validate(), get_preds() and lr_find() between two fits leave history, files, sub state and weights bit for bit."
     clock = run_module.time
     run_module.time = _StillClock
     try:
         plain = _run(factory, make_learner, tmp_path / 'plain', middle=False)
-        mixed = _run(factory, make_learner, tmp_path / 'mixed', middle=True)
+        mixed = _run(factory, make_learner, tmp_path / 'mixed', middle=True, lr_find=lr_find)
     finally: run_module.time = clock
     for k in ('history', 'files', 'sub', 'weights', 'opt', 'counters', 'rng'):   # the objects differ between runs
-        assert same_state(plain[k], mixed[k]), f'after validate/get_preds/lr_find, the next fit ends with other {k}'
+        assert same_state(plain[k], mixed[k]), f'after validate/get_preds/lr_find, the next fit ends with other {k}: ' \
+            f'{state_diffs(plain[k], mixed[k])[:3]}'

@@ -165,7 +165,8 @@ def test_loss_restored_whatever_happens(exc):
     learn = image_learner(loss_func, subs=[MixUpS()])
     if isinstance(exc, CancelFitException): learn.fit(1, subs=[Fail(exc)])
     else:
-        with pytest.raises(type(exc)): learn.fit(1, subs=[Fail(exc)])
+        with pytest.raises(type(exc)) as info: learn.fit(1, subs=[Fail(exc)])
+        assert info.value is exc   # the subscriber's own exception, not another of its type
     assert learn.loss_func is loss_func
     learn.fit(1)                                                     # and the learner still trains
 

@@ -18,6 +18,15 @@ from nntrain.subs.metrics import MetricsS
 from nntrain.subs.schedule import SchedulerS
 from nntrain.subs.tracking import CSVLoggerS, EarlyStoppingS
 from nntrain.subs.training import EMAS, GradAccumS
+from nntrain.testing import same_weights
+
+
+@pytest.fixture(autouse=True)
+def sigint_raises():
+    "These tests press Ctrl-C with a real SIGINT: let it arrive even where the runner was started with SIGINT ignored."
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)   # as `cmd &` from a script leaves it
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 def make_learner(*subs, n=96, bs=8):
@@ -35,10 +44,6 @@ class Crash(Subscriber):
     def __init__(self, at): self.at = at
     def after_step(self, learn):
         if learn.global_step == self.at: os.kill(os.getpid(), signal.SIGINT)
-
-
-def same_weights(a, b):
-    return all(torch.equal(p, q) for p, q in zip(a.model.state_dict().values(), b.model.state_dict().values()))
 
 
 extra_subs = {
@@ -60,7 +65,7 @@ def test_resume_is_exact(tmp_path, kind, crash_at):
     reference.fit(n_epochs)
 
     first = make_learner(*extra_subs[kind](), CheckpointS(tmp_path, every=1))
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match='stopped by Ctrl-C'):
         first.fit(n_epochs, subs=[Crash(crash_at)])
     resumed = make_learner(*extra_subs[kind](), CheckpointS(tmp_path, every=1))
     resumed.load(latest_checkpoint(tmp_path))
@@ -103,7 +108,7 @@ def test_validate_between_load_and_resume_keeps_the_position(tmp_path):
     reference = make_learner()
     reference.fit(2)
     first = make_learner(CheckpointS(tmp_path, every=1))
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match='stopped by Ctrl-C'):
         first.fit(2, subs=[Crash(6)])
     resumed = make_learner(CheckpointS(tmp_path, every=1)).load(latest_checkpoint(tmp_path))
     resumed.validate()
@@ -172,8 +177,9 @@ def test_ctrl_c_finishes_the_batch_and_a_second_stops_at_once():
     assert signal.getsignal(signal.SIGINT) is handler           # the previous handler is back
     seen.clear()
     learn = make_learner()
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as info:
         learn.fit(2, subs=[Press(2)])
+    assert not getattr(info.value, 'nntrain_clean_stop', False)           # the second press: no clean stop
     assert seen == [(0, True), (1, True)] and learn.global_step == 2   # stopped inside batch 2: no step
     learn.fit(1)                                                          # and usable again
 
@@ -189,7 +195,7 @@ def test_resume_at_an_epoch_boundary_is_exact_with_a_torch_dataloader(tmp_path):
     reference = make()
     reference.fit(3)
     first = make(CheckpointS(tmp_path, every='epoch'))
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match='stopped by Ctrl-C'):
         first.fit(3, subs=[Crash(16)])        # 8 batches per epoch: the end of epoch 1
     resumed = make(CheckpointS(tmp_path, every='epoch')).load(latest_checkpoint(tmp_path))
     resumed.fit(3, resume=True)

@@ -19,7 +19,7 @@ def make_idx_folder(folder, n_train=10, n_valid=6, gz=True, seed=0):
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     arrays = {}
-    for name, n in zip(NAMES, (n_train, n_train, n_valid, n_valid)):
+    for name, n in zip(NAMES, (n_train, n_train, n_valid, n_valid), strict=True):
         a = rng.integers(0, 256, (n, 28, 28)) if 'images' in name else rng.integers(0, 10, n)
         arrays[name] = a.astype(np.uint8)
         write_idx(folder / (name if gz else name[:-3]), arrays[name], compress=gz)
@@ -350,9 +350,9 @@ def test_from_hf_dd_fast_path_equals_collate_path(mode):
     slow_dls = DataLoaders.from_hf_dd(dd, 4, fast=False)
     assert isinstance(fast_dls.train, TensorLoader) and isinstance(slow_dls.train, MappedLoader)
     assert len(fast_dls.train) == len(slow_dls.train) == 6 and len(fast_dls.valid) == len(slow_dls.valid) == 2
-    for a, b in zip(batches(fast_dls.valid), batches(slow_dls.valid)):      # validation is unshuffled: same batches
+    for a, b in zip(batches(fast_dls.valid), batches(slow_dls.valid), strict=True):   # validation is unshuffled
         assert len(a) == len(b) == 3
-        for ta, tb in zip(a, b): assert ta.dtype == tb.dtype and torch.equal(ta, tb)
+        for ta, tb in zip(a, b, strict=True): assert ta.dtype == tb.dtype and torch.equal(ta, tb)
     got = torch.cat([b[1] for b in fast_dls.train])
     assert sorted(got.tolist()) == sorted(dd['train']['label'])            # shuffled, every row once
     x = next(iter(DataLoaders.from_hf_dd(dd, 4, flatten=False).valid))[0]

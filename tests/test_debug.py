@@ -9,17 +9,18 @@ from torch import nn
 
 from nntrain.core import Order, Subscriber
 from nntrain.learner import Learner
-from nntrain.subs.augment import CutMixS, MixUpS
+from nntrain.subs.augment import MixUpS
 from nntrain.subs.device import DeviceS
 from nntrain.subs.metrics import MetricsS
 from nntrain.subs.normalize import NormalizationS
-from nntrain.subs.precision import ChannelsLastS, MixedPrecisionS
+from nntrain.subs.precision import MixedPrecisionS
 from nntrain.subs.progress import ProgressS
 from nntrain.subs.schedule import SchedulerS
-from nntrain.subs.training import EMAS, GradAccumS, GradClipS, TerminateOnNaNS
+from nntrain.subs.training import TerminateOnNaNS
 from nntrain.subs.debug import DebugS, SyncAuditS, TraceS, summarize
 from nntrain.testing import failing, synth_learner, tiny_classifier
 from tests.contract import check_contract
+from tests.registry import REGISTRY, params
 
 TENSOR_METHODS = ('item', 'tolist', 'cpu', 'numpy', 'to', '__bool__', '__float__', '__int__', '__repr__', '__format__',
                   '__getitem__', 'nonzero')
@@ -177,22 +178,25 @@ def test_audit_host_data_is_not_counted_on_cpu():
     assert audit.batch_syncs() == []
 
 
-STANDARD = {'DeviceS': lambda: DeviceS(), 'NormalizationS': lambda: NormalizationS(), 'MetricsS': lambda: MetricsS(),
-            'MixUpS': lambda: MixUpS(seed=0), 'CutMixS': lambda: CutMixS(seed=0), 'GradAccumS': lambda: GradAccumS(2),
-            'EMAS': lambda: EMAS(), 'ChannelsLastS': lambda: ChannelsLastS(), 'GradClipS': lambda: GradClipS(),
-            'MixedPrecisionS': lambda: MixedPrecisionS('bf16')}
+# registry entries that go together in one fit (of the two mixers, one)
+TOGETHER = ('DeviceS', 'NormalizationS', 'MetricsS', 'CutMixS', 'GradAccumS', 'EMAS', 'ChannelsLastS', 'GradClipS',
+            'MixedPrecisionS')
 
 
-@pytest.mark.parametrize('name', list(STANDARD))
-def test_standard_subscribers_make_no_per_batch_syncs(name):
-    learn = tiny_classifier(images=True, subs=[STANDARD[name]()])
-    audit = learn.audit_syncs(n_epochs=2, n_batches=None)
+@pytest.mark.parametrize('name', params('nosync'))
+def test_registered_subscribers_make_no_per_batch_syncs(name, tmp_path, monkeypatch):
+    "SyncAuditS sees no per-batch sync from the registry's entries that do not say why they sync (as the guard does)."
+    monkeypatch.chdir(tmp_path)
+    e = REGISTRY[name]
+    audit = e.learner().audit_syncs(n_epochs=2, n_batches=None, subs=[e.factory()])
     assert audit.batches == {'train': 6, 'valid': 4}
-    assert audit.batch_syncs() == [], audit.report()
+    syncs = [s for s in audit.batch_syncs() if (s.epoch, s.batch) != (0, 0)]   # as the guard: each phase's first
+    if e.allow: syncs = [s for s in syncs if s.batch != 0]   # what an entry allows: on the CPU, or once per epoch
+    assert syncs == [], audit.report()
 
 
 def test_standard_subscribers_together_and_the_documented_syncs():
-    subs = [f() for f in STANDARD.values() if f is not STANDARD['MixUpS']] + [TerminateOnNaNS(check_every=2)]
+    subs = [REGISTRY[n].factory() for n in TOGETHER] + [TerminateOnNaNS(check_every=2)]
     audit = tiny_classifier(images=True, subs=subs).audit_syncs(n_epochs=2, n_batches=None)
     syncs = audit.batch_syncs()
     assert {(s.where, s.owner, s.what) for s in syncs} == {('after_backward', 'TerminateOnNaNS', 'bool()')}

@@ -20,6 +20,7 @@ from nntrain.subs.checkpoint import CheckpointS
 from nntrain.subs.distributed import DistributedS
 from nntrain.subs.metrics import MetricsS
 from nntrain.subs.training import GradAccumS
+from nntrain.testing import same_state
 from tests.dist_scripts.scenarios import data, learner, momentum, resume_learner, weights
 from torcheval.metrics import MulticlassAccuracy
 
@@ -51,7 +52,7 @@ def runs(tmp_path_factory):
     ranks = [torch.load(out / f'main-rank{r}.pt', weights_only=False) for r in range(2)]
     return {'out': out, 'kill': kill, 'fail': fail, 'ranks': ranks}
 
-def same(a: dict, b: dict) -> bool: return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+same = same_state   # keys, dtypes, shapes and bits (nntrain.testing)
 def close(a: dict, b: dict, tol: float = 1e-6) -> bool:
     return a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=tol, rtol=0) for k in a)
 
@@ -169,7 +170,7 @@ def test_fsdp2_fits_and_saves_a_full_state_dict(runs):
     assert same(weights(alone), r0['fsdp'])
     buffers = [alone.opt.state[p]['momentum_buffer'] for p in alone.model.parameters()]
     assert all(torch.allclose(b, ref.opt.state[p]['momentum_buffer'], atol=1e-6)
-               for b, p in zip(buffers, ref.model.parameters()))
+               for b, p in zip(buffers, ref.model.parameters(), strict=True))
     # a checkpoint written mid-fit (step 6 of 8) holds the full weights and optimizer state, with plain keys
     snap = Snapshot(6)
     learner(16, [snap], opt_func=momentum).fit(2)

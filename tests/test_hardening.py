@@ -15,7 +15,7 @@ from torch import nn
 from nntrain.core import Subscriber
 from nntrain.data import DataLoaders
 from nntrain.learner import Learner
-from nntrain.testing import synth_dls, synth_learner, tiny_classifier
+from nntrain.testing import same_state, state_diffs, synth_dls, synth_learner, tiny_classifier
 
 
 def state_of(learn: Learner) -> dict:
@@ -27,17 +27,7 @@ def state_of(learn: Learner) -> dict:
 
 
 def assert_same(a: dict, b: dict) -> None:
-    assert a['weights'].keys() == b['weights'].keys()
-    assert all(torch.equal(a['weights'][k], b['weights'][k]) for k in a['weights'])
-    assert _same(a['opt'], b['opt']), 'optimizer state changed'
-    assert a['counters'] == b['counters'] and a['history'] == b['history'] and a['subs'] == b['subs']
-
-
-def _same(x, y) -> bool:
-    if isinstance(x, torch.Tensor): return isinstance(y, torch.Tensor) and torch.equal(x, y)
-    if isinstance(x, dict): return isinstance(y, dict) and x.keys() == y.keys() and all(_same(x[k], y[k]) for k in x)
-    if isinstance(x, (list, tuple)): return type(x) == type(y) and len(x) == len(y) and all(map(_same, x, y))
-    return x == y
+    assert same_state(a, b), state_diffs(a, b)   # weights, optimizer state, counters, history, subscribers
 
 
 def trained(opt_func=torch.optim.Adam, model=None, subs=()) -> Learner:
@@ -328,5 +318,5 @@ def test_fit_one_cycle_resumes_exactly(tmp_path):
     resumed = make()
     resumed.load(path)
     resumed.fit_one_cycle(3, 0.1, resume=True)
-    pairs = zip(resumed.model.state_dict().values(), straight.model.state_dict().values())
+    pairs = zip(resumed.model.state_dict().values(), straight.model.state_dict().values(), strict=True)
     assert all(torch.equal(a, b) for a, b in pairs)

@@ -13,6 +13,7 @@ from nntrain.init import LayerStats, LSUVReport, init_weights, lsuv_init
 from nntrain.learner import Learner
 from nntrain.models import xresnet18
 from nntrain.subs.normalize import NormalizationS
+from nntrain.testing import same_weights
 
 
 def plain_cnn(n_convs: int = 6, width: int = 16, head: bool = True) -> nn.Sequential:
@@ -34,7 +35,6 @@ def output_stats(model, xb, types=(nn.Conv2d, nn.Linear)):
 
 
 def params(model): return [p.detach().clone() for p in model.parameters()]
-def same(a, b): return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 @pytest.fixture
@@ -83,7 +83,7 @@ def test_lsuv_every_layer_has_mean_0_std_1(xb):
     for mean, std in after: assert abs(mean) < 1e-3 and abs(std - 1) < 1e-3
     assert isinstance(report, LSUVReport) and all(isinstance(r, LayerStats) for r in report)
     assert [r.name for r in report] == ['0', '2', '4', '6', '8', '10', '14']
-    for (mean, std), r in zip(after, report):
+    for (mean, std), r in zip(after, report, strict=True):
         assert math.isclose(mean, r.mean, abs_tol=1e-6) and math.isclose(std, r.std, abs_tol=1e-6)
     assert all(1 <= n <= 10 for n in report.iters)
 
@@ -120,7 +120,7 @@ def test_lsuv_chosen_modules_by_name_or_module(xb):
     untouched = params(model[4])
     report = lsuv_init(model, xb, modules=['2', model[14]])
     assert [r.name for r in report] == ['2', '14']
-    assert same(untouched, params(model[4]))
+    assert same_weights(untouched, params(model[4]))
 
 
 def test_lsuv_layer_without_bias_gets_only_its_std_fixed():
@@ -153,7 +153,7 @@ def test_lsuv_leaves_no_hooks_modes_grad_mode_and_batchnorm_stats(xb):
             assert torch.is_grad_enabled() == grad
         for r in report: assert abs(r.mean) < 1e-3 and abs(r.std - 1) < 1e-3   # dropout was off: exact
         assert [m.training for m in model.modules()] == modes
-        assert same(buffers, list(model.buffers()))   # running mean, var and num_batches_tracked
+        assert same_weights(buffers, list(model.buffers()))   # running mean, var and num_batches_tracked
         assert count_hooks(model) == 1   # only the user's own
     user.remove()
     assert all(p.grad is None for p in model.parameters())
@@ -172,7 +172,7 @@ def test_lsuv_restores_everything_when_a_forward_hook_raises(xb):
     with pytest.raises(RuntimeError, match='hook failed'): lsuv_init(model, xb)
     assert len(calls) > 5
     handle.remove()
-    assert same(weights, params(model)) and same(buffers, list(model.buffers()))
+    assert same_weights(weights, params(model)) and same_weights(buffers, list(model.buffers()))
     assert [m.training for m in model.modules()] == modes
     assert count_hooks(model) == 0 and torch.is_grad_enabled()
 
@@ -183,7 +183,7 @@ def test_lsuv_dead_layer_is_an_error_naming_it_and_changes_nothing(xb):
     nn.init.zeros_(model[2].weight); nn.init.zeros_(model[2].bias)
     weights = params(model)
     with pytest.raises(ValueError, match='output of 2 has mean 0.0, std 0.0'): lsuv_init(model, xb)
-    assert same(weights, params(model)) and count_hooks(model) == 0
+    assert same_weights(weights, params(model)) and count_hooks(model) == 0
 
 
 def test_lsuv_bad_arguments_are_errors_before_anything_changes(xb):
@@ -199,7 +199,7 @@ def test_lsuv_bad_arguments_are_errors_before_anything_changes(xb):
     with pytest.raises(TypeError, match='xb must be a tensor'): lsuv_init(model, xb.numpy())
     with pytest.raises(TypeError, match='nn.Module or a Learner'): lsuv_init('model', xb)
     with pytest.raises(ValueError, match='no Conv or Linear'): lsuv_init(nn.Sequential(nn.ReLU()), xb)
-    assert same(weights, params(model)) and count_hooks(model) == 0
+    assert same_weights(weights, params(model)) and count_hooks(model) == 0
 
 
 # -- lsuv_init with a Learner ---------------------------------------------------------------------------------------
@@ -213,7 +213,8 @@ def test_lsuv_on_a_learner_sees_the_batch_as_the_model_does():
     torch.manual_seed(1); model = plain_cnn()
     report = lsuv_init(learn, xs)
     lsuv_init(model, (xs - xs.mean()) / xs.std())
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(learn.model.parameters(), model.parameters()))
+    pairs = zip(learn.model.parameters(), model.parameters(), strict=True)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in pairs)
     assert all(abs(r.std - 1) < 1e-3 for r in report)
     assert count_hooks(learn.model) == 0 and learn.global_step == 0 and learn.history == []
     learn.fit(1)

@@ -8,6 +8,7 @@ from nntrain.core import (EVENTS, CancelBatchException, CancelEpochException, Ca
                           CancelStepException, Subscriber)
 from nntrain.data import DataLoaders
 from nntrain.learner import Learner
+from nntrain.subs.metrics import MetricsS
 from nntrain.testing import Recorder, synth_dls, synth_learner, tiny_classifier
 
 
@@ -104,8 +105,9 @@ def test_cleanup_failures_are_isolated_and_noted():
 
 
 def test_keyboard_interrupt_is_a_clean_stop():
-    learn = two_by_two(raiser('after_loss', KeyboardInterrupt, when=lambda l: l.iter == 1))
-    with pytest.raises(KeyboardInterrupt):
+    press = lambda: KeyboardInterrupt('pressed in batch 1')
+    learn = two_by_two(raiser('after_loss', press, when=lambda l: l.iter == 1))
+    with pytest.raises(KeyboardInterrupt, match='pressed in batch 1'):
         learn.fit(1)
     assert learn.batch is None and learn.preds is None and learn.loss is None
     assert all(p.grad is None for p in learn.model.parameters())   # no half-made gradients leak into the next step
@@ -119,8 +121,8 @@ def test_temporary_subs_are_removed_even_after_errors():
     rec = Recorder()
     learn.fit(1, subs=[rec])
     assert learn.subs == [] and rec.seen
-    with pytest.raises(RuntimeError):
-        learn.fit(1, subs=[raiser('before_fit', RuntimeError)])
+    with pytest.raises(RuntimeError, match='raised in before_fit'):
+        learn.fit(1, subs=[raiser('before_fit', lambda: RuntimeError('raised in before_fit'))])
     assert learn.subs == []
 
 
@@ -263,13 +265,58 @@ def test_first_batch_failures_say_what_went_in():
     x8 = torch.randint(0, 256, (8, 2), dtype=torch.uint8)
     learn = Learner(nn.Linear(2, 3), DataLoaders.from_tensors(x8, torch.zeros(8, dtype=torch.long), x8,
                                                                torch.zeros(8, dtype=torch.long), batch_size=4), lr=0.1)
-    with pytest.raises(RuntimeError) as info:
+    with pytest.raises(RuntimeError, match='dtype') as info:   # torch's own message: uint8 inputs, float weights
         learn.fit(1)
     assert any('the model failed on the first training batch' in n and 'tensor (4, 2) uint8' in n
                for n in info.value.__notes__)
     x = torch.randn(8, 2)
     learn = Learner(nn.Linear(2, 3), DataLoaders.from_tensors(x, torch.zeros(8, 3), x, torch.zeros(8, 3), batch_size=4),
                     lambda p, t: F.nll_loss(p, t), lr=0.1)   # nll_loss wants class indices, not (N, 3) floats
-    with pytest.raises(RuntimeError) as info:
+    with pytest.raises(RuntimeError, match='target') as info:   # torch's own message: class indices expected
         learn.fit(1)
     assert any('the loss failed' in n and 'targets: (tensor (4, 3) float32,)' in n for n in info.value.__notes__)
+
+
+# -- each row's loss is the mean over items, not over batches -------------------------------------------------------
+
+def uneven(subs=()):
+    "Train batches of 16, 16 and 8 items, valid batches of 16 and 4: a mean over batches is not one over items."
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(60, 8, generator=g) * 3, torch.randint(0, 3, (60,), generator=g)
+    dls = DataLoaders.from_tensors(x[:40], y[:40], x[40:], y[40:], batch_size=16, valid_batch_size=16, shuffle=False)
+    torch.manual_seed(0)
+    return Learner(nn.Linear(8, 3), dls, F.cross_entropy, lr=0.5, subs=subs)
+
+
+class BatchLosses(Subscriber):
+    "Each batch's mean loss and size, per phase."
+    def __init__(self): self.seen = {True: [], False: []}
+    def after_loss(self, learn): self.seen[learn.training].append((learn.loss.item(), len(learn.yb[0])))
+
+
+def test_row_loss_weights_each_batch_by_its_size():
+    "A per-batch weight of 1, or of the loader's batch size, gives other numbers (asserted apart below)."
+    learn, spy = uneven(subs=[MetricsS()]), BatchLosses()
+    learn.fit(1, subs=[spy])
+    train, valid = learn.history
+    losses = spy.seen[True]
+    assert [n for _, n in losses] == [16, 16, 8] and [n for _, n in spy.seen[False]] == [16, 4]
+    weighted = sum(l * n for l, n in losses) / 40
+    assert train['loss'] == pytest.approx(weighted, rel=1e-6)
+    for wrong in (sum(l for l, _ in losses) / 3, sum(l * 16 for l, _ in losses) / 48):   # weights 1, and 16 each
+        assert abs(wrong - weighted) > 1e-3 * weighted
+    x, y = learn.dls.valid.tensors
+    with torch.no_grad(): whole = F.cross_entropy(learn.model(x), y).item()   # the model is as it was while validating
+    assert valid['loss'] == pytest.approx(whole, rel=1e-6)
+    assert abs(sum(l for l, _ in spy.seen[False]) / 2 - whole) > 1e-3 * whole
+
+
+def test_validate_row_is_the_mean_over_every_item():
+    learn = uneven()
+    learn.fit(1)
+    x, y = learn.dls.valid.tensors
+    with torch.no_grad(): whole = F.cross_entropy(learn.model(x), y).item()
+    row = learn.validate()
+    assert row['phase'] == 'valid' and row['loss'] == pytest.approx(whole, rel=1e-6)
+    with torch.no_grad(): per_batch = [F.cross_entropy(learn.model(x[i:i + 16]), y[i:i + 16]).item() for i in (0, 16)]
+    assert abs(sum(per_batch) / 2 - whole) > 1e-3 * whole   # a mean over the 2 batches would be caught

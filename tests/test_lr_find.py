@@ -16,6 +16,7 @@ from nntrain.learner import Learner
 from nntrain.optim import AdamW
 from nntrain.subs.lr_find import LRFindS, minimum_lr, steep_lr, valley_lr
 from nntrain.subs.schedule import SchedulerS
+from nntrain.testing import same_state, same_weights, state_diffs
 
 
 class Flaky(nn.Module):
@@ -79,15 +80,8 @@ def _loader_state(dl):
     return dl.generator.get_state() if dl.generator is not None else None
 
 
-def _same(a, b):
-    if isinstance(a, torch.Tensor): return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict): return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)): return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a is b or a == b
-
-
 def _assert_unchanged(before, after):
-    diff = [k for k in before if not _same(before[k], after[k])]
+    diff = {k: state_diffs(before[k], after[k])[:3] for k in before if not same_state(before[k], after[k])}
     assert not diff, f'lr_find changed: {diff}'
 
 
@@ -108,7 +102,7 @@ def test_fit_after_lr_find_is_bit_for_bit_fit_without():
         learn.fit(2)
         return _final(learn), torch.rand(3), random.random(), np.random.rand()
     with_find, without = run(True), run(False)
-    assert all(torch.equal(a, b) for a, b in zip(with_find[0], without[0]))
+    assert same_weights(with_find[0], without[0])
     assert torch.equal(with_find[1], without[1]) and with_find[2:] == without[2:]
 
 
@@ -127,7 +121,7 @@ def test_bit_for_bit_with_existing_optimizer_state_and_subscribers():
             assert count.n == len(learn.dls.train) and sched.state_dict() == sched_state
         learn.fit(1)
         return _final(learn) + [s['grad_avg'] for s in learn.opt.state.values()]
-    assert all(torch.equal(a, b) for a, b in zip(run(True), run(False)))
+    assert same_weights(run(True), run(False))
 
 
 # -- restore when the search fails or diverges ------------------------------------------------------------------
@@ -144,7 +138,7 @@ def test_restores_everything_when_the_model_raises_mid_search():
 
     ref = _learn(AdamW, subs=[Count()])
     ref.fit(1); ref.fit(1)
-    assert all(torch.equal(a, b) for a, b in zip(_final(learn), _final(ref)))
+    assert same_weights(_final(learn), _final(ref))
 
 
 def test_restores_everything_after_divergence():

@@ -18,7 +18,7 @@ def xresnet_count(layers, bottleneck: bool, c_in: int = 3, n_out: int = 1000) ->
     "Parameters of an xresnet, added up layer by layer."
     total = conv(c_in, 32, 3) + bn(32) + conv(32, 32, 3) + bn(32) + conv(32, 64, 3) + bn(64)   # stem
     ni = 64
-    for n, w in zip(layers, (64, 128, 256, 512)):
+    for n, w in zip(layers, (64, 128, 256, 512), strict=True):
         for _ in range(n):
             if bottleneck:
                 nf = 4 * w

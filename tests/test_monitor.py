@@ -14,7 +14,7 @@ from nntrain.models import resnet, simple_cnn
 from nntrain.subs.monitor import ActivationStatsS, Hooks, ModelMonitorS, activation_stats
 from nntrain.summary import (conv_macs, conv_transpose_macs, leaf_modules, linear_macs, mha_macs, module_macs,
                              norm_macs, summary)
-from nntrain.testing import tiny_classifier
+from nntrain.testing import same_state, state_diffs, tiny_classifier
 from tests.contract import n_hooks
 
 
@@ -174,15 +174,7 @@ def state(learn):
                 loader=learn.dls.train.generator.get_state().clone(), modes=[m.training for m in learn.model.modules()])
 
 
-def same(a, b):
-    assert a['counters'] == b['counters']
-    assert torch.equal(a['loader'], b['loader'])
-    assert a['modes'] == b['modes']
-    for k, v in a['weights'].items(): assert torch.equal(v, b['weights'][k]), k
-    sa, sb = a['opt']['state'], b['opt']['state']
-    assert sa.keys() == sb.keys()
-    for i in sa:
-        for k, v in sa[i].items(): assert torch.equal(torch.as_tensor(v), torch.as_tensor(sb[i][k])), (i, k)
+def same(a, b): assert same_state(a, b), state_diffs(a, b)
 
 
 def test_summary_of_a_learner_changes_nothing():
@@ -222,9 +214,10 @@ def test_summary_removes_hooks_after_an_error():
 
 def test_hooks_remove_all_even_on_failure():
     model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
-    with pytest.raises(AttributeError): Hooks([model[0], model[1], 'not a module'], lambda *a: None)
+    with pytest.raises(AttributeError, match='register_forward_hook'):
+        Hooks([model[0], model[1], 'not a module'], lambda *a: None)
     assert n_hooks(model) == 0
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match='x'):
         with Hooks(model, lambda i, m, a, out: None, pre=False) as h:
             assert len(h) == 2 and n_hooks(model) == 2
             raise KeyError('x')
@@ -372,7 +365,7 @@ def test_activation_stats_survive_a_cancel_and_plot():
     dead = acts.dead_chart().axes
     assert [ax.get_title().split(':')[0] for ax in dead[:len(acts.names)]] == acts.names
     assert all(len(ax.get_lines()[0].get_ydata()) == n for ax in dead[:len(acts.names)])
-    with pytest.raises(ValueError): ActivationStatsS(every=0)
+    with pytest.raises(ValueError, match='every must be at least 1'): ActivationStatsS(every=0)
 
 
 def test_summary_text_and_markdown_tables():

@@ -1,54 +1,30 @@
-"The standard subscribers read no tensor on the host inside a batch (tests/nosync.py says how that is caught)."
+"The registered subscribers read no tensor on the host inside a batch (`nntrain.testing.no_host_sync_in_batches`)."
 import pytest
 import torch
-from torcheval.metrics import MulticlassAccuracy
 
 from nntrain.core import Subscriber
-from nntrain.subs.augment import AugmentS, CutMixS, MixUpS, _beta, rand_box
-from nntrain.subs.checkpoint import CheckpointS
-from nntrain.subs.device import DeviceS
-from nntrain.subs.metrics import MetricsS
-from nntrain.subs.monitor import ActivationStatsS
-from nntrain.subs.normalize import NormalizationS
-from nntrain.subs.precision import ChannelsLastS, MixedPrecisionS
-from nntrain.subs.progress import ProgressS
-from nntrain.subs.schedule import ParamSchedulerS, one_cycle_scheds
-from nntrain.subs.tracking import CSVLoggerS, EarlyStoppingS
-from nntrain.subs.training import EMAS, GradAccumS, GradClipS, TerminateOnNaNS
-from nntrain.testing import tiny_classifier
-from tests.nosync import no_host_sync_in_batches
-
-CPU_DRAWS = (_beta, rand_box)   # the mixers draw lam and boxes on the CPU on purpose: no device is waited for
-
-STANDARD = {
-    'DeviceS': lambda: DeviceS('cpu'),
-    'NormalizationS': NormalizationS,
-    'MetricsS': lambda: MetricsS(acc=MulticlassAccuracy()),
-    'ProgressS': lambda: ProgressS(plot=True, comment_every=1e9),   # its comment is throttled, and syncs when shown
-    'AugmentS': lambda: AugmentS(lambda x: x.flip(-1)),
-    'MixUpS': MixUpS,
-    'CutMixS': CutMixS,
-    'MixedPrecisionS': MixedPrecisionS,
-    'ChannelsLastS': ChannelsLastS,
-    'GradClipS': GradClipS,
-    'GradAccumS': lambda: GradAccumS(2),
-    'TerminateOnNaNS-unchecked': lambda: TerminateOnNaNS(check_every=10**6),   # a checked batch syncs by design
-    'EMAS': EMAS,
-    'ParamSchedulerS': lambda: ParamSchedulerS(one_cycle_scheds(0.1)),
-    'ActivationStatsS': ActivationStatsS,
-    'CheckpointS-epoch': lambda: CheckpointS('ck'),
-    'EarlyStoppingS': EarlyStoppingS,
-    'CSVLoggerS': lambda: CSVLoggerS('log.csv'),
-}
+from nntrain.testing import no_host_sync_in_batches, tiny_classifier
+from tests.registry import REGISTRY, names, params
 
 
-@pytest.mark.parametrize('name', sorted(STANDARD))
+@pytest.mark.parametrize('name', params('nosync'))
 def test_no_host_sync_inside_batches(name, tmp_path, monkeypatch):
+    "Each registry entry that does not say why it syncs: two epochs under the guard, every batch but the first checked."
     monkeypatch.chdir(tmp_path)
-    learn = tiny_classifier(images=True, subs=[MetricsS()])
-    with no_host_sync_in_batches(learn, allow=CPU_DRAWS):
-        learn.fit(2, subs=[STANDARD[name]()])
-    assert learn.global_step >= len(learn.dls.train) and len(learn.history) in (4, 8)   # 8: two MetricsS
+    e = REGISTRY[name]
+    learn = e.learner()
+    with no_host_sync_in_batches(learn, allow=e.allow) as guard:
+        learn.fit(2, subs=[e.factory()])
+    n = 2 * (len(learn.dls.train) + len(learn.dls.valid))
+    assert guard.batches == n - 2 and len(learn.history) == 4   # each phase's first batch of the fit is exempt
+
+
+def test_the_registry_says_why_each_unchecked_entry_syncs():
+    "Leaving an entry out of the no-sync check takes a reason; most entries are checked."
+    unchecked = [n for n, e in REGISTRY.items() if e.syncs is not None]
+    assert all(isinstance(REGISTRY[n].syncs, str) and len(REGISTRY[n].syncs) > 20 for n in unchecked)
+    assert len(names('nosync')) > 3 * len(unchecked)
+    assert {'TensorBoardS', 'MetricsS+accuracy', 'CheckpointS', 'MixUpS', 'EMAS'} <= set(names('nosync'))
 
 
 READS = {'item': lambda t: t.item(), 'float': float, 'int': int, 'bool': bool, 'if': lambda t: 1 if t else 0,

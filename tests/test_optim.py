@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nntrain.learner import Learner, MomentumLearner
-from nntrain.testing import synth_dls, synth_learner
+from nntrain.testing import same_weights, synth_dls, synth_learner
 from nntrain.optim import (LAMB, SGD, Adam, AdamW, Momentum, RMSProp, StatsOptimizer,
                            adam_opt, average_grad, rmsprop_opt, sgd_opt, sgd_step, step_stat)
 
@@ -31,15 +31,15 @@ def _trajectory(make_opt, grads=None):
     opt = make_opt(ps)
     out = []
     for gs in grads or _grads():
-        for p, g in zip(ps, gs): p.grad = g.clone()
+        for p, g in zip(ps, gs, strict=True): p.grad = g.clone()
         opt.step()
         out.append([p.detach().clone() for p in ps])
     return out
 
 
 def _assert_same(a, b, atol=1e-6):
-    for i, (sa, sb) in enumerate(zip(a, b)):
-        for pa, pb in zip(sa, sb):
+    for i, (sa, sb) in enumerate(zip(a, b, strict=True)):
+        for pa, pb in zip(sa, sb, strict=True):
             assert torch.allclose(pa, pb, atol=atol, rtol=1e-5), f'step {i + 1}: max diff {(pa - pb).abs().max()}'
 
 
@@ -82,12 +82,12 @@ def test_momentum_weight_decay_is_decoupled():
     ref = [p.detach().clone() for p in ps]
     bufs = [None, None]
     for gs in grads:
-        for i, (p, g) in enumerate(zip(ps, gs)):
+        for i, (p, g) in enumerate(zip(ps, gs, strict=True)):
             p.grad = g.clone()
             bufs[i] = g.clone() if bufs[i] is None else 0.8 * bufs[i] + 0.2 * g
             ref[i] = ref[i] * (1 - 0.1 * 0.3) - 0.1 * bufs[i]
         opt.step()
-    for p, r in zip(ps, ref): assert torch.allclose(p, r, atol=1e-6)
+    for p, r in zip(ps, ref, strict=True): assert torch.allclose(p, r, atol=1e-6)
 
 
 def _lamb_reference(w, grads, lr, b1, b2, eps, wd):
@@ -135,7 +135,7 @@ def test_state_dict_round_trip(name):
     ps = _params()
     opt = make(ps)
     for gs in grads[:2]:
-        for p, g in zip(ps, gs): p.grad = g.clone()
+        for p, g in zip(ps, gs, strict=True): p.grad = g.clone()
         opt.step()
     sd = copy.deepcopy(opt.state_dict())
     weights = [p.detach().clone() for p in ps]
@@ -144,9 +144,9 @@ def test_state_dict_round_trip(name):
     opt2.load_state_dict(sd)
     assert opt2.state_dict()['param_groups'] == opt.state_dict()['param_groups']
     for i, gs in enumerate(grads[2:], start=2):
-        for p, g in zip(ps2, gs): p.grad = g.clone()
+        for p, g in zip(ps2, gs, strict=True): p.grad = g.clone()
         opt2.step()
-        for p, f in zip(ps2, full[i]): assert torch.equal(p.detach(), f), f'step {i + 1} differs after resuming'
+        assert same_weights(ps2, full[i]), f'step {i + 1} differs after resuming'
 
 
 @pytest.mark.parametrize('name', sorted(ALL))
@@ -157,7 +157,7 @@ def test_works_with_torch_lr_scheduler(name):
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
     lrs = []
     for gs in _grads():
-        for p, g in zip(ps, gs): p.grad = g.clone()
+        for p, g in zip(ps, gs, strict=True): p.grad = g.clone()
         opt.step()
         sched.step()
         lrs.append(opt.param_groups[0]['lr'])
@@ -170,7 +170,7 @@ def test_one_cycle_scheduler_cycles_betas():
     opt = AdamW(ps, lr=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10, pct_start=0.5)
     for _ in range(4):   # torch's one-cycle peaks at step pct_start * total_steps - 1
-        for p, g in zip(ps, _grads(1)[0]): p.grad = g
+        for p, g in zip(ps, _grads(1)[0], strict=True): p.grad = g
         opt.step(); sched.step()
     assert opt.param_groups[0]['lr'] == pytest.approx(0.1)
     assert opt.param_groups[0]['betas'][0] == pytest.approx(0.85)
@@ -197,7 +197,7 @@ def test_stats_optimizer_defaults_and_errors():
 
 @pytest.mark.parametrize('bad', [dict(lr=-1.), dict(momentum=1.), dict(weight_decay=-0.1)])
 def test_rejects_bad_hypers(bad):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=f'{next(iter(bad))} must be'):
         Momentum(_params(), **bad)
 
 
@@ -217,9 +217,9 @@ def test_momentum_learner_is_heavy_ball_momentum():
     "Decaying gradients by mom instead of zeroing them = torch SGD with momentum and no dampening."
     a = _fit_weights(MomentumLearner, torch.optim.SGD, mom=0.8)
     b = _fit_weights(Learner, partial(torch.optim.SGD, momentum=0.8))
-    for x, y in zip(a, b): assert torch.allclose(x, y, atol=1e-5)
+    for x, y in zip(a, b, strict=True): assert torch.allclose(x, y, atol=1e-5)
     c = _fit_weights(Learner, torch.optim.SGD)
-    assert not all(torch.allclose(x, y, atol=1e-5) for x, y in zip(a, c))
+    assert not all(torch.allclose(x, y, atol=1e-5) for x, y in zip(a, c, strict=True))
 
 
 def test_optimizers_train_through_learner():

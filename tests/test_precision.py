@@ -12,6 +12,7 @@ from nntrain.data import DataLoaders
 from nntrain.learner import Learner
 from nntrain.subs.precision import ChannelsLastS, CompileS, MixedPrecisionS, make_scaler, resolve_precision
 from nntrain.subs.training import EMAS, GradAccumS, GradClipS, TerminateOnNaNS, grad_norm, opt_grads
+from nntrain.testing import same_state, same_weights
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 
@@ -82,13 +83,19 @@ def test_bf16_cpu_trains_and_preds_are_bf16():
 
 
 def test_bf16_get_preds_under_autocast():
+    "Every batch's predictions are what the model gives under bf16 autocast, bit for bit: not fp32 ones, cast."
     learn, mp = learner(), MixedPrecisionS('bf16')
     learn.add_subs(mp)
     preds, targets = learn.get_preds()
     assert preds.dtype == torch.bfloat16 and len(preds) == len(targets) == 32
     learn.remove_subs(mp)
-    ref, _ = learn.get_preds()
-    torch.testing.assert_close(preds.float(), ref, atol=0.1, rtol=0.05)
+    plain, _ = learn.get_preds()
+    learn.model.eval()
+    with torch.no_grad(), torch.autocast('cpu', torch.bfloat16):
+        ref = torch.cat([learn.model(x) for x, _ in learn.dls.valid])
+    assert same_state(preds, ref)
+    assert not same_state(preds, plain.to(torch.bfloat16))       # autocast is not the fp32 result rounded at the end
+    torch.testing.assert_close(preds.float(), plain, atol=0.1, rtol=0.05)
 
 
 def test_fp32_is_plain():
@@ -97,7 +104,7 @@ def test_fp32_is_plain():
     ref = learner()
     ref.fit(1)
     assert seen.dtypes == {(torch.float32, torch.float32)}
-    for a, b in zip(learn.model.parameters(), ref.model.parameters()): assert torch.equal(a, b)
+    assert same_weights(learn, ref)
 
 
 # -- fp16 and the scaler (on the CPU where torch supports it, and on CUDA) -------------------------------------
@@ -132,7 +139,7 @@ def test_skipped_fp16_step_is_not_counted(device):
     learn.fit(1, subs=[mp, seen, ema, Keep(), Overflow([(0, 2)])], valid=False)
     assert learn.global_step == seen.steps == ema.n_updates == 5
     assert mp.scaler.get_scale() == 65536. / 2
-    assert all(torch.equal(a, b) for a, b in zip(weights['before'], weights['after']))   # skipped: untouched
+    assert same_weights(weights['before'], weights['after'])   # skipped: untouched
     assert all(p.grad is None or not p.grad.abs().sum() for p in learn.model.parameters())
 
 
@@ -204,7 +211,8 @@ def test_fp16_clip_equals_fp32_clip_direction():
     a.fit(1, subs=[MixedPrecisionS('fp16'), GradClipS(0.1)], valid=False)
     b.fit(1, subs=[GradClipS(0.1)], valid=False)
     assert a.global_step == b.global_step == len(b.dls.train)
-    update = lambda l: torch.cat([(p.detach() - s).flatten() for p, s in zip(l.model.parameters(), start)])
+    update = lambda l: torch.cat([(p.detach() - s).flatten()
+                                  for p, s in zip(l.model.parameters(), start, strict=True)])
     ua, ub = update(a), update(b)
     assert ub.norm() > 0.03                             # both moved well beyond the tolerance below
     assert (ua - ub).norm() < 1e-2 * ub.norm()           # the same update, up to fp16 forward noise
@@ -263,7 +271,8 @@ def test_channels_last_layout_and_same_result():
     plain.fit(1)
     assert seen == {(True, True)}
     assert learn.model[0].weight.is_contiguous()
-    for p, q in zip(learn.model.parameters(), plain.model.parameters()): torch.testing.assert_close(p, q)
+    for p, q in zip(learn.model.parameters(), plain.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q)
 
 
 def test_channels_last_keeps_a_channels_last_model():
@@ -284,7 +293,8 @@ def test_compile_trains_like_eager_and_restores_module():
     learn.fit(1, subs=[cs])
     plain.fit(2)
     assert learn.model is model and cs.compiled is compiled and set(kinds) == {'OptimizedModule'}
-    for p, q in zip(learn.model.parameters(), plain.model.parameters()): torch.testing.assert_close(p, q)
+    for p, q in zip(learn.model.parameters(), plain.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q)
 
 
 def test_nan_forensics_under_compile_names_the_eager_module():
@@ -304,7 +314,7 @@ def test_cuda_channels_last_bf16_conv():
     learn, plain = conv_learner('cuda'), conv_learner('cuda')
     learn.fit(1, subs=[ChannelsLastS(), MixedPrecisionS('bf16')])
     plain.fit(1)
-    for p, q in zip(learn.model.parameters(), plain.model.parameters()):
+    for p, q in zip(learn.model.parameters(), plain.model.parameters(), strict=True):
         torch.testing.assert_close(p, q, atol=2e-2, rtol=2e-2)
 
 

@@ -150,3 +150,22 @@ def test_a_kept_traceback_holds_no_batch_or_graph():
     tb, frames = kept.__traceback__, {}
     while tb is not None: frames[tb.tb_frame.f_code.co_name] = tb.tb_frame.f_locals; tb = tb.tb_next
     assert frames['fit']['n_epochs'] == 1   # the frames keep their locals: the traceback stays readable
+
+
+def test_validate_leaves_the_random_generators_as_they_were():
+    class Noisy(nn.Module):
+        "Samples while evaluated (as a generative model does)."
+        def __init__(self): super().__init__(); self.lin = nn.Linear(8, 3)
+        def forward(self, x): return self.lin(x + torch.randn_like(x))
+    def fitted(validate_first: bool):
+        torch.manual_seed(0)
+        learn = tiny_classifier()
+        learn.model = Noisy()
+        if validate_first: a, b = learn.validate(), learn.validate()
+        else: a = b = None
+        learn.fit(1)
+        return learn, a, b
+    plain, _, _ = fitted(False)
+    learn, a, b = fitted(True)
+    assert a['loss'] == b['loss']                                              # the same numbers drawn each time
+    assert [r['loss'] for r in learn.history] == [r['loss'] for r in plain.history]   # the fit is unchanged

@@ -50,9 +50,10 @@ def test_combine_scheds_segments_and_continuity():
     assert g(0.5) == pytest.approx(1.) and 99. not in [g(p) for p in POS]
 
 
-@pytest.mark.parametrize('pcts,n', [([0.5, 0.6], 2), ([0.5, 0.5], 3), ([-0.5, 1.5], 2)])
-def test_combine_scheds_rejects_bad_fractions(pcts, n):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize('pcts,n,why', [([0.5, 0.6], 2, 'must sum to 1'), ([0.5, 0.5], 3, '2 fractions for 3'),
+                                        ([-0.5, 1.5], 2, 'must be non-negative')])
+def test_combine_scheds_rejects_bad_fractions(pcts, n, why):
+    with pytest.raises(ValueError, match=why):
         combine_scheds(pcts, [sched_no(1., 1.)] * n)
 
 
@@ -222,7 +223,8 @@ def test_scheduler_state_round_trip_resumes_the_same_run():
     assert [flag for flag, _ in r_a.seen] == [flag for flag, _ in r_ref.seen]
     assert [lr for _, lr in r_a.seen] == pytest.approx([lr for _, lr in r_ref.seen])
     assert s_b.scheduler.last_epoch == s_ref.scheduler.last_epoch
-    for p, q in zip(b.model.parameters(), ref.model.parameters()): assert torch.allclose(p, q, atol=1e-6)
+    for p, q in zip(b.model.parameters(), ref.model.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6)
 
 
 def test_scheduler_drives_one_cycle_lr_with_betas():

@@ -15,7 +15,7 @@ from nntrain.subs.device import DeviceS
 from nntrain.subs.metrics import MetricsS
 from nntrain.subs.normalize import NormalizationS, mean_std
 from nntrain.subs.progress import ProgressS
-from nntrain.testing import tiny_classifier
+from nntrain.testing import same_state, tiny_classifier
 
 
 def test_metrics_flush_bounds_memory_and_gives_same_result():
@@ -34,15 +34,19 @@ def test_normalization_measured_once_and_applied_on_both_phases():
     y = torch.randint(0, 2, (64,))
     dls = DataLoaders.from_tensors(x, y, x, y, batch_size=16)
     norm = NormalizationS()
-    seen = []
+    seen = {True: [], False: []}
     class Spy(Subscriber):
         order = norm.order + 1
-        def before_batch(self, learn): seen.append(learn.batch[0].mean().item())
+        def before_batch(self, learn): seen[learn.training].append(learn.xb[0].clone())
     learn = Learner(nn.Sequential(nn.Flatten(), nn.Linear(48, 2)), dls, lr=0.01, subs=[norm, Spy()])
     learn.fit(1)
-    mean, std = mean_std(dls.train, n_batches=None)
-    assert torch.allclose(norm.mean, mean, atol=0.3) and norm.mean.shape == (3,)
-    assert all(abs(m) < 0.5 for m in seen)
+    assert norm.mean.shape == norm.std.shape == (3,)
+    assert same_state((norm.mean, norm.std), mean_std(dls.train, n_batches=None))   # all 4 batches, measured exactly
+    for training in (True, False):   # what the model saw, in both phases: each channel standardized, not just shifted
+        x = torch.cat(seen[training])
+        assert x.shape == (64, 3, 4, 4)
+        torch.testing.assert_close(x.mean((0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
+        torch.testing.assert_close(x.std((0, 2, 3), unbiased=False), torch.ones(3), atol=1e-5, rtol=0)
     stats = norm.mean.clone()
     learn.fit(1)
     assert torch.equal(norm.mean, stats)

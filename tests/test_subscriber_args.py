@@ -18,7 +18,7 @@ from nntrain.subs.progress import ProgressS
 from nntrain.subs.schedule import ParamSchedulerS, SchedulerS, sched_lin
 from nntrain.subs.tracking import CSVLoggerS, EarlyStoppingS
 from nntrain.subs.training import EMAS, GradAccumS, GradClipS, TerminateOnNaNS
-from nntrain.testing import tiny_classifier
+from nntrain.testing import same_state, tiny_classifier
 from tests.contract import changed, observe
 
 nan, inf = math.nan, math.inf
@@ -114,12 +114,26 @@ def test_suggestions_for_misspelt_choices():
 
 
 def test_good_arguments_still_accepted(tmp_path):
-    "The edges of each range, and the documented special values."
-    GradClipS(norm_type=inf); EMAS(decay=0.); EMAS(decay=1.); CheckpointS(tmp_path, keep=None, monitor=None)
-    NormalizationS(0.5, 2.); NormalizationS([0., 1.], (1., 2.)); NormalizationS(n_batches=None)
-    EarlyStoppingS(min_delta=0.); DeviceS(torch.device('cpu')); MixUpS(seed=0); CompileS(backend='eager')
-    LRFindS(start_lr=1e-3, end_lr=1e-2, num_it=2, beta=0.)
-    ProgressS(plot=True, comment_every=0, table='phase', notebook=None); ProgressS(notebook=False)
+    "The edges of each range, and the documented special values, are kept as given (not refused, not replaced)."
+    assert GradClipS(norm_type=inf).norm_type == inf
+    assert EMAS(decay=0.).decay == 0. and EMAS(decay=1.).decay == 1.
+    ck = CheckpointS(tmp_path, keep=None, monitor=None)
+    assert (ck.folder, ck.keep, ck.monitor) == (tmp_path, None, None)
+    scalar, channels = NormalizationS(0.5, 2.), NormalizationS([0., 1.], (1., 2.))
+    assert same_state((scalar.mean, scalar.std), (torch.tensor(0.5), torch.tensor(2.)))
+    assert same_state((channels.mean, channels.std), (torch.tensor([0., 1.]), torch.tensor([1., 2.])))
+    measured = NormalizationS(n_batches=None)
+    assert measured.n_batches is None and measured.mean is None   # measured on every batch, at the first fit
+    assert EarlyStoppingS(min_delta=0.).min_delta == 0.
+    assert DeviceS(torch.device('cpu')).device == torch.device('cpu')
+    assert MixUpS(seed=0).generator.initial_seed() == 0
+    assert CompileS(backend='eager').compile_kwargs == {'backend': 'eager'}
+    finder = LRFindS(start_lr=1e-3, end_lr=1e-2, num_it=2, beta=0.)
+    assert (finder.num_it, finder.beta) == (2, 0.) and finder.sched(0.) == pytest.approx(1e-3)
+    assert finder.sched(1.) == pytest.approx(1e-2)
+    shown = ProgressS(plot=True, comment_every=0, table='phase', notebook=None)
+    assert (shown.plot, shown.comment_every, shown.table, shown.force_notebook) == (True, 0, 'phase', None)
+    assert ProgressS(notebook=False).force_notebook is False
 
 
 # -- refusals at before_fit: nothing changes -----------------------------------------------------------------

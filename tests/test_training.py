@@ -11,6 +11,7 @@ from nntrain.core import CancelStepException, Order, Subscriber, set_seed
 from nntrain.data import DataLoaders
 from nntrain.learner import Learner
 from nntrain.subs.training import EMAS, GradAccumS, GradClipS, TerminateOnNaNS, grad_norm, opt_grads
+from nntrain.testing import same_weights
 from tests.contract import n_hooks
 
 
@@ -93,7 +94,8 @@ def test_accumulation_equals_one_big_batch(opt_func):
     small = _one_epoch([(x[i:i + 6], y[i:i + 6]) for i in range(0, 24, 6)], [GradAccumS(4)], opt_func)
     big = _one_epoch([(x, y)], opt_func=opt_func)
     assert small.global_step == big.global_step == 1
-    for a, b in zip(small.model.parameters(), big.model.parameters()): assert torch.allclose(a, b, atol=1e-6)
+    for a, b in zip(small.model.parameters(), big.model.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
     set_seed(0)
     assert not torch.equal(small.model[0].weight, mlp()[0].weight)   # it did train
 
@@ -113,7 +115,8 @@ def test_accumulation_partial_group_is_a_mean():
                    (torch.cat([batches[2][0], batches[3][0]]), torch.cat([batches[2][1], batches[3][1]])), batches[4]]
     ref = _one_epoch(ref_batches)
     assert acc.global_step == ref.global_step == 3
-    for a, b in zip(acc.model.parameters(), ref.model.parameters()): assert torch.allclose(a, b, atol=1e-6)
+    for a, b in zip(acc.model.parameters(), ref.model.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
 
 
 def test_accumulation_keeps_reported_loss_unscaled():
@@ -128,7 +131,7 @@ def test_accumulation_keeps_reported_loss_unscaled():
         for x, y in learn.dls.train: ref.append(F.cross_entropy(learn.model(x), y))
     learn.fit(1, subs=[GradAccumS(100), Loss()], valid=False)   # one step at the very end: weights fixed until then
     assert len(seen) == len(ref) == len(learn.dls.train)
-    for a, b in zip(seen, ref): torch.testing.assert_close(a, b)
+    for a, b in zip(seen, ref, strict=True): torch.testing.assert_close(a, b)
 
 
 # -- TerminateOnNaNS ---------------------------------------------------------------------------------------------
@@ -156,7 +159,7 @@ def test_nan_on_third_batch_keeps_last_good_weights(opt_func):
     with pytest.warns(RuntimeWarning, match='epoch 1, batch 2'):
         learn.fit(3, subs=[guard, steps, ArmAt(2, epoch=1)])
     assert learn.global_step == steps.n == 5 + 2
-    assert all(torch.equal(p, q) for p, q in zip(learn.model.parameters(), steps.last))   # bitwise
+    assert same_weights(learn.model.parameters(), steps.last)   # bitwise
     assert guard.module == '1 (Poison)'
     assert 'loss (nan)' in guard.reason and 'epoch 1, batch 2' in guard.reason and '1 (Poison)' in guard.reason
     assert n_hooks(learn.model) == 0
@@ -172,7 +175,7 @@ def test_inf_loss_is_caught():
         learn.fit(1, subs=[guard, steps])
     assert 'loss (inf)' in guard.reason and 'batch 3' in guard.reason
     assert guard.module is None and 'every module output was finite' in guard.reason
-    assert all(torch.equal(p, q) for p, q in zip(learn.model.parameters(), steps.last))
+    assert same_weights(learn.model.parameters(), steps.last)
 
 
 def test_nonfinite_gradient_with_finite_loss_is_caught():
@@ -182,7 +185,7 @@ def test_nonfinite_gradient_with_finite_loss_is_caught():
     with pytest.warns(RuntimeWarning):
         learn.fit(1, subs=[guard, steps])
     assert 'gradient of 0.weight' in guard.reason and 'loss' not in guard.reason.split(' at ')[0]
-    assert all(torch.equal(p, q) for p, q in zip(learn.model.parameters(), steps.last))
+    assert same_weights(learn.model.parameters(), steps.last)
 
 
 def test_nan_guard_sees_accumulating_batches():
@@ -192,7 +195,7 @@ def test_nan_guard_sees_accumulating_batches():
     with pytest.warns(RuntimeWarning, match='batch 2'):
         learn.fit(1, subs=[guard, steps, ArmAt(2), GradAccumS(4)])
     assert steps.n == 0 and learn.global_step == 0
-    assert all(torch.equal(p, q) for p, q in zip(learn.model.parameters(), start))
+    assert same_weights(learn.model.parameters(), start)
 
 
 def test_forensics_restores_buffers_and_rng():
@@ -207,7 +210,7 @@ def test_forensics_restores_buffers_and_rng():
     with pytest.warns(RuntimeWarning):
         learn.fit(1, subs=[guard, Keep(), ArmAt(1)])
     assert guard.module == '1 (Poison)'
-    for a, b in zip(bufs['b'], learn.model.buffers()):   # the poisoned batch made the running stats NaN
+    for a, b in zip(bufs['b'], learn.model.buffers(), strict=True):   # the poisoned batch made the running stats NaN
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
     assert torch.equal(bufs['rng'], torch.get_rng_state())
 
@@ -216,7 +219,7 @@ def test_nan_guard_check_every():
     learn, guard = learner(_poisoned()), TerminateOnNaNS(check_every=2)
     with pytest.warns(RuntimeWarning, match='batch 2'):   # batch 1 is unchecked; batch 2 is checked
         learn.fit(1, subs=[guard, ArmAt(2)])
-    with pytest.raises(ValueError): TerminateOnNaNS(check_every=0)
+    with pytest.raises(ValueError, match='check_every'): TerminateOnNaNS(check_every=0)
 
 
 def test_nan_guard_quiet_on_finite_runs():
@@ -241,11 +244,11 @@ def test_ema_matches_hand_computed_average():
     learn.fit(2, subs=[ema, keep])
     learn.fit(1, subs=[ema, keep])    # the average carries on across fits
     hand = keep.start
-    for w in keep.steps: hand = [0.7 * h + 0.3 * p for h, p in zip(hand, w)]
+    for w in keep.steps: hand = [0.7 * h + 0.3 * p for h, p in zip(hand, w, strict=True)]
     assert ema.n_updates == learn.global_step == len(keep.steps) == 15
-    for e, h in zip(ema.ema, hand): assert torch.allclose(e, h, atol=1e-6)
-    assert not all(torch.allclose(e, p) for e, p in zip(ema.ema, learn.model.parameters()))
-    assert all(torch.equal(p, q) for p, q in zip(learn.model.parameters(), keep.steps[-1]))   # live weights back
+    for e, h in zip(ema.ema, hand, strict=True): assert torch.allclose(e, h, atol=1e-6)
+    assert not all(torch.allclose(e, p) for e, p in zip(ema.ema, learn.model.parameters(), strict=True))
+    assert same_weights(learn.model.parameters(), keep.steps[-1])   # live weights back
 
 
 def test_ema_counts_optimizer_steps_only():
@@ -261,16 +264,16 @@ def test_ema_is_used_for_validation_and_get_preds():
         def before_batch(self, learn):
             if not learn.training: seen.append(weights(learn.model))
     learn.fit(1, subs=[ema, Spy()])
-    assert all(torch.equal(a, b) for a, b in zip(seen[-1], ema.ema))
+    assert same_weights(seen[-1], ema.ema)
     live = weights(learn.model)
     learn.add_subs(ema)
     preds, _ = learn.get_preds()
     learn.remove_subs(ema)
     ref = mlp()
     with torch.no_grad():
-        for p, e in zip(ref.parameters(), ema.ema): p.copy_(e)
+        for p, e in zip(ref.parameters(), ema.ema, strict=True): p.copy_(e)
         torch.testing.assert_close(preds, ref(learn.dls.valid.tensors[0]))
-    assert all(torch.equal(p, q) for p, q in zip(learn.model.parameters(), live))
+    assert same_weights(learn.model.parameters(), live)
 
 
 @pytest.mark.parametrize('event', ['after_predict', 'after_batch'])
@@ -285,7 +288,7 @@ def test_ema_live_weights_restored_after_exception_in_validation(event):
     setattr(Boom, event, boom)
     with pytest.raises(RuntimeError, match='boom'):
         learn.fit(1, subs=[ema, Boom()], train=False)
-    assert all(torch.equal(p, q) for p, q in zip(learn.model.parameters(), live))
+    assert same_weights(learn.model.parameters(), live)
     assert ema.backup is None
 
 
@@ -298,7 +301,7 @@ def test_ema_state_dict_round_trip():
     other = EMAS(decay=0.1)
     other.load_state_dict(state)
     assert other.decay == 0.9 and other.n_updates == ema.n_updates
-    assert all(torch.equal(a, b) for a, b in zip(other.ema, ema.ema))
+    assert same_weights(other.ema, ema.ema)
     bad = EMAS(); bad.load_state_dict({'decay': 0.9, 'n_updates': 0, 'ema': [torch.zeros(2)]})
     with pytest.raises(ValueError, match='other parameter shapes'): learner().fit(1, subs=[bad])
 

@@ -59,7 +59,7 @@ _COLUMNS = ('crit_loss', 'gen_loss')
 class GANS(Subscriber):
     "Train a `GANModule` with alternating critic and generator batches; the critic's optimizer is this subscriber's."
     order = Order.DEFAULT
-    runs = ('fit', 'validate')   # predictions (`learn.infer(noise)`) run the model, i.e. the generator, as it is
+    runs = ('fit', 'validate', 'lr_find')   # predictions (`learn.infer(noise)`) run the model: the generator
 
     def __init__(self, crit_opt_func: Callable = torch.optim.Adam,  # makes the critic's optimizer: (params, lr)
                  crit_lr: float = 2e-4,                     # the critic's learning rate
@@ -96,6 +96,10 @@ class GANS(Subscriber):
 
     # -- the fit: the critic's optimizer beside the learner's ------------------------------------------------------
     def before_fit(self, learn):
+        if learn.run_kind == 'lr_find':
+            raise ValueError('lr_find looks for the learning rate of one loss; a GAN trains two networks against each '
+                             'other: choose their rates by hand (2e-4 for both, with Adam(betas=(0.5, 0.999)), is the '
+                             'usual start)')
         model = self._model(learn)
         self._refuse_fp16(learn, model)
         if learn.run_kind != 'fit' or learn.opt is None: return   # a validation, or a fit without training passes
@@ -175,6 +179,11 @@ class GANS(Subscriber):
         for k, m in self._losses.items():
             if len(m): row[k] = (m.synced() if learn.run.sharded else m.value()).item()
         if seconds is not None: row['time'] = seconds
+
+    def cleanup_epoch(self, learn):
+        # the totals belong to their phase: none outlive it (a checkpoint between phases, or after a validation,
+        # holds nothing of them)
+        self._losses = {k: WeightedMean() for k in _COLUMNS}
 
     def cleanup_fit(self, learn):
         if self.crit_opt is not None: self.crit_opt.zero_grad()   # an error mid-batch must not leak gradients
