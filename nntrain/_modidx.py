@@ -702,8 +702,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                   'nntrain/subs/metrics.py'),
                                       'nntrain.subs.metrics.MetricsS._groups': ('metrics.html#metricss._groups', 'nntrain/subs/metrics.py'),
                                       'nntrain.subs.metrics.MetricsS._probe': ('metrics.html#metricss._probe', 'nntrain/subs/metrics.py'),
-                                      'nntrain.subs.metrics.MetricsS.after_batch': ( 'metrics.html#metricss.after_batch',
-                                                                                     'nntrain/subs/metrics.py'),
                                       'nntrain.subs.metrics.MetricsS.after_epoch': ( 'metrics.html#metricss.after_epoch',
                                                                                      'nntrain/subs/metrics.py'),
                                       'nntrain.subs.metrics.MetricsS.after_loss': ( 'metrics.html#metricss.after_loss',

@@ -513,13 +513,16 @@ def _one_batch(self: Learner, run: Run) -> None:
             steps['zero_grad']()
         except CancelStepException: pass
     else: run.pos = Position(run.epoch, False, run.iter + 1)
-    run.losses.add(run.loss, batch_size(run.xb, run.yb))
 
 @patch
 def _forward(self: Learner, run: Run, steps: dict) -> None:
-    "The predictions, and (but in a prediction run) the loss."
+    "The predictions, and (but in a prediction run) the loss, counted in the phase's row once it is final."
     steps['predict'](); self.publish('after_predict')
-    if run.kind != 'predict': steps['get_loss'](); self.publish('after_loss')
+    if run.kind == 'predict': return
+    steps['get_loss'](); self.publish('after_loss')
+    # Counted here, with the metrics (MetricsS reads the batch in after_loss too): whatever saves a checkpoint
+    # later in the batch (after its step, at any order) saves totals that include it, as its position does.
+    run.losses.add(run.loss, batch_size(run.xb, run.yb))
 
 @patch
 def _end_phase(self: Learner, run: Run) -> None:

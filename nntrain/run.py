@@ -66,7 +66,8 @@ class WeightedMean:
     def totals(self) -> tuple[torch.Tensor, torch.Tensor]:
         "(weighted sum, count) as float tensors on the values' device (what a distributed sum adds up)."
         if not self.values: return torch.zeros(()), torch.zeros(())
-        v = torch.stack(self.values).float()
+        device = self.values[-1].device   # values loaded from a checkpoint are on the CPU until joined here
+        v = torch.stack([x.to(device) for x in self.values]).float()
         n = torch.tensor(self.sizes, dtype=v.dtype, device=v.device)
         return (v * n).sum(), n.sum()
 
@@ -82,15 +83,14 @@ class WeightedMean:
         return totals[0] / totals[1]
 
     def state_dict(self) -> dict:
-        "The (weighted sum, count) so far, on the CPU: a resumed phase goes on from them."
-        total, count = self.totals()
-        return {'total': total.cpu(), 'count': count.cpu()}
+        "Every value and size so far, on the CPU: a resumed phase goes on from them and sums exactly as if unbroken."
+        values = torch.stack(self.values).cpu() if self.values else torch.zeros(0)
+        return {'values': values, 'sizes': torch.tensor(self.sizes, dtype=torch.long)}
 
     def load_state_dict(self, state: dict,   # what `state_dict` returned
                        ) -> None:
-        "Go on from a saved (weighted sum, count)."
-        self.values, self.sizes = [], []
-        if state['count'] > 0: self.add(state['total'] / state['count'], int(state['count']))
+        "Go on from the values and sizes saved by `state_dict`."
+        self.values, self.sizes = list(state['values'].unbind()), state['sizes'].tolist()
 
 # %% ../nbs/03b_run.ipynb #fc1592c3
 class Run:

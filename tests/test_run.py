@@ -169,3 +169,25 @@ def test_validate_leaves_the_random_generators_as_they_were():
     learn, a, b = fitted(True)
     assert a['loss'] == b['loss']                                              # the same numbers drawn each time
     assert [r['loss'] for r in learn.history] == [r['loss'] for r in plain.history]   # the fit is unchanged
+
+
+@pytest.mark.parametrize('at', [2, 3, 4])   # mid training pass, at its end, mid the next epoch
+def test_a_resumed_phase_row_covers_the_whole_phase_exactly(tmp_path, at):
+    from torcheval.metrics import MulticlassAccuracy
+    from nntrain.subs.metrics import MetricsS
+    rows = lambda learn: [{k: v for k, v in r.items() if k != 'time'} for r in learn.history]
+    make = lambda: tiny_classifier(subs=[MetricsS(acc=MulticlassAccuracy())])
+    torch.manual_seed(0)
+    full = make()
+    full.fit(3)
+
+    class SaveStop(Subscriber):
+        def after_batch(self, learn):
+            if learn.training and learn.global_step == at:
+                learn.save(tmp_path / 'mid.pt')
+                raise CancelFitException()
+    torch.manual_seed(0)
+    make().fit(3, subs=[SaveStop()])
+    resumed = make().load(tmp_path / 'mid.pt')
+    resumed.fit(3, resume=True)
+    assert rows(resumed) == rows(full)   # bit for bit: loss and accuracy over every batch of every phase

@@ -130,10 +130,15 @@ class MetricsS(Subscriber):
         self._probing = True
 
     def after_loss(self, learn):
-        # The phase's first batch (before any optimizer step): each metric, on a copy, must take these predictions.
-        if not self._probing: return
-        self._probing = False
-        for name, m in self.metrics.items(): self._probe(name, m, learn)
+        # The predictions are final once the loss is (the learner counts the batch's loss here too): a checkpoint
+        # saved later in the batch, by any subscriber, holds metric states that include it.
+        if not self.metrics: return
+        if self._probing:   # the phase's first batch, before any step: each metric must take these predictions
+            self._probing = False
+            for name, m in self.metrics.items(): self._probe(name, m, learn)
+        yb = learn.yb
+        preds, yb = learn.preds.detach(), (yb[0].detach(),) if len(yb) == 1 else tuple(y.detach() for y in yb)
+        for tfm, buf in self._buffers.items(): buf.add(*((preds, yb) if tfm is None else _pair(tfm(preds, *yb))))
 
     def _probe(self, name: str, m, learn) -> None:
         tfm, preds, yb = self.transforms[name], learn.preds, learn.yb
@@ -149,12 +154,6 @@ class MetricsS(Subscriber):
                              f'({describe(preds)}) and targets ({describe(yb)}): {type(e).__name__}: {e}. Give it a '
                              f'transform: MetricsS({name}=(metric, transform)), e.g. on_preds(torch.sigmoid) or '
                              'flat_tokens()') from e
-
-    def after_batch(self, learn):
-        if not self.metrics: return
-        yb = learn.yb
-        preds, yb = learn.preds.detach(), (yb[0].detach(),) if len(yb) == 1 else tuple(y.detach() for y in yb)
-        for tfm, buf in self._buffers.items(): buf.add(*((preds, yb) if tfm is None else _pair(tfm(preds, *yb))))
 
     def after_epoch(self, learn):
         rows = learn.run.rows
