@@ -31,13 +31,19 @@ class GANModule(nn.Module):
         self.generator, self.critic = generator, critic
         self.noise_size = (noise_size,) if isinstance(noise_size, int) else tuple(noise_size)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor: return self.generator(z)
+    def forward(self, z: torch.Tensor,   # noise, e.g. `self.noise(n)`
+               ) -> torch.Tensor:
+        "Generated items: the generator's output for noise `z`."
+        return self.generator(z)
 
-    def noise(self, n: int, device=None) -> torch.Tensor:
+    def noise(self, n: int,     # how many noise vectors
+              device=None,      # where to make them (None: the CPU)
+             ) -> torch.Tensor:
         "`n` standard normal noise vectors from torch's global generator (checkpoints save it: resumes draw the same)."
         return torch.randn(n, *self.noise_size, device=device)
 
-def gan_splitter(model: nn.Module) -> list:
+def gan_splitter(model: nn.Module,   # a `GANModule` (compiled or not)
+                ) -> list:
     "The learner's parameter groups for a `GANModule`: the generator's parameters only (`learn.opt` trains it)."
     return [list(plain_module(model).generator.parameters())]
 
@@ -49,7 +55,8 @@ def gan_crit_loss(real: torch.Tensor,     # the critic's scores (logits) of real
     return (F.binary_cross_entropy_with_logits(real, torch.ones_like(real)) +
             F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake)))
 
-def gan_gen_loss(fake: torch.Tensor) -> torch.Tensor:   # the critic's scores (logits) of generated items
+def gan_gen_loss(fake: torch.Tensor,   # the critic's scores (logits) of generated items
+                ) -> torch.Tensor:
     "The generator's (non-saturating) loss: binary cross-entropy pushing the critic's scores of its fakes towards 1."
     return F.binary_cross_entropy_with_logits(fake, torch.ones_like(fake))
 
@@ -82,7 +89,8 @@ class GANS(Subscriber):
         self._pending_losses = None   # a loaded checkpoint's phase totals, for the phase a resumed fit continues
         self._losses = {k: WeightedMean() for k in _COLUMNS}
 
-    def trains_critic(self, learn) -> bool:
+    def trains_critic(self, learn,   # the learner, in a training batch
+                     ) -> bool:
         "Does this training batch train the critic (else the generator)? Read from `global_step`, so resumes agree."
         return learn.global_step % (self.n_crit + self.n_gen) < self.n_crit
 
@@ -194,7 +202,8 @@ class GANS(Subscriber):
         return {'crit_opt': self.crit_opt.state_dict() if self.crit_opt is not None else self._pending,
                 'losses': {k: m.state_dict() for k, m in self._losses.items()}}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict,   # what `state_dict` returned
+                       ) -> None:
         "Restore the critic's optimizer now, or at the next fit when it does not exist yet."
         if state.get('crit_opt') is not None:
             if self.crit_opt is not None: self.crit_opt.load_state_dict(state['crit_opt'])
