@@ -390,6 +390,7 @@ def _mode_class() -> type:
     # Only once torch.compile is in use: hiding the hook imports the compiler (seconds), which plain fits never need.
     return _compile_safe_mode() if 'torch._dynamo' in sys.modules else _SyncMode
 
+# %% ../../nbs/44_debug.ipynb #7e64090c
 class SyncAuditS(Subscriber):
     "Count every operation that makes the host wait for the device during a fit, by event and subscriber (or step)."
     order, runs = Order.COLLECT, ('fit',)   # last: its `cleanup_fit` ends the audit after every other cleanup
