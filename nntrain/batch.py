@@ -27,7 +27,8 @@ def describe(o,   # a batch, an output, or anything in them
     if isinstance(o, Mapping): return '{' + ', '.join(f'{k!r}: {describe(v)}' for k, v in list(o.items())[:8]) + '}'
     if isinstance(o, (tuple, list)) and len(o) <= 8:
         inner = ', '.join(describe(v) for v in o)
-        return f'({inner},)' if isinstance(o, tuple) and len(o) == 1 else f'({inner})' if isinstance(o, tuple) else f'[{inner}]'
+        if not isinstance(o, tuple): return f'[{inner}]'
+        return f'({inner},)' if len(o) == 1 else f'({inner})'
     return type(o).__name__
 
 def leaves(o):   # nested tuples, lists and mappings of tensors
@@ -57,7 +58,7 @@ def split_batch(batch,                        # what a loader yields: a tuple, a
                 n_inp: int | None = None,     # leading items of a sequence that are inputs (None: all but the last)
                 label_names=LABEL_NAMES,      # the keys of a mapping that are targets
                ) -> tuple[tuple, tuple]:
-    "`(inputs, targets)`, both tuples: a sequence split by `n_inp` (default: all but the last), a mapping by `label_names`."
+    "`(inputs, targets)`, both tuples: a sequence split by `n_inp` (default: all but the last), a mapping by keys."
     if isinstance(batch, (tuple, list)):   # tested first: the usual case, and cheaper than the Mapping check
         n = n_inp if n_inp is not None else len(batch) - 1 if len(batch) > 1 else 1
         if not 0 < n <= len(batch):
@@ -129,7 +130,7 @@ def output_preds(out):   # what the model returned
 
 def output_loss(out,   # what the model returned, given the targets
                ) -> torch.Tensor:
-    "The loss a model computed itself: its output's `loss` (key or attribute); an error that says so when there is none."
+    "The loss a model computed itself: its output's `loss` (key or attribute); an error saying so when it has none."
     loss = _field(out, 'loss')
     if loss is None:
         raise ValueError(f'loss_func=None means the model computes its own loss, but its output ({describe(out)}) has '
@@ -146,7 +147,7 @@ def is_index(y,   # targets
 def class_dim(preds,   # the model's scores
               y,       # the labels
              ) -> int | None:
-    "Where `preds` holds class scores for labels `y`: 1 for `(B, C, ...)` with `y` `(B, ...)`, -1 for `(B, ..., C)` with `y` `(B, ...)`; else None."
+    "Where `preds` holds class scores for labels `y` `(B, ...)`: 1 for `(B, C, ...)`, -1 for `(B, ..., C)`, else None."
     if not (isinstance(preds, torch.Tensor) and isinstance(y, torch.Tensor)) or preds.ndim != y.ndim + 1: return None
     if preds.shape[:1] + preds.shape[2:] == y.shape: return 1   # torch's losses: classes on dim 1 (also (B, C))
     if preds.shape[:-1] == y.shape: return -1                     # a language model's (B, T, V) with (B, T)
@@ -167,7 +168,7 @@ def check_inputs(xb: tuple,                       # a batch's inputs
                  yb: tuple,                       # its targets
                  model: nn.Module | None = None,  # the model, whose device the inputs must be on
                 ) -> None:
-    "Raise a clear error if inputs and targets disagree on batch size, or the inputs are on another device than the model."
+    "Raise a clear error if inputs and targets disagree on batch size, or inputs are on another device than the model."
     x = next((t for t in leaves(xb) if t.ndim), None)
     y = next((t for t in leaves(yb) if t.ndim), None)
     if x is not None and y is not None and len(x) != len(y):
@@ -183,8 +184,9 @@ def check_targets(preds,                                    # the model's predic
                   ignore_index: int = -100,                 # a label that is ignored, never out of range
                   where: str = 'this batch has',            # how the message names where the labels are
                  ) -> int | None:
-    "Raise a clear error if labels `y` (or `all_targets`, when known) cannot be targets for `preds`; the class dim found."
-    if not (isinstance(preds, torch.Tensor) and isinstance(y, torch.Tensor)) or not preds.is_floating_point(): return None
+    "Raise a clear error if labels `y` (or `all_targets`, when known) cannot be targets for `preds`; its class dim."
+    if not (isinstance(preds, torch.Tensor) and isinstance(y, torch.Tensor)): return None
+    if not preds.is_floating_point(): return None
     if preds.ndim and y.ndim and len(preds) != len(y):
         raise ValueError(f'model output has batch size {len(preds)} but targets have {len(y)}: '
                          f'output {tuple(preds.shape)}, targets {tuple(y.shape)}')
@@ -233,13 +235,14 @@ def per_item_loss(loss_func: Callable,   # a loss function or module (taking `re
 def cat_items(parts: list[torch.Tensor],        # per-batch tensors
               pad_value: float | None = -100,   # fills the space of shorter items; None: a list of items instead
              ):
-    "Per-batch tensors as one: concatenated, padded at the end of each dim with `pad_value` where shapes differ (None: a list of per-item tensors)."
+    "Per-batch tensors as one: concatenated, where shapes differ padded at the end of each dim (or a list of items)."
     if not parts: return None
     shapes = {p.shape[1:] for p in parts}
     if len(shapes) == 1: return torch.cat(parts)
     if pad_value is None: return [item for p in parts for item in p]
     if len({p.ndim for p in parts}) > 1:
-        raise ValueError(f'cannot concatenate batches of different ranks: {sorted({tuple(p.shape) for p in parts})[:4]}')
+        shapes = sorted({tuple(p.shape) for p in parts})[:4]
+        raise ValueError(f'cannot concatenate batches of different ranks: {shapes}')
     size = [max(s) for s in zip(*(p.shape[1:] for p in parts))]
     out = parts[0].new_full((sum(len(p) for p in parts), *size), pad_value)
     i = 0

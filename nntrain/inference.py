@@ -71,7 +71,8 @@ def get_preds(learn,                                # the learner
         raise ValueError(f"reduce must be None, 'argmax' or a callable, got {reduce!r}")
     if act is not None and not callable(act): raise TypeError(f'act must be callable, got {act!r}')
     if with_loss and learn.loss_func is None:
-        raise ValueError('with_loss=True needs a loss_func: per-item losses come from loss_func(..., reduction="none"); '
+        raise ValueError('with_loss=True needs a loss_func: per-item losses come from '
+                         'loss_func(..., reduction="none"); '
                          'this model computes its own loss')
     collect = Collect(act, reduce, with_loss, pad_value)
     dl = learn.dls.valid if dl is None else dl

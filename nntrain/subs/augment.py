@@ -38,14 +38,14 @@ def _plain(t, like):
     return t.reshape(like.shape[:-1] + (4,)) if isinstance(like, torch.Tensor) and t.ndim == 2 and like.ndim == 3 else t
 
 class AugmentS(Subscriber):
-    "Apply `transform` to each training batch's inputs (and targets: masks, boxes), on the device; `on_valid`: also valid."
+    "Apply `transform` to training batches' inputs (and targets: masks, boxes) on the device; `on_valid`: valid too."
     order = Order.AUGMENT
     runs = ('fit', 'validate')   # validate: only with `on_valid`, as in a fit's valid pass
 
-    def __init__(self, transform: Callable,   # inputs -> augmented inputs; with `targets`, (inputs, *targets) -> the same
+    def __init__(self, transform: Callable,   # inputs -> augmented inputs; with `targets`: (inputs, *targets) -> same
                  on_train: bool = True,       # augment training batches
                  on_valid: bool = False,      # augment validation batches too
-                 targets=False,               # move targets with the image: True (masks found by shape), 'mask', 'boxes', or one kind per target
+                 targets=False,               # move targets with the image: True (masks by shape), 'mask', 'boxes', ...
                  key: str | None = None):     # the input to augment, when inputs are a mapping
         if not callable(transform): raise TypeError(f'transform must be callable, got {transform!r}')
         check_bool('on_train', on_train); check_bool('on_valid', on_valid)
@@ -53,7 +53,8 @@ class AugmentS(Subscriber):
         if not isinstance(targets, bool) and not all(k in _TARGET_KINDS for k in kinds):
             raise ValueError(f"targets must be True, False, 'mask', 'boxes', or a tuple of them (None: leave that "
                              f'target as it is), got {targets!r}')
-        self.transform, self.on_train, self.on_valid, self.targets, self.key = transform, on_train, on_valid, targets, key
+        self.transform, self.on_train, self.on_valid = transform, on_train, on_valid
+        self.targets, self.key = targets, key
 
     @property
     def tta_transform(self) -> Callable:

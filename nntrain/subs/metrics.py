@@ -69,7 +69,8 @@ class _Buffer:
         targets = tuple(torch.cat(ts) for ts in zip(*self.targets))
         self.preds, self.targets, self.n = [], [], 0
         for m in self.metrics:
-            if getattr(m, 'device', preds.device) != preds.device and callable(getattr(m, 'to', None)): m.to(preds.device)
+            moved = getattr(m, 'device', preds.device) != preds.device   # torcheval metrics keep state on a device
+            if moved and callable(getattr(m, 'to', None)): m.to(preds.device)
             m.update(preds, *targets)
 
 def _pair(out) -> tuple[torch.Tensor, tuple]:
@@ -90,9 +91,9 @@ class MetricsS(Subscriber):
     order = Order.METRICS
     runs = ('fit', 'validate')
 
-    def __init__(self, *metrics,                  # metrics named after their class (MulticlassAccuracy -> multiclass_accuracy)
+    def __init__(self, *metrics,   # metrics named after their class (MulticlassAccuracy -> multiclass_accuracy)
                  flush_every: int = 2**24,        # buffered prediction elements before the metrics are updated
-                 **named_metrics):                # name=metric, or name=(metric, transform(preds, *targets) -> (preds, targets))
+                 **named_metrics):   # name=metric, or name=(metric, transform(preds, *targets) -> (preds, targets))
         specs = {**{_name_of(m): m for m in metrics}, **named_metrics}
         self.metrics, self.transforms = {}, {}
         for name, spec in specs.items():
@@ -144,7 +145,8 @@ class MetricsS(Subscriber):
         tfm, preds, yb = self.transforms[name], learn.preds, learn.yb
         try:
             with torch.no_grad():
-                p, t = (preds.detach(), tuple(y.detach() for y in yb)) if tfm is None else _pair(tfm(preds.detach(), *yb))
+                p, t = preds.detach(), tuple(y.detach() for y in yb)
+                if tfm is not None: p, t = _pair(tfm(p, *t))
                 probe = copy.deepcopy(m)
                 probe.reset()
                 probe.update(p, *t)
