@@ -55,14 +55,23 @@ class DeferredInterrupt:
 # %% ../nbs/03b_run.ipynb #63f1aed1
 class WeightedMean:
     "The mean of per-batch values weighted by batch size, accumulated on the device: no host sync until read."
-    def __init__(self): self.values, self.sizes = [], []
+    def __init__(self):
+        self.values, self.sizes = [], []
+        self.saved: torch.Tensor | None = None   # the values of a resumed phase's batches before the checkpoint
     def add(self, value: torch.Tensor, n: int) -> None: self.values.append(value.detach()); self.sizes.append(n)
-    def __len__(self) -> int: return len(self.values)
+    def __len__(self) -> int: return len(self.sizes)
+
+    def _stacked(self) -> torch.Tensor:
+        "Every value so far as one tensor, those from before a resume first (as the uninterrupted phase stacks them)."
+        new = torch.stack(self.values) if self.values else None
+        if self.saved is None: return new
+        saved = self.saved.to(new.device) if new is not None else self.saved
+        return saved if new is None else torch.cat([saved.to(new.dtype), new])
 
     def totals(self) -> tuple[torch.Tensor, torch.Tensor]:
         "(weighted sum, count) as float tensors on the values' device (what a distributed sum adds up)."
-        if not self.values: return torch.zeros(()), torch.zeros(())
-        v = torch.stack(self.values).float()
+        if not self.sizes: return torch.zeros(()), torch.zeros(())
+        v = self._stacked().float()
         n = torch.tensor(self.sizes, dtype=v.dtype, device=v.device)
         return (v * n).sum(), n.sum()
 
@@ -78,14 +87,16 @@ class WeightedMean:
         return totals[0] / totals[1]
 
     def state_dict(self) -> dict:
-        "The (weighted sum, count) so far, on the CPU: a resumed phase goes on from them."
-        total, count = self.totals()
-        return {'total': total.cpu(), 'count': count.cpu()}
+        "Every value and batch size so far, on the CPU: a resumed phase adds them up exactly as the uninterrupted one."
+        return {'values': None if not self.sizes else self._stacked().cpu(), 'sizes': list(self.sizes)}
 
     def load_state_dict(self, state: dict) -> None:
-        "Go on from a saved (weighted sum, count)."
-        self.values, self.sizes = [], []
-        if state['count'] > 0: self.add(state['total'] / state['count'], int(state['count']))
+        "Go on from saved values (format 2 checkpoints hold only their weighted sum and count: then from those)."
+        self.values, self.sizes, self.saved = [], [], None
+        if 'values' not in state:
+            if state['count'] > 0: self.add(state['total'] / state['count'], int(state['count']))
+            return
+        if state['sizes']: self.saved, self.sizes = state['values'], list(state['sizes'])
 
 # %% ../nbs/03b_run.ipynb #fc1592c3
 class Run:
@@ -98,6 +109,9 @@ class Run:
         self.start = self.pos = start   # where it starts, and where a checkpoint taken now would restart
         self.resume_rng = None          # the random state to restore before the first batch of a resumed fit
         self.resumed: dict | None = None   # the checkpoint's resume point, while its first phase has not started
+        self.phase_state: dict | None = None   # RNG and loader states as this phase's loader started (a mid-phase
+                                               # checkpoint holds them: a resume draws the same order again)
+        self.stage = 'start'   # start, epoch start, fetch, batch, before (a batch), epoch end, end: for error notes
         self.epoch, self.training, self.dl, self.iter, self.n_iter, self.pct_train = start.epoch, False, None, 0, 0, 0.
         self._batch, self._xb, self._yb = None, (), ()
         self.out = self.preds = self.loss = self.scaler = None
@@ -149,6 +163,21 @@ class Run:
     def phase_seconds(self) -> float:
         "Seconds this phase has run so far (with the part before a resume)."
         return self.elapsed + time.perf_counter() - self.phase_start
+
+    def location(self) -> str:
+        "Where the run is now, for error notes: the batch being fetched or run, or the pass it is at; the position."
+        phase = 'train' if self.training else 'valid'
+        epoch = f' of epoch {self.epoch} of {self.n_epochs}' if self.kind in ('fit', 'lr_find') else ''
+        where = {'start': f'at the start of the {self.kind}', 'end': f'at the end of the {self.kind}',
+                 'epoch start': f'at the start of the {phase} pass{epoch}',
+                 'epoch end': f'at the end of the {phase} pass{epoch}',
+                 'before': f'before {phase} batch {self.iter} (of {self.n_iter}){epoch}',
+                 'fetch': f'while fetching {phase} batch {self.iter} (of {self.n_iter}){epoch}',
+                 'batch': f'in {phase} batch {self.iter} (of {self.n_iter}){epoch}'}[self.stage]
+        if self.kind != 'fit': return f'{where} ({self.kind})'
+        pos = self.pos
+        return (f'{where}; a checkpoint now resumes at epoch {pos.epoch}, {"train" if pos.training else "valid"} '
+                f'pass, after {pos.done} batches')
 
     def of(self, sub) -> SimpleNamespace:
         "This run's record for subscriber `sub`: an empty namespace at first use, gone with the run."
