@@ -223,12 +223,16 @@ def folder_items(folder: str | Path, vocab: list[str] | None = None) -> tuple[li
     unknown = [c for c in classes if c not in vocab]
     if unknown: raise ValueError(f'{folder}: class folder(s) {unknown} are not in the training vocabulary {vocab}')
     index = {c: i for i, c in enumerate(vocab)}
-    files, labels = [], []
+    files, labels, empty = [], [], []
     for c in classes:
         found = image_files(folder / c)
+        if not found: empty.append(c)
         files += [str(f) for f in found]
         labels += [index[c]] * len(found)
     if not files: raise ValueError(f'{folder}: no images found in class folders {classes}')
+    if empty:   # a class with no example would train a model to never predict it (torchvision's ImageFolder refuses it)
+        raise ValueError(f'{folder}: class folder(s) {empty} hold no image (looked for {", ".join(IMAGE_EXTENSIONS)}): '
+                         'add images, or remove the folder(s)')
     return files, labels, list(vocab)
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:

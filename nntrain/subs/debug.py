@@ -159,7 +159,8 @@ class TraceS(Subscriber):
         self.n_batches, self.changes, self._learn, self._on = n_batches, [], None, False
         self._traced, self._counts, self._batches_done, self._cache, self._fresh = set(), {}, False, {}, True
 
-    def cleanup_fit(self, learn) -> None: self._fresh = True   # the next fit starts a new trace
+    def cleanup_fit(self, learn) -> None:
+        self._fresh, self._cache = True, {}   # the next fit starts a new trace; no tensor (nor its graph) outlives it
 
     def instrument(self, fn, where: str, owner):
         "Wrap `fn` (a handler or step) so that the watched attributes are compared before and after it runs."
@@ -175,7 +176,9 @@ class TraceS(Subscriber):
                 return fn(*args)
             before = self._snapshot(learn)
             try: return fn(*args)
-            finally: self._compare(learn, where, name, before, batch_level)
+            finally:
+                self._compare(learn, where, name, before, batch_level)
+                if where == 'cleanup_fit': self._cache = {}   # the run's tensors (and graphs) go with it
         traced.__self__, traced.__wrapped__ = getattr(fn, '__self__', owner), fn   # names in errors and loop listings
         return traced
 
