@@ -13,24 +13,25 @@ __all__ = ['torch', 'nn', 'F', 'BinaryAccuracy', 'BinaryAUROC', 'BinaryF1Score',
            'Subscriber', 'check_subs', 'check_subscriber', 'sort_subs', 'build_table', 'add_note', 'note_origin',
            'default_device', 'to_device', 'is_distributed', 'get_rank', 'get_world_size', 'comm_device',
            'preserve_modes', 'set_seed', 'check_int', 'check_number', 'check_choice', 'check_bool', 'rng_state',
-           'set_rng_state', 'atomic_save', 'IMAGE_EXTENSIONS', 'TensorLoader', 'loader_state', 'set_loader_state',
-           'undisturbed', 'DataLoaders', 'ImageDecodeError', 'image_files', 'folder_items', 'pil_to_tensor',
-           'ImageFolderDataset', 'collate_images', 'uint8_to_float', 'MappedLoader', 'hf_ds_collate_fn', 'pad_collate',
-           'mnist_sample', 'read_idx', 'write_idx', 'data_dir', 'DownloadError', 'sha256sum', 'download_url', 'mnist',
-           'fashion_mnist', 'unpack_tgz', 'imagenette', 'imagewoof', 'Hooks', 'Hook', 'count_hooks', 'Collect',
-           'get_preds', 'infer', 'TTAViews', 'tta', 'init_weights', 'LayerStats', 'LSUVReport', 'lsuv_init',
-           'RUN_STATE', 'lr_for_groups', 'check_lr', 'loader_targets', 'buffers_kept_on_error', 'checked_step',
-           'Learner', 'TrainingLoop', 'MomentumLearner', 'LabelSmoothingCrossEntropy', 'conv_block', 'simple_cnn',
-           'ResBlock', 'resnet', 'cnn_layers', 'AdaptiveConcatPool2d', 'BasicBlock', 'Bottleneck', 'xresnet',
-           'xresnet18', 'xresnet34', 'xresnet50', 'PerParamOptimizer', 'SGD', 'Momentum', 'RMSProp', 'Adam', 'AdamW',
-           'LAMB', 'weight_decay', 'l2_reg', 'sgd_step', 'average_grad', 'average_sqr_grad', 'step_stat', 'rms_step',
-           'adam_step', 'StatsOptimizer', 'sgd_opt', 'rmsprop_opt', 'adam_opt', 'Position', 'DeferredInterrupt',
-           'WeightedMean', 'Run', 'denormalize', 'show_images', 'show_batch', 'FORMAT', 'WEIGHT_KEYS', 'plain_module',
-           'weight_problems', 'read_checkpoint', 'is_weights', 'find_weights', 'state_dict', 'state_problems',
-           'load_state_dict', 'save', 'load', 'load_weights', 'take_resume', 'auto_resume', 'check_resumed_loader',
-           'resume_run', 'AugmentS', 'per_sample', 'mixup', 'rand_box', 'cutmix', 'MixUpS', 'CutMixS', 'checkpoints',
-           'is_exact', 'latest_checkpoint', 'check_writable', 'CheckpointS', 'tensor_stats', 'summarize',
-           'describe_change', 'fingerprint', 'Change', 'TraceS', 'sync_op', 'Sync', 'SyncAuditS', 'DebugS', 'DeviceS',
+           'set_rng_state', 'atomic_save', 'new_run_id', 'check_run_id', 'IMAGE_EXTENSIONS', 'TensorLoader',
+           'loader_state', 'set_loader_state', 'undisturbed', 'DataLoaders', 'ImageDecodeError', 'image_files',
+           'folder_items', 'pil_to_tensor', 'ImageFolderDataset', 'collate_images', 'uint8_to_float', 'MappedLoader',
+           'hf_ds_collate_fn', 'pad_collate', 'mnist_sample', 'read_idx', 'write_idx', 'data_dir', 'DownloadError',
+           'sha256sum', 'download_url', 'mnist', 'fashion_mnist', 'unpack_tgz', 'imagenette', 'imagewoof', 'Hooks',
+           'Hook', 'count_hooks', 'Collect', 'get_preds', 'infer', 'TTAViews', 'tta', 'init_weights', 'LayerStats',
+           'LSUVReport', 'lsuv_init', 'RUN_STATE', 'lr_for_groups', 'check_lr', 'loader_targets',
+           'buffers_kept_on_error', 'checked_step', 'Learner', 'TrainingLoop', 'MomentumLearner',
+           'LabelSmoothingCrossEntropy', 'conv_block', 'simple_cnn', 'ResBlock', 'resnet', 'cnn_layers',
+           'AdaptiveConcatPool2d', 'BasicBlock', 'Bottleneck', 'xresnet', 'xresnet18', 'xresnet34', 'xresnet50',
+           'PerParamOptimizer', 'SGD', 'Momentum', 'RMSProp', 'Adam', 'AdamW', 'LAMB', 'weight_decay', 'l2_reg',
+           'sgd_step', 'average_grad', 'average_sqr_grad', 'step_stat', 'rms_step', 'adam_step', 'StatsOptimizer',
+           'sgd_opt', 'rmsprop_opt', 'adam_opt', 'Position', 'DeferredInterrupt', 'WeightedMean', 'Run', 'denormalize',
+           'show_images', 'show_batch', 'FORMAT', 'WEIGHT_KEYS', 'plain_module', 'weight_problems', 'read_checkpoint',
+           'is_weights', 'find_weights', 'fit_args', 'state_dict', 'state_problems', 'load_state_dict', 'save', 'load',
+           'load_weights', 'take_resume', 'auto_resume', 'check_resumed_loader', 'resume_run', 'AugmentS', 'per_sample',
+           'mixup', 'rand_box', 'cutmix', 'MixUpS', 'CutMixS', 'run_folders', 'checkpoints', 'is_exact',
+           'latest_checkpoint', 'check_writable', 'CheckpointS', 'tensor_stats', 'summarize', 'describe_change',
+           'fingerprint', 'Change', 'TraceS', 'sync_op', 'Sync', 'SyncAuditS', 'DebugS', 'DeviceS',
            'launched_by_torchrun', 'init_distributed', 'rank0_first', 'all_max', 'all_gather_objects', 'interleave',
            'ShardedTensorLoader', 'StrideSampler', 'is_sharded', 'can_shard', 'shard_loader', 'loader_seed',
            'PlainKeysDDP', 'to_sync_bn', 'FullStateDict', 'full_state_dicts', 'fsdp_opt', 'gather_fsdp', 'DistributedS',
@@ -71,7 +72,8 @@ from .core import (
     EVENTS, STEPS, AROUNDS, CANCELS, RUNS, CancelFitException, CancelEpochException, CancelBatchException,
     CancelStepException, Order, Subscriber, check_subs, check_subscriber, sort_subs, build_table, add_note,
     note_origin, default_device, to_device, is_distributed, get_rank, get_world_size, comm_device, preserve_modes,
-    set_seed, check_int, check_number, check_choice, check_bool, rng_state, set_rng_state, atomic_save)
+    set_seed, check_int, check_number, check_choice, check_bool, rng_state, set_rng_state, atomic_save, new_run_id,
+    check_run_id)
 from .data import (
     IMAGE_EXTENSIONS, TensorLoader, loader_state, set_loader_state, undisturbed, DataLoaders, ImageDecodeError,
     image_files, folder_items, pil_to_tensor, ImageFolderDataset, collate_images, uint8_to_float, MappedLoader,
@@ -95,11 +97,12 @@ from .optim import (
 from .run import Position, DeferredInterrupt, WeightedMean, Run
 from .show import denormalize, show_images, show_batch
 from nntrain.state import (
-    FORMAT, WEIGHT_KEYS, plain_module, weight_problems, read_checkpoint, is_weights, find_weights, state_dict,
+    FORMAT, WEIGHT_KEYS, plain_module, weight_problems, read_checkpoint, is_weights, find_weights, fit_args, state_dict,
     state_problems, load_state_dict, save, load, load_weights, take_resume, auto_resume, check_resumed_loader,
     resume_run)
 from .subs.augment import AugmentS, per_sample, mixup, rand_box, cutmix, MixUpS, CutMixS
-from .subs.checkpoint import checkpoints, is_exact, latest_checkpoint, check_writable, CheckpointS
+from .subs.checkpoint import (
+    run_folders, checkpoints, is_exact, latest_checkpoint, check_writable, CheckpointS)
 from .subs.debug import (
     tensor_stats, summarize, describe_change, fingerprint, Change, TraceS, sync_op, Sync, SyncAuditS, DebugS)
 from .subs.device import DeviceS
@@ -141,6 +144,7 @@ _all_ = ['torch', 'nn', 'F', 'BinaryAccuracy', 'BinaryAUROC', 'BinaryF1Score', '
          'build_table', 'add_note', 'note_origin', 'default_device', 'to_device', 'is_distributed',
          'get_rank', 'get_world_size', 'comm_device', 'preserve_modes', 'set_seed', 'check_int',
          'check_number', 'check_choice', 'check_bool', 'rng_state', 'set_rng_state', 'atomic_save',
+         'new_run_id', 'check_run_id',
          'IMAGE_EXTENSIONS', 'TensorLoader', 'loader_state', 'set_loader_state', 'undisturbed', 'DataLoaders',
          'ImageDecodeError', 'image_files', 'folder_items', 'pil_to_tensor', 'ImageFolderDataset',
          'collate_images', 'uint8_to_float', 'MappedLoader', 'hf_ds_collate_fn', 'pad_collate',
@@ -155,9 +159,9 @@ _all_ = ['torch', 'nn', 'F', 'BinaryAccuracy', 'BinaryAUROC', 'BinaryF1Score', '
          'average_sqr_grad', 'step_stat', 'rms_step', 'adam_step', 'StatsOptimizer', 'sgd_opt', 'rmsprop_opt',
          'adam_opt', 'Position', 'DeferredInterrupt', 'WeightedMean', 'Run', 'denormalize', 'show_images',
          'show_batch', 'FORMAT', 'WEIGHT_KEYS', 'plain_module', 'weight_problems', 'read_checkpoint',
-         'is_weights', 'find_weights', 'state_dict', 'state_problems', 'load_state_dict', 'save', 'load',
+         'is_weights', 'find_weights', 'fit_args', 'state_dict', 'state_problems', 'load_state_dict', 'save', 'load',
          'load_weights', 'take_resume', 'auto_resume', 'check_resumed_loader', 'resume_run', 'AugmentS',
-         'per_sample', 'mixup', 'rand_box', 'cutmix', 'MixUpS', 'CutMixS', 'checkpoints', 'is_exact',
+         'per_sample', 'mixup', 'rand_box', 'cutmix', 'MixUpS', 'CutMixS', 'run_folders', 'checkpoints', 'is_exact',
          'latest_checkpoint', 'check_writable', 'CheckpointS', 'tensor_stats', 'summarize', 'describe_change',
          'fingerprint', 'Change', 'TraceS', 'sync_op', 'Sync', 'SyncAuditS', 'DebugS', 'DeviceS',
          'launched_by_torchrun', 'init_distributed', 'rank0_first', 'all_max', 'all_gather_objects',
