@@ -412,6 +412,8 @@ def check_fit_args(self: Learner, n_epochs: int = 1, lr=None, subs=(), train: bo
     if not (train or valid): raise ValueError('fit(train=False, valid=False) has nothing to do')
     check_int('n_batches', n_batches, allow_none=True)
     check_subs(subs)
+    for s in subs:
+        if any(s is t for t in self.subs): raise ValueError(f'{s!r} is already subscribed to this learner')
     rate = self.lr if lr is None else lr
     if train and resume is False and isinstance(rate, (slice, list, tuple)):   # a fresh fit: over the param groups
         n = len(self.param_groups()) if self.opt is None or reset_opt else len(self.opt.param_groups)

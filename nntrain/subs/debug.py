@@ -19,7 +19,7 @@ import torch
 from fastcore.basics import patch
 from torch.overrides import TorchFunctionMode
 
-from ..core import EVENTS, RUNS, STEPS, Order, Subscriber, check_int
+from ..core import EVENTS, RUNS, STEPS, Order, Subscriber, check_int, check_subs
 from ..learner import Learner, checked_step
 
 # %% auto #0
@@ -561,6 +561,7 @@ _OWN_CODE = {f.__code__ for f in (_SyncMode.__torch_function__, SyncAuditS._chec
 def audit_syncs(self: Learner, n_epochs: int = 1, n_batches: int | None = 3, cuda_debug: bool = False,
                 **fit_kwargs) -> SyncAuditS:
     "Fit with a `SyncAuditS` (each phase stopping after `n_batches`) and return it; this trains the model."
+    check_subs(fit_kwargs.get('subs', ()))   # as given: an error names the item by its place in `subs`
     audit = SyncAuditS(cuda_debug)
     self.fit(n_epochs, subs=[audit, *fit_kwargs.pop('subs', ())], n_batches=n_batches, **fit_kwargs)
     return audit

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import matplotlib.pyplot as plt
 from fastcore.basics import patch
 
-from ..core import Order, Subscriber, check_choice, check_number
+from ..core import Order, Subscriber, check_choice, check_number, check_subs
 from ..learner import Learner, check_lr, lr_for_groups
 from ..run import Position
 
@@ -164,10 +164,10 @@ def _check_values(name: str, group: int, fn: Callable, n: int = 101) -> None:
         except Exception as e:
             raise ValueError(f'the schedule of {name!r} (param group {group}) fails at pct_train={pos:g}: '
                              f'{type(e).__name__}: {e}; check the arguments it was made from') from e
-        try: x = float(v)
-        except (TypeError, ValueError): x = math.nan
+        try: x, shown = float(v), f'{float(v):.4g}'
+        except (TypeError, ValueError): x, shown = math.nan, repr(v)
         if not math.isfinite(x) or (name == 'lr' and x < 0):
-            raise ValueError(f'the schedule of {name!r} (param group {group}) gives {v!r} at pct_train={pos:g}: '
+            raise ValueError(f'the schedule of {name!r} (param group {group}) gives {shown} at pct_train={pos:g}: '
                              f'{"a learning rate must be finite and not negative" if name == "lr" else "not finite"}; '
                              'check the arguments it was made from')
 
@@ -290,6 +290,7 @@ def fit_one_cycle(self: Learner, n_epochs: int, lr_max=None, pct_start: float = 
                   valid: bool = True, reset_opt: bool = False, resume: bool = False,
                   n_batches: int | None = None) -> ParamSchedulerS:
     "Fit with the one-cycle policy (`lr_max` defaults to `self.lr`); returns the `ParamSchedulerS` that recorded it."
+    check_subs(subs)   # as given: an error names the item by its place in `subs`
     sched = ParamSchedulerS(one_cycle_scheds(self.lr if lr_max is None else lr_max, pct_start, div, div_final, moms))
     self.fit(n_epochs, subs=[sched, *subs], train=train, valid=valid, reset_opt=reset_opt, resume=resume,
              n_batches=n_batches)
@@ -300,6 +301,7 @@ def fit_flat_cos(self: Learner, n_epochs: int, lr=None, pct_start: float = 0.75,
                  subs=(), train: bool = True, valid: bool = True, reset_opt: bool = False, resume: bool = False,
                  n_batches: int | None = None) -> ParamSchedulerS:
     "Fit at a flat `lr` (default `self.lr`), then cosine-anneal it; returns the `ParamSchedulerS` that recorded it."
+    check_subs(subs)   # as given: an error names the item by its place in `subs`
     sched = ParamSchedulerS(flat_cos_scheds(self.lr if lr is None else lr, pct_start, div_final))
     self.fit(n_epochs, subs=[sched, *subs], train=train, valid=valid, reset_opt=reset_opt, resume=resume,
              n_batches=n_batches)

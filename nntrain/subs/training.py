@@ -200,7 +200,7 @@ class EMAS(Subscriber):
     runs = ('fit', 'validate', 'predict')   # the LR finder's exploratory steps must not enter the average
 
     def __init__(self, decay: float = 0.999):   # in (0, 1): 1 would never move the average, 0 would be the weights
-        check_number('decay', decay, 0., 1., low_open=True, high_open=True)
+        check_number('decay', decay, 0, 1, low_open=True, high_open=True)
         self.decay, self.n_updates = decay, 0
         self.ema: list[torch.Tensor] | None = None
         self.params, self.backup = None, None
