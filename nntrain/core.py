@@ -316,6 +316,7 @@ def atomic_save(obj, path: str | os.PathLike) -> Path:
         raise
     return path
 
+# %% ../nbs/00_core.ipynb #d0ca91c1
 def new_run_id() -> str:
     "A fresh id for a training run, sortable by time: `20250104-153012-a1b2c3` (under torchrun, the job's id)."
     job = os.environ.get('TORCHELASTIC_RUN_ID', 'none')

@@ -258,7 +258,11 @@ def _warn_resume(learn, r: dict) -> None:
 
 def auto_resume(learn, n_epochs: int) -> dict | None:
     "Load the checkpoint a subscriber offers to resume this fit from (`resume_from()`); the state before, or None."
-    paths = [p for s in learn.subs if callable(getattr(s, 'resume_from', None)) and (p := s.resume_from()) is not None]
+    offers = [s for s in learn.subs if callable(getattr(s, 'resume_from', None))]
+    if not offers:   # 'auto' would silently mean False, now and after every restart
+        warnings.warn("fit(resume='auto'): no subscriber keeps checkpoints to resume from (e.g. CheckpointS): this "
+                      'starts a new fit, and a restart will not resume it', RuntimeWarning, stacklevel=3)
+    paths = [p for s in offers if (p := s.resume_from()) is not None]
     if not paths: return None
     saved = read_checkpoint(paths[0])
     if not isinstance(saved, dict) or 'counters' not in saved:

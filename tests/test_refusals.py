@@ -534,3 +534,13 @@ def test_a_complete_fit_resumed_says_so(tmp_path):
     path = learn.save(tmp_path / 'done.pt')
     learn.load(path)
     with pytest.warns(RuntimeWarning, match='nothing left to do'): learn.fit(1, resume=True)
+
+
+def test_resume_auto_without_a_checkpointing_subscriber_says_so(tmp_path):
+    learn = synth_learner()
+    with pytest.warns(RuntimeWarning, match="no subscriber keeps checkpoints to resume from \\(e.g. CheckpointS\\)"):
+        learn.fit(1, resume='auto')
+    assert learn.global_step == 4
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        synth_learner(subs=[CheckpointS(tmp_path)]).fit(1, resume='auto')   # as it says

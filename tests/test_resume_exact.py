@@ -225,6 +225,7 @@ SUBS = {
     'TerminateOnNaNS': (lambda: [TerminateOnNaNS(check_every=3)], None),
     'NormalizationS': (lambda: [NormalizationS()], None),
     'MixedPrecisionS': (lambda: [MixedPrecisionS('bf16')], None),
+    'MixedPrecisionS+fp16': (lambda: [MixedPrecisionS('fp16')], None),   # the gradient scaler's state
     'GradClipS+GradAccumS': (lambda: [GradClipS(0.5), GradAccumS(2)], None),
     'CSVLoggerS': (lambda: [CSVLoggerS('log.csv')], _csv_and_checkpoint_names),
     'TensorBoardS': (lambda: [TensorBoardS('tb')], _scalars),
