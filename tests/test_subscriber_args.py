@@ -41,7 +41,7 @@ BAD = [
     (lambda: MetricsS(MulticlassAccuracy), 'multiclass_accuracy', 'MulticlassAccuracy'),
     (lambda: MetricsS(flush_every=0), 'flush_every', '0'),
     (lambda: ParamSchedulerS({}), 'scheds', '{}'),
-    (lambda: ParamSchedulerS([lin]), 'scheds', '[functools.partial'),
+    (lambda: ParamSchedulerS([lin]), 'scheds', '[sched_lin(0.1, 0.01)]'),
     (lambda: ParamSchedulerS({'lr': 0.1}), "scheds['lr']", '0.1'),
     (lambda: ParamSchedulerS({'lr': [lin, 3]}), "scheds['lr']", '3]'),
     (lambda: SchedulerS(None), 'scheduler_factory', 'None'),
@@ -75,6 +75,8 @@ BAD = [
     (lambda: TerminateOnNaNS(check_every=0), 'check_every', '0'),
     (lambda: EMAS(decay=2), 'decay', '2'),
     (lambda: EMAS(decay=-0.1), 'decay', '-0.1'),
+    (lambda: EMAS(decay=1.), 'decay', '1.0'),   # the average would never move (issue 18: no silent no-op)
+    (lambda: EMAS(decay=0.), 'decay', '0.0'),   # the average would be the weights
     (lambda: CheckpointS(every=0), 'every', '0'),
     (lambda: CheckpointS(every=True), 'every', 'True'),
     (lambda: CheckpointS(every='step'), 'every', "'step'"),
@@ -109,7 +111,7 @@ def test_suggestions_for_misspelt_choices():
 
 def test_good_arguments_still_accepted(tmp_path):
     "The edges of each range, and the documented special values."
-    GradClipS(norm_type=inf); EMAS(decay=0.); EMAS(decay=1.); CheckpointS(tmp_path, keep=None, monitor=None)
+    GradClipS(norm_type=inf); EMAS(decay=1e-6); EMAS(decay=1 - 1e-9); CheckpointS(tmp_path, keep=None, monitor=None)
     NormalizationS(0.5, 2.); NormalizationS([0., 1.], (1., 2.)); NormalizationS(n_batches=None)
     EarlyStoppingS(min_delta=0.); DeviceS(torch.device('cpu')); MixUpS(seed=0); CompileS(backend='eager')
     LRFindS(start_lr=1e-3, end_lr=1e-2, num_it=2, beta=0.)
