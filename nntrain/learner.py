@@ -501,7 +501,8 @@ def _all_batches(self: Learner, run: Run, skip: int) -> None:
     if 0 < skip < run.n_iter and run.phase_state is not None:   # (all done: the loader does not start at all)
         set_loader_state(run.dl, run.phase_state['loader'])
         set_rng_state(run.phase_state['rng'])
-    elif not skip: run.phase_state = {'rng': rng_state(), 'loader': copy.deepcopy(loader_state(run.dl))}
+    elif not skip and run.kind == 'fit':   # only a fit is checkpointed
+        run.phase_state = {'rng': rng_state(), 'loader': copy.deepcopy(loader_state(run.dl))}
     n = 0   # batches the loader gave
     if skip < run.n_iter:   # resuming after the pass's last batch: starting the loader would draw an order
         batches = run.dl if run.n_batches is None else itertools.islice(run.dl, run.n_iter)

@@ -233,9 +233,9 @@ def take_resume(learn, n_epochs: int, lr, reset_opt: bool, n_batches: int | None
                          f'fit({n_epochs}, resume=True, n_batches={saved["n_batches"]}): passes of another length '
                          'take other steps')
     if saved is not None and phases is not None and list(phases) != list(saved['phases']):
-        kw = lambda ps: ', '.join(f'{n}=False' for n, t in (('train', True), ('valid', False)) if t not in ps) or 'both'
-        raise ValueError(f'the checkpoint was taken in a fit making {_passes(saved["phases"])}; this one makes '
-                         f'{_passes(phases)}: resume it as it was ({kw(saved["phases"])})')
+        ps = saved['phases']
+        raise ValueError(f'the checkpoint was taken in a fit making {_passes(ps)}; this one makes {_passes(phases)}: '
+                         f'resume it as it was, fit({n_epochs}, resume=True, train={True in ps}, valid={False in ps})')
     learn._resume = None
     _warn_resume(learn, r)
     return r

@@ -333,7 +333,8 @@ def test_an_epoch_boundary_resume_with_another_training_set_warns(tmp_path):
     (dict(n_batches=3), dict(), 'taken in a fit with n_batches=3; resume it with fit(3, resume=True, n_batches=3)'),
     (dict(), dict(n_batches=3), 'taken in a fit with n_batches=None'),
     (dict(valid=False), dict(), 'making training passes; this one makes training passes and validation passes: '
-                                'resume it as it was (valid=False)'),
+                                'resume it as it was, fit(3, resume=True, train=True, valid=False)'),
+    (dict(), dict(valid=False), 'resume it as it was, fit(3, resume=True, train=True, valid=True)'),
 ])
 def test_a_resume_of_another_kind_of_fit_is_refused_and_changes_nothing(tmp_path, saved, resumed, message):
     path = _checkpoint_mid_epoch(tmp_path, **saved)
