@@ -10,7 +10,9 @@ import functools
 import math
 import os
 import random
+import re
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from functools import partial
@@ -23,7 +25,7 @@ __all__ = ['EVENTS', 'STEPS', 'AROUNDS', 'CANCELS', 'RUNS', 'CancelFitException'
            'CancelStepException', 'Order', 'Subscriber', 'check_subs', 'check_subscriber', 'sort_subs', 'build_table',
            'add_note', 'note_origin', 'default_device', 'to_device', 'is_distributed', 'get_rank', 'get_world_size',
            'comm_device', 'preserve_modes', 'set_seed', 'check_int', 'check_number', 'check_choice', 'check_bool',
-           'rng_state', 'set_rng_state', 'atomic_save']
+           'rng_state', 'set_rng_state', 'atomic_save', 'new_run_id', 'check_run_id']
 
 # %% ../nbs/00_core.ipynb #d0b81b93
 EVENTS = ('before_fit', 'before_epoch', 'before_batch',
@@ -353,3 +355,19 @@ def atomic_save(obj,                        # what to save (anything `torch.save
         if os.path.exists(tmp): os.remove(tmp)
         raise
     return path
+
+# %% ../nbs/00_core.ipynb #d0ca91c1
+def new_run_id() -> str:
+    "A fresh id for a training run, sortable by time: `20250104-153012-a1b2c3` (under torchrun, the job's id)."
+    job = os.environ.get('TORCHELASTIC_RUN_ID', 'none')
+    # Every rank of a torchrun job (and every restart of it) gets the same id, without talking to the others.
+    if job not in ('', 'none'): return 'job-' + re.sub(r'[^A-Za-z0-9._-]', '_', job)[:40]
+    # os.urandom, not `random` or torch: making an id must not move any generator a run is seeded with
+    return time.strftime('%Y%m%d-%H%M%S') + '-' + os.urandom(3).hex()
+
+def check_run_id(run_id,   # a run id given by the user (or read from a file)
+                ) -> None:
+    "Raise unless `run_id` can name a run's folder: letters, digits, `.`, `_` and `-`, not starting with a dot."
+    if not isinstance(run_id, str) or not re.fullmatch(r'[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}', run_id):
+        raise ValueError(f'a run id names folders (checkpoints, event files): 1 to 100 letters, digits, ".", "_" or '
+                         f'"-", not starting with "."; got {run_id!r}')

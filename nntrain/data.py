@@ -102,19 +102,20 @@ class TensorLoader:
     def __iter__(self):
         bs, n_batches = self.batch_size, len(self)
         if not self.shuffle:
-            for i in range(n_batches):
-                parts = tuple(t[i*bs:(i+1)*bs] for t in self.tensors)
-                yield parts if self.names is None else dict(zip(self.names, parts))
+            for i in range(n_batches): yield self._batch(slice(i*bs, (i+1)*bs))
             return
         self._epoch_state = self.generator.get_state()
         idx = torch.randperm(self.n, generator=self.generator).to(self.tensors[0].device)
+        for i in range(n_batches):
+            if i == n_batches - 1: self._epoch_state = None   # the whole order is handed out: the next state is next
+            yield self._batch(idx[i*bs:(i+1)*bs])
+
+    def _batch(self, rows: slice | torch.Tensor):
+        "The batch of these rows: a tuple, or a dict with `names`. (Built here: the generator keeps no batch alive.)"
         # index_select per batch: measured (bench/data.py) faster than advanced indexing `t[j]`, and than
         # permuting the whole dataset once per epoch, which also doubles its memory
-        for i in range(n_batches):
-            j = idx[i*bs:(i+1)*bs]
-            if i == n_batches - 1: self._epoch_state = None   # the whole order is handed out: the next state is next
-            parts = tuple(t.index_select(0, j) for t in self.tensors)
-            yield parts if self.names is None else dict(zip(self.names, parts))
+        parts = tuple(t[rows] if isinstance(rows, slice) else t.index_select(0, rows) for t in self.tensors)
+        return parts if self.names is None else dict(zip(self.names, parts))
 
     @property
     def device(self) -> torch.device:
@@ -249,12 +250,16 @@ def folder_items(folder: str | Path,                # a folder holding one folde
     unknown = [c for c in classes if c not in vocab]
     if unknown: raise ValueError(f'{folder}: class folder(s) {unknown} are not in the training vocabulary {vocab}')
     index = {c: i for i, c in enumerate(vocab)}
-    files, labels = [], []
+    files, labels, empty = [], [], []
     for c in classes:
         found = image_files(folder / c)
+        if not found: empty.append(c)
         files += [str(f) for f in found]
         labels += [index[c]] * len(found)
     if not files: raise ValueError(f'{folder}: no images found in class folders {classes}')
+    if empty:   # a class with no example would train a model to never predict it (torchvision's ImageFolder refuses it)
+        raise ValueError(f'{folder}: class folder(s) {empty} hold no image (looked for {", ".join(IMAGE_EXTENSIONS)}): '
+                         'add images, or remove the folder(s)')
     return files, labels, list(vocab)
 
 def pil_to_tensor(img: Image.Image,    # a PIL image

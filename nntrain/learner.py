@@ -5,8 +5,10 @@
 # %% ../nbs/03_learner.ipynb #dcb12c5b
 from __future__ import annotations
 
+import copy
 import itertools
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from functools import partial
 from typing import Callable
@@ -20,10 +22,11 @@ from torch import nn
 from .batch import (LABEL_NAMES, batch_size, call_model, check_inputs, check_loss, check_targets, class_dim, describe,
                     is_index, layout_name, output_loss, output_preds)
 from .core import (CANCELS, EVENTS, RUNS, STEPS, CancelBatchException, CancelEpochException, CancelFitException,
-                   CancelStepException, add_note, build_table, check_bool, check_int, check_number, check_subs,
-                   get_rank, get_world_size, note_origin, preserve_modes, set_rng_state)
+                   CancelStepException, add_note, build_table, check_bool, check_int, check_number, check_run_id,
+                   check_subs, new_run_id,
+                   get_rank, get_world_size, note_origin, preserve_modes, rng_state, set_rng_state)
 from . import inference, state
-from .data import DataLoaders, undisturbed
+from .data import DataLoaders, loader_state, set_loader_state, undisturbed
 from .run import Position, Run, WeightedMean
 
 # %% auto #0
@@ -43,7 +46,9 @@ def lr_for_groups(lr: float | slice | list,   # a rate, a slice of rates, or one
     if lo is None: return [hi / 10] * (n_groups - 1) + [hi]
     if n_groups == 1:
         raise ValueError(f'lr={lr!r} spreads rates over parameter groups, but the optimizer has one: give a number, '
-                         'or a splitter (e.g. learn.freeze() or Learner(..., splitter=default_splitter))')
+                         'or split the parameters into groups: Learner(..., splitter=default_splitter) (from '
+                         'nntrain.transfer), or on this learner learn.splitter = default_splitter, then '
+                         'fit(..., reset_opt=True) (learn.freeze() splits it too)')
     return [lo * (hi / lo) ** (i / (n_groups - 1)) for i in range(n_groups)]
 
 def check_lr(name: str,                 # the argument's name, for the message
@@ -164,13 +169,19 @@ def _check_learner_args(model, dls, loss_func, opt_func, lr, subs, splitter, n_i
     if label_names is not None and (isinstance(label_names, str) or not all(isinstance(k, str) for k in label_names)):
         raise TypeError(f"label_names must be a tuple of key names, e.g. ('labels',), got {label_names!r}")
 
-def _check_loaders(phases: list) -> None:
-    "Refuse a missing, unsized or empty loader before the run starts."
+def _check_loaders(phases: list, kind: str = 'fit') -> None:
+    "Refuse a missing, unsized or empty loader before the run starts, and in a fit one that can be iterated only once."
     for dl, training in phases:
         what = 'training' if training else 'validation'
         if dl is None: raise ValueError(f'there is no {what} loader (it is None)')
         if not hasattr(dl, '__len__'): raise TypeError(f'the {what} loader has no len(); wrap it or give it one')
         if len(dl) == 0: raise ValueError(f'the {what} loader is empty (len 0): nothing to iterate')
+        # An iterator (a generator with a len, `iter(loader)`) is used up by its first pass: every later epoch (and
+        # the first batch's label check) would find nothing. A fit or LR search iterates its loaders again.
+        if kind in ('fit', 'lr_find') and isinstance(dl, Iterator):
+            raise TypeError(f'the {what} loader is an iterator ({type(dl).__name__}), which can be iterated only once: '
+                            'a fit goes over its loaders every epoch. Give an iterable it can start again, e.g. a list '
+                            'of batches, a torch DataLoader or a TensorLoader')
 
 # %% ../nbs/03_learner.ipynb #101f8e75
 _WHAT = {'fit': 'a fit', 'validate': 'a validation', 'predict': 'a prediction', 'lr_find': 'a learning-rate search'}
@@ -205,15 +216,36 @@ class Learner:
         self.label_names = tuple(label_names or getattr(self.dls, 'label_names', None) or LABEL_NAMES)
         self.opt, self.global_step, self.history, self.subs, self.run = None, 0, [], [], None
         self.class_dim: int | None = None   # where predictions hold class scores, as the first batch's check found
-        self._fit_end = (0, Position())     # (n_epochs, position) of the last fit: what `state_dict` saves between fits
+        self._fit_end = (0, Position(), None)   # (n_epochs, position, fit_args) of the last fit: saved between fits
         self._resume: dict | None = None    # a loaded checkpoint's position and state, until fit(resume=True)
+        self.run_id = new_run_id()          # names this training run's files; a loaded checkpoint's run goes on
         self._set_subs([])
         self.add_subs(*subs)
+
+    # Copied (copy.deepcopy) or pickled: the dispatch tables hold bound methods and instruments' closures over these
+    # subscribers, so they are left out and built again for the copy's own subscribers.
+    def __getstate__(self) -> dict:
+        if self.run is not None: raise RuntimeError(f'cannot copy or pickle a learner during a {self.run.kind}')
+        return {k: v for k, v in self.__dict__.items() if k != '_tables'}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._set_subs(self.subs)
 
     def __repr__(self):
         return (f'Learner({type(self.model).__name__}, loss_func={getattr(self.loss_func, "__name__", self.loss_func)}, '
                 f'opt_func={getattr(self.opt_func, "__name__", self.opt_func)}, lr={self.lr}, '
                 f'subs=[{", ".join(type(s).__name__ for s in self.subs)}])')
+
+    @property
+    def run_id(self) -> str:
+        "The id of this learner's training run: its checkpoints, logs and event files carry it (`load` takes a file's)."
+        return self._run_id
+
+    @run_id.setter
+    def run_id(self, value: str) -> None:
+        check_run_id(value)
+        self._run_id = value
 
     @property
     def run_kind(self) -> str | None:
@@ -365,6 +397,45 @@ def fit(self: Learner, n_epochs: int = 1,              # epochs: each a training
        ) -> None:
     "Train for `n_epochs` (each a train pass, then a valid pass); `subs` are added for this fit only."
     self._refuse_nested(_WHAT['fit'])
+    self.check_fit_args(n_epochs, lr, subs, train, valid, reset_opt, resume, n_batches)
+    phases = [(dl, t) for dl, t, on in ((self.dls.train, True, train), (self.dls.valid, False, valid)) if on]
+    subs = list(subs)
+    self.add_subs(*subs)   # before a resume: the checkpoint holds their states
+    opt_before, resume_before, backup, step = self._opt_state(), self._resume, None, None
+    try:
+        if resume == 'auto':   # the latest checkpoint a subscriber (CheckpointS) has of this fit, if any
+            backup = state.auto_resume(self, n_epochs)
+            resume = backup is not None
+        flags = [t for _, t in phases]
+        resumed = state.take_resume(self, n_epochs, lr, reset_opt, n_batches, flags) if resume else None
+        run = Run('fit', phases, n_epochs, n_batches, resumed['start'] if resumed else Position(), self.n_inp,
+                  self.label_names)
+        if train: self._make_opt(lr, reset_opt, fresh=resumed is None)
+        if resumed is not None: state.resume_run(run, resumed)
+        step = self.global_step
+        self.execute(run)
+        self._fit_end = (n_epochs, run.pos, state.fit_args(self, run))   # with this fit's subscribers, still there
+    except BaseException:
+        if step is None or self.global_step == step:   # refused before its first step: everything as it was
+            if backup is not None: state.load_state_dict(self, backup)   # what resume='auto' loaded, unloaded
+            self._opt_state(opt_before)
+            self._resume = resume_before
+            raise
+        self._fit_end = (n_epochs, run.pos, state.fit_args(self, run))
+        raise
+    finally: self.remove_subs(*subs)
+
+@patch
+def check_fit_args(self: Learner, n_epochs: int = 1,   # as for `fit`
+                   lr=None,                             # as for `fit`
+                   subs=(),                             # as for `fit`
+                   train: bool = True,                  # as for `fit`
+                   valid: bool = True,                  # as for `fit`
+                   reset_opt: bool = False,             # as for `fit`
+                   resume: bool | str = False,          # as for `fit`
+                   n_batches: int | None = None,        # as for `fit`
+                  ) -> None:
+    "Raise, naming the argument, unless `fit` could start with these arguments (compound calls check all first)."
     check_int('n_epochs', n_epochs)
     check_lr('lr', lr, allow_none=True)
     for name, v in (('train', train), ('valid', valid), ('reset_opt', reset_opt)): check_bool(name, v)
@@ -374,31 +445,12 @@ def fit(self: Learner, n_epochs: int = 1,              # epochs: each a training
     if not (train or valid): raise ValueError('fit(train=False, valid=False) has nothing to do')
     check_int('n_batches', n_batches, allow_none=True)
     check_subs(subs)
-    phases = [(dl, t) for dl, t, on in ((self.dls.train, True, train), (self.dls.valid, False, valid)) if on]
-    subs = list(subs)
-    self.add_subs(*subs)   # before a resume: the checkpoint holds their states
-    opt_before, resume_before, backup, step = self._opt_state(), self._resume, None, None
-    try:
-        if resume == 'auto':   # the latest checkpoint a subscriber (CheckpointS) has of this fit, if any
-            backup = state.auto_resume(self, n_epochs)
-            resume = backup is not None
-        resumed = state.take_resume(self, n_epochs, lr, reset_opt) if resume else None
-        run = Run('fit', phases, n_epochs, n_batches, resumed['start'] if resumed else Position(), self.n_inp,
-                  self.label_names)
-        if train: self._make_opt(lr, reset_opt, fresh=resumed is None)
-        if resumed is not None: state.resume_run(run, resumed)
-        step = self.global_step
-        self.execute(run)
-    except BaseException:
-        if step is None or self.global_step == step:   # refused before its first step: everything as it was
-            if backup is not None: state.load_state_dict(self, backup)   # what resume='auto' loaded, unloaded
-            self._opt_state(opt_before)
-            self._resume = resume_before
-            raise
-        self._fit_end = (n_epochs, run.pos)
-        raise
-    finally: self.remove_subs(*subs)
-    self._fit_end = (n_epochs, run.pos)
+    for s in subs:
+        if any(s is t for t in self.subs): raise ValueError(f'{s!r} is already subscribed to this learner')
+    rate = self.lr if lr is None else lr
+    if train and resume is False and isinstance(rate, (slice, list, tuple)):   # a fresh fit: over the param groups
+        n = len(self.param_groups()) if self.opt is None or reset_opt else len(self.opt.param_groups)
+        lr_for_groups(rate, n)
 
 @patch
 def _refuse_nested(self: Learner, what: str) -> None:
@@ -414,7 +466,7 @@ def execute(self: Learner, run: Run,   # the run to carry out
            ) -> None:
     "Carry out `run` (every fit, validation, prediction and LR search goes through here) with extra `subs`."
     self._refuse_nested(_WHAT[run.kind])
-    _check_loaders(run.phases)
+    _check_loaders(run.phases, run.kind)
     subs = list(subs)
     self.add_subs(*subs)
     self.run, grad = run, torch.is_grad_enabled()
@@ -456,10 +508,11 @@ def _epochs(self: Learner, run: Run) -> None:
             if resuming and training and not start.training: continue   # resume in the valid pass
             skip = start.done if resuming and training == start.training else 0
             self._one_epoch(run, dl, training, skip)
+    run.stage = 'end'
 
 @patch
 def _one_epoch(self: Learner, run: Run, dl, training: bool, skip: int) -> None:
-    run.dl, run.training, run.iter = dl, training, 0
+    run.dl, run.training, run.iter, run.stage = dl, training, 0, 'epoch start'
     run.n_iter = len(dl) if run.n_batches is None else min(len(dl), run.n_batches)
     run.pos = Position(run.epoch, training, skip)
     if not skip: run.losses, run.elapsed = WeightedMean(), 0.
@@ -467,6 +520,8 @@ def _one_epoch(self: Learner, run: Run, dl, training: bool, skip: int) -> None:
     self.model.train(training)
     with torch.set_grad_enabled(training):
         self._stage('epoch', self._all_batches, run, skip)
+    # A Ctrl-C during the phase's last batch stops once every subscriber has seen the phase end (its row is whole).
+    if run.interrupt.requested: self._stop(run, 'after')
 
 @patch
 def _all_batches(self: Learner, run: Run, skip: int) -> None:
@@ -475,11 +530,30 @@ def _all_batches(self: Learner, run: Run, skip: int) -> None:
         run.resumed = None
     run.start_phase()
     # A fit resumed at a phase's start has its random state back before the loader starts (a sampler may draw
-    # its order from torch's generator); resumed mid-phase, once the batches done before are skipped.
+    # its order from torch's generator); resumed mid-phase, the loader starts again from the random and loader
+    # states this phase started from (it draws the same order), and the batches done before are skipped.
     if run.resume_rng is not None and not skip: set_rng_state(run.resume_rng); run.resume_rng = None
+    if 0 < skip < run.n_iter and run.phase_state is not None:   # (all done: the loader does not start at all)
+        set_loader_state(run.dl, run.phase_state['loader'])
+        set_rng_state(run.phase_state['rng'])
+    elif not skip and run.kind == 'fit':   # only a fit is checkpointed
+        run.phase_state = {'rng': rng_state(), 'loader': copy.deepcopy(loader_state(run.dl))}
+    n = 0   # batches the loader gave
     if skip < run.n_iter:   # resuming after the pass's last batch: starting the loader would draw an order
         batches = run.dl if run.n_batches is None else itertools.islice(run.dl, run.n_iter)
-        for run.iter, run.batch in enumerate(batches):
+        run.stage = 'fetch'
+        it = iter(batches)
+        while True:
+            run.iter, run.stage = n, 'fetch'   # an error now names the batch being fetched
+            # Batches are held by the run, never by a local: a traceback a notebook keeps holds this frame.
+            run.batch, run.ahead = (next(it, _END) if run.ahead is None else run.ahead), None
+            if run.batch is _END: break
+            if n + 1 == run.n_iter:   # the last batch by len(): the loader is asked past it now, not after it ran:
+                # torch's samplers draw their next order then, and a checkpoint of this batch must hold that state
+                run.iter = n + 1
+                run.ahead = next(it, _END)
+                run.iter = n
+            n, run.stage = n + 1, 'batch'
             # A deferred Ctrl-C stops once the work done so far is complete (after an optimizer step, or a
             # validation batch) and the loader has moved on as it would have anyway: torch's samplers draw
             # again when asked past their last batch, so stopping earlier would shift the next epoch.
@@ -489,9 +563,23 @@ def _all_batches(self: Learner, run: Run, skip: int) -> None:
             if run.training: run.pct_train = (run.epoch + run.iter / run.n_iter) / run.n_epochs
             self._stage('batch', self._one_batch, run)
         run.batch = None
+        _check_yield(run, n)
+    run.stage = 'epoch end'
     if run.training: run.pct_train = (run.epoch + 1) / run.n_epochs
     self._end_phase(run)
-    if run.interrupt.requested: self._stop(run, 'after')
+
+_END = object()   # what `next(iterator, _END)` returns once the loader is done
+
+def _check_yield(run: Run, n: int) -> None:
+    "Say so when the loader gave fewer batches than its len(): none at all is an error (an exhausted iterator?)."
+    if n >= run.n_iter: return
+    what = 'training' if run.training else 'validation'
+    if n == 0:
+        raise ValueError(f'the {what} loader yielded no batch though its len() is {len(run.dl)}: it can be iterated '
+                         'only once (an iterator or generator, used up by an earlier pass?). Give an iterable it can '
+                         'start again, e.g. a list of batches, a torch DataLoader or a TensorLoader')
+    warnings.warn(f'the {what} loader yielded {n} batches though its len() is {len(run.dl)}: the pass ended early '
+                  '(and schedules, which count on len(), went by the wrong length)', RuntimeWarning, stacklevel=2)
 
 @patch
 def _one_batch(self: Learner, run: Run) -> None:
@@ -539,22 +627,21 @@ def _end_phase(self: Learner, run: Run) -> None:
 @patch
 def _stop(self: Learner, run: Run, when: str):
     run.batch = None   # the batch fetched after the stop was asked for never ran
-    where = f'batch {run.iter} of epoch {run.epoch}' if when == 'before' else f'the last batch of epoch {run.epoch}'
-    stop = KeyboardInterrupt(f'stopped by Ctrl-C {when} {where}')
+    if when == 'before': run.stage = 'before'
+    phase = 'train' if run.training else 'valid'
+    where = f'before batch {run.iter} of' if when == 'before' else 'at the end of'
+    stop = KeyboardInterrupt(f'stopped by Ctrl-C {where} the {phase} pass of epoch {run.epoch}')
     stop.nntrain_clean_stop = True   # between batches: what is saved on the way out is consistent
     raise stop
 
 @patch
 def _after_error(self: Learner, run: Run, e: BaseException) -> None:
     "Say where `e` happened; drop partial gradients, and the run's batch and graph (its traceback keeps the run)."
-    if not isinstance(e, CANCELS):
-        phase = 'train' if run.training else 'valid'
-        add_note(e, f'nntrain: stopped in epoch {run.epoch} of {run.n_epochs}, {phase} batch {run.iter}'
-                    f' of {run.n_iter} ({run.kind})')
+    if not isinstance(e, CANCELS): add_note(e, f'nntrain: stopped {run.location()}')
     if self.opt is not None: self.opt.zero_grad()   # partial gradients must not leak into the next step
     # The traceback (kept by a notebook as `sys.last_traceback`) holds the loop's frames, which hold the run: empty
     # it, rather than clear the frames, which would leave the traceback unreadable.
-    run.batch, run.out, run.preds, run.loss = None, None, None, None
+    run.batch, run.ahead, run.out, run.preds, run.loss = None, None, None, None, None
     run._of.clear()
 
 # %% ../nbs/03_learner.ipynb #3867f8fa

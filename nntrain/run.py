@@ -55,19 +55,27 @@ class DeferredInterrupt:
 # %% ../nbs/03b_run.ipynb #63f1aed1
 class WeightedMean:
     "The mean of per-batch values weighted by batch size, accumulated on the device: no host sync until read."
-    def __init__(self): self.values, self.sizes = [], []
+    def __init__(self):
+        self.values, self.sizes = [], []
+        self.saved: torch.Tensor | None = None   # the values of a resumed phase's batches before the checkpoint
     def add(self, value: torch.Tensor,   # a batch's mean value (a loss)
             n: int,                # the batch's size, its weight
            ) -> None:
         "Add one batch's value."
         self.values.append(value.detach()); self.sizes.append(n)
-    def __len__(self) -> int: return len(self.values)
+    def __len__(self) -> int: return len(self.sizes)
+
+    def _stacked(self) -> torch.Tensor:
+        "Every value so far as one tensor, those from before a resume first (as the uninterrupted phase stacks them)."
+        new = torch.stack(self.values) if self.values else None
+        if self.saved is None: return new
+        saved = self.saved.to(new.device) if new is not None else self.saved
+        return saved if new is None else torch.cat([saved.to(new.dtype), new])
 
     def totals(self) -> tuple[torch.Tensor, torch.Tensor]:
         "(weighted sum, count) as float tensors on the values' device (what a distributed sum adds up)."
-        if not self.values: return torch.zeros(()), torch.zeros(())
-        device = self.values[-1].device   # values loaded from a checkpoint are on the CPU until joined here
-        v = torch.stack([x.to(device) for x in self.values]).float()
+        if not self.sizes: return torch.zeros(()), torch.zeros(())
+        v = self._stacked().float()
         n = torch.tensor(self.sizes, dtype=v.dtype, device=v.device)
         return (v * n).sum(), n.sum()
 
@@ -83,14 +91,17 @@ class WeightedMean:
         return totals[0] / totals[1]
 
     def state_dict(self) -> dict:
-        "Every value and size so far, on the CPU: a resumed phase goes on from them and sums exactly as if unbroken."
-        values = torch.stack(self.values).cpu() if self.values else torch.zeros(0)
-        return {'values': values, 'sizes': torch.tensor(self.sizes, dtype=torch.long)}
+        "Every value and batch size so far, on the CPU: a resumed phase adds them up exactly as the uninterrupted one."
+        return {'values': None if not self.sizes else self._stacked().cpu(), 'sizes': list(self.sizes)}
 
     def load_state_dict(self, state: dict,   # what `state_dict` returned
                        ) -> None:
-        "Go on from the values and sizes saved by `state_dict`."
-        self.values, self.sizes = list(state['values'].unbind()), state['sizes'].tolist()
+        "Go on from saved values (format 2 checkpoints hold only their weighted sum and count: then from those)."
+        self.values, self.sizes, self.saved = [], [], None
+        if 'values' not in state:
+            if state['count'] > 0: self.add(state['total'] / state['count'], int(state['count']))
+            return
+        if state['sizes']: self.saved, self.sizes = state['values'], list(state['sizes'])
 
 # %% ../nbs/03b_run.ipynb #fc1592c3
 class Run:
@@ -109,8 +120,12 @@ class Run:
         self.start = self.pos = start   # where it starts, and where a checkpoint taken now would restart
         self.resume_rng = None          # the random state to restore before the first batch of a resumed fit
         self.resumed: dict | None = None   # the checkpoint's resume point, while its first phase has not started
+        self.phase_state: dict | None = None   # RNG and loader states as this phase's loader started (a mid-phase
+                                               # checkpoint holds them: a resume draws the same order again)
+        self.stage = 'start'   # start, epoch start, fetch, batch, before (a batch), epoch end, end: for error notes
         self.epoch, self.training, self.dl, self.iter, self.n_iter, self.pct_train = start.epoch, False, None, 0, 0, 0.
         self._batch, self.xb, self.yb, self._split = None, (), (), ((), ())
+        self.ahead = None               # the loader's next batch, asked for before the last one runs
         self.out = self.preds = self.loss = self.scaler = None
         self.rows: list[dict] = []      # the history rows this run made (a fit also adds them to `learn.history`)
         self.losses = WeightedMean()    # this phase's losses, weighted by batch size
@@ -151,6 +166,21 @@ class Run:
     def phase_seconds(self) -> float:
         "Seconds this phase has run so far (with the part before a resume)."
         return self.elapsed + time.perf_counter() - self.phase_start
+
+    def location(self) -> str:
+        "Where the run is now, for error notes: the batch being fetched or run, or the pass it is at; the position."
+        phase = 'train' if self.training else 'valid'
+        epoch = f' of epoch {self.epoch} of {self.n_epochs}' if self.kind in ('fit', 'lr_find') else ''
+        where = {'start': f'at the start of the {self.kind}', 'end': f'at the end of the {self.kind}',
+                 'epoch start': f'at the start of the {phase} pass{epoch}',
+                 'epoch end': f'at the end of the {phase} pass{epoch}',
+                 'before': f'before {phase} batch {self.iter} (of {self.n_iter}){epoch}',
+                 'fetch': f'while fetching {phase} batch {self.iter} (of {self.n_iter}){epoch}',
+                 'batch': f'in {phase} batch {self.iter} (of {self.n_iter}){epoch}'}[self.stage]
+        if self.kind != 'fit': return f'{where} ({self.kind})'
+        pos = self.pos
+        return (f'{where}; a checkpoint now resumes at epoch {pos.epoch}, {"train" if pos.training else "valid"} '
+                f'pass, after {pos.done} batches')
 
     def of(self, sub,   # a subscriber
           ) -> SimpleNamespace:

@@ -14,16 +14,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .core import add_note, atomic_save, rng_state, to_device
+from .core import RUNS, add_note, atomic_save, rng_state, to_device
 from .data import loader_state, set_loader_state
 from .run import Position
 
-FORMAT = 2   # the layout of `Learner.state_dict`; raise it when the layout changes (2: phase totals, loader lengths)
+FORMAT = 3   # the layout of `Learner.state_dict`; raise it when the layout changes (2: phase totals, loader lengths;
+             # 3: run id, the fit's arguments and subscribers, each phase value, the phase's starting states)
 _OPT_FLAGS = {'foreach', 'fused', 'differentiable', 'capturable', 'maximize', 'decoupled_weight_decay'}  # vary by torch
 
 # %% auto #0
 __all__ = ['FORMAT', 'WEIGHT_KEYS', 'plain_module', 'weight_problems', 'read_checkpoint', 'is_weights', 'find_weights',
-           'state_dict', 'state_problems', 'load_state_dict', 'save', 'load', 'load_weights', 'take_resume',
+           'fit_args', 'state_dict', 'state_problems', 'load_state_dict', 'save', 'load', 'load_weights', 'take_resume',
            'auto_resume', 'check_resumed_loader', 'resume_run']
 
 # %% ../nbs/03d_state.ipynb #fa320a4c
@@ -94,21 +95,33 @@ def _loader_size(dl) -> dict | None:
     return {'n_batches': len(dl), 'batch_size': getattr(dl, 'batch_size', None)}
 
 # %% ../nbs/03d_state.ipynb #79b12ff3
+def fit_args(learn,   # the learner
+             run,     # a fit's run
+            ) -> dict:
+    "What a resume of fit `run` should repeat besides its length: batches per pass, which passes, the subscribers."
+    return {'n_batches': run.n_batches, 'phases': [training for _, training in run.phases], 'subs': _fit_subs(learn)}
+
+def _fit_subs(learn) -> list[str]:
+    "The keys of the subscribers that take part in fits (a resume should have the same)."
+    return [k for k, s in _sub_keys(learn) if 'fit' in getattr(s, 'runs', RUNS)]
+
 def state_dict(learn,   # the learner
               ) -> dict:
     "Everything needed to continue this run exactly: weights, optimizer, counters, history, RNG, loaders, subscribers."
     run = learn.run if learn.run is not None and learn.run.kind == 'fit' else None
-    n_epochs, pos = (run.n_epochs, run.pos) if run is not None else learn._fit_end
+    n_epochs, pos, args = (run.n_epochs, run.pos, fit_args(learn, run)) if run is not None else learn._fit_end
     phase = None
-    if run is not None and pos.done:   # mid-phase: the phase's loss so far (its row must cover the whole phase)
-        phase = {'loss': run.losses.state_dict(), 'time': run.phase_seconds()}
+    if run is not None and pos.done:   # mid-phase: the phase's losses so far (its row must cover the whole phase),
+        # and the random and loader states it started from (a resume starts its loader again from them)
+        phase = {'loss': run.losses.state_dict(), 'time': run.phase_seconds(), 'start': run.phase_state}
     dls = {'train': learn.dls.train, 'valid': learn.dls.valid}
     return {'format': FORMAT,
+            'run_id': learn.run_id,
             'model': plain_module(learn.model).state_dict(),
             'opt': None if learn.opt is None else learn.opt.state_dict(),
             'opt_type': None if learn.opt is None else type(learn.opt).__name__,
             'counters': {'global_step': learn.global_step, 'n_epochs': n_epochs, 'position': list(pos),
-                         'loaders': {n: _loader_size(dl) for n, dl in dls.items()}},
+                         'loaders': {n: _loader_size(dl) for n, dl in dls.items()}, 'fit': args},
             'phase': phase,
             'history': [dict(row) for row in learn.history],
             'rng': rng_state(),
@@ -181,8 +194,9 @@ def _apply(learn, state: dict, with_opt: bool) -> None:
         if learn.opt is None: learn.opt = learn._new_opt(learn.lr)
         learn.opt.load_state_dict(state['opt'])
     counters = state['counters']
+    if state.get('run_id') is not None: learn.run_id = state['run_id']   # the checkpoint's run goes on
     learn.global_step = counters['global_step']
-    learn._fit_end = (counters['n_epochs'], Position(*counters['position']))
+    learn._fit_end = (counters['n_epochs'], Position(*counters['position']), counters.get('fit'))
     learn.history = [dict(row) for row in state['history']]
     for name, dl in (('train', learn.dls.train), ('valid', learn.dls.valid)):
         set_loader_state(dl, state['loaders'].get(name))
@@ -190,7 +204,7 @@ def _apply(learn, state: dict, with_opt: bool) -> None:
     for k, sub_state in state['subs'].items(): keys[k].load_state_dict(sub_state)
     learn._resume = None if 'rng' not in state else {
         'n_epochs': counters['n_epochs'], 'start': Position(*counters['position']), 'rng': state['rng'],
-        'phase': state.get('phase'), 'loaders': counters.get('loaders', {})}
+        'phase': state.get('phase'), 'loaders': counters.get('loaders', {}), 'fit': counters.get('fit')}
 
 def save(learn,   # the learner
          path,    # the file to write
@@ -227,10 +241,12 @@ def load_weights(learn,                    # the learner
     return learn
 
 # %% ../nbs/03d_state.ipynb #55749c8a
-def take_resume(learn,            # the learner, with a loaded checkpoint
-                n_epochs: int,    # the epochs of the fit asked for
-                lr,               # its `lr` argument (a resume takes none)
-                reset_opt: bool,  # its `reset_opt` argument (a resume takes none)
+def take_resume(learn,                      # the learner, with a loaded checkpoint
+                n_epochs: int,              # the epochs of the fit asked for
+                lr,                         # its `lr` argument (a resume takes none)
+                reset_opt: bool,            # its `reset_opt` argument (a resume takes none)
+                n_batches: int | None = None,   # its `n_batches` argument (the saved fit's, to be exact)
+                phases: list | None = None,     # its passes: (loader, training?) pairs
                ) -> dict:
     "The loaded checkpoint's resume point, checked against this fit before anything changes (then it is used up)."
     r = learn._resume
@@ -239,14 +255,44 @@ def take_resume(learn,            # the learner, with a loaded checkpoint
         raise ValueError(f'the checkpoint was taken in a fit of {r["n_epochs"]} epochs; resume it with '
                          f'fit({r["n_epochs"]}, resume=True): schedules depend on the length of the fit')
     if lr is not None or reset_opt: raise ValueError('fit(resume=True) continues the saved optimizer: no lr or reset_opt')
+    saved = r.get('fit')
+    if saved is not None and saved['n_batches'] != n_batches:
+        raise ValueError(f'the checkpoint was taken in a fit with n_batches={saved["n_batches"]}; resume it with '
+                         f'fit({n_epochs}, resume=True, n_batches={saved["n_batches"]}): passes of another length '
+                         'take other steps')
+    if saved is not None and phases is not None and list(phases) != list(saved['phases']):
+        ps = saved['phases']
+        raise ValueError(f'the checkpoint was taken in a fit making {_passes(ps)}; this one makes {_passes(phases)}: '
+                         f'resume it as it was, fit({n_epochs}, resume=True, train={True in ps}, valid={False in ps})')
     learn._resume = None
+    _warn_resume(learn, r)
     return r
+
+def _passes(phases) -> str:
+    return ' and '.join({True: 'training passes', False: 'validation passes'}[t] for t in phases)
+
+def _warn_resume(learn, r: dict) -> None:
+    "Say what keeps a resume that goes ahead from being exact, or from doing anything."
+    if r['start'].epoch >= r['n_epochs']:
+        warnings.warn(f'the checkpoint\'s fit of {r["n_epochs"]} epochs is complete: resuming it has nothing left to '
+                      f'do. To train on from these weights, fit(n) starts a new fit', RuntimeWarning, stacklevel=3)
+    saved, now = (r.get('fit') or {}).get('subs'), _fit_subs(learn)
+    if saved is None or sorted(saved) == sorted(now): return
+    lacks, extra = [k for k in saved if k not in now], [k for k in now if k not in saved]
+    parts = ([f'the checkpoint\'s fit had {lacks}, this learner lacks them'] if lacks else []) + \
+            ([f'this learner has {extra}, the checkpoint\'s fit did not'] if extra else [])
+    warnings.warn(f'resuming with other subscribers than the saved fit: {"; ".join(parts)}. The resumed fit may not '
+                  'end as the uninterrupted one would', RuntimeWarning, stacklevel=3)
 
 def auto_resume(learn,          # the learner
                 n_epochs: int,  # the epochs of the fit asked for
                ) -> dict | None:
     "Load the checkpoint a subscriber offers to resume this fit from (`resume_from()`); the state before, or None."
-    paths = [p for s in learn.subs if callable(getattr(s, 'resume_from', None)) and (p := s.resume_from()) is not None]
+    offers = [s for s in learn.subs if callable(getattr(s, 'resume_from', None))]
+    if not offers:   # 'auto' would silently mean False, now and after every restart
+        warnings.warn("fit(resume='auto'): no subscriber keeps checkpoints to resume from (e.g. CheckpointS): this "
+                      'starts a new fit, and a restart will not resume it', RuntimeWarning, stacklevel=3)
+    paths = [p for s in offers if (p := s.resume_from()) is not None]
     if not paths: return None
     saved = read_checkpoint(paths[0])
     if not isinstance(saved, dict) or 'counters' not in saved:
@@ -285,3 +331,4 @@ def resume_run(run,       # the fit's run
     if r.get('phase'):
         run.losses.load_state_dict(r['phase']['loss'])
         run.elapsed = r['phase']['time']
+        run.phase_state = r['phase'].get('start')   # format 2 checkpoints lack it

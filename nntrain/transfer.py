@@ -5,6 +5,7 @@
 # %% ../nbs/24_transfer.ipynb #bf66455d
 from __future__ import annotations
 
+import difflib
 from collections import OrderedDict
 from typing import Callable
 
@@ -15,7 +16,7 @@ from torch import nn
 from .core import Order, Subscriber, check_bool, check_int, check_number, preserve_modes
 from .learner import Learner
 from .models import AdaptiveConcatPool2d
-from .subs.schedule import ParamSchedulerS
+from .subs.schedule import ParamSchedulerS, one_cycle_scheds
 
 # %% auto #0
 __all__ = ['POOL_TYPES', 'HEAD_ATTRS', 'BN_TYPES', 'is_pool', 'default_splitter', 'FrozenBnS', 'concat_pool', 'cut_body',
@@ -105,6 +106,10 @@ def freeze_to(self: Learner, n: int, train_bn: bool = True) -> Learner:
         ids = [id(p) for g in groups for p in g]
         if len(ids) != len(set(ids)): raise ValueError('the splitter put a parameter in more than one group')
     k = n if n >= 0 else len(groups) + n
+    if n < 0 and len(groups) == 1:   # freeze() on one group: it would freeze nothing, silently
+        raise ValueError(f'freeze_to({n}) leaves nothing frozen: the model has {len(groups)} parameter group(s) (from '
+                         f'{getattr(splitter, "__name__", splitter)}); give a splitter with a body and a head, e.g. '
+                         'Learner(..., splitter=lambda m: [body parameters, head parameters])')
     if not 0 <= k < len(groups):
         raise ValueError(f'freeze_to({n}): the model has {len(groups)} parameter groups, so n must be in '
                          f'[{-len(groups)}, {len(groups) - 1}] (one group at least must still train)')
@@ -194,15 +199,32 @@ def adapt_head(model: nn.Module, n_out: int, p: float = 0.25, concat: bool = Tru
     return nn.Sequential(OrderedDict(body=body, head=head))
 
 # %% ../nbs/24_transfer.ipynb #55f7661a
+_FINE_TUNE_KWARGS = ('div_final', 'moms', 'subs', 'train', 'valid', 'reset_opt', 'n_batches')
+
 @patch
 def fine_tune(self: Learner, epochs: int, base_lr: float = 2e-3, freeze_epochs: int = 1, lr_mult: float = 100,
-              pct_start: float = 0.3, div: float = 5., train_bn: bool = True, **kwargs) -> list[ParamSchedulerS]:
+              pct_start: float = 0.3, div: float = 5., train_bn: bool = True,
+              **kwargs) -> list[ParamSchedulerS]:   # for both fits: div_final, moms, subs, train, valid, reset_opt, ...
     "fastai's recipe: `freeze_epochs` one-cycle epochs frozen, then `epochs` unfrozen with discriminative rates."
     check_int('epochs', epochs)
     check_int('freeze_epochs', freeze_epochs, 0)
     check_number('base_lr', base_lr, 0, low_open=True)
     check_number('lr_mult', lr_mult, 1)
     check_number('pct_start', pct_start, 0, 1)
+    check_bool('train_bn', train_bn)
+    # Everything is checked before the first change: a misspelt keyword or a bad schedule argument must not show up
+    # after the model was frozen, or after a whole frozen epoch.
+    for k in kwargs:
+        if k not in _FINE_TUNE_KWARGS:
+            hint = difflib.get_close_matches(k, _FINE_TUNE_KWARGS + ('pct_start', 'div', 'lr_mult', 'base_lr'), 1, 0.6)
+            raise TypeError(f'fine_tune got an unexpected keyword argument {k!r}' +
+                            (f'; did you mean {hint[0]!r}?' if hint else f'; it takes {", ".join(_FINE_TUNE_KWARGS)}'))
+    fit_kw = {k: v for k, v in kwargs.items() if k not in ('div_final', 'moms')}
+    sched_kw = {k: v for k, v in kwargs.items() if k in ('div_final', 'moms')}
+    self.check_fit_args(max(freeze_epochs, 1), base_lr, **fit_kw)   # the rates come from the schedules
+    one_cycle_scheds(slice(base_lr), pct_start=0.99, **sched_kw)
+    one_cycle_scheds(slice(base_lr / 2 / lr_mult, base_lr / 2), pct_start=pct_start, div=div, **sched_kw)
+    if self.run_kind is not None: raise RuntimeError(f'cannot fine-tune during a {self.run_kind}')
     scheds = []
     self.freeze(train_bn)
     if freeze_epochs: scheds.append(self.fit_one_cycle(freeze_epochs, slice(base_lr), pct_start=0.99, **kwargs))

@@ -100,6 +100,7 @@ def _run(factory, make_learner, folder: Path, middle: bool, lr_find: bool = True
     try:
         set_seed(0)
         sub, learn = factory(), make_learner()
+        learn.run_id = 'run'   # both runs under one id: files named and tagged by it compare bit for bit
         learn.add_subs(sub)
         learn.fit(1)
         before = observe(learn, folder, sub)

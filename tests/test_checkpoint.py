@@ -78,14 +78,17 @@ def test_resume_is_exact(tmp_path, kind, crash_at):
 
 
 def test_checkpoint_files_rotation_best_and_weights_only(tmp_path):
-    learn = make_learner(CheckpointS(tmp_path, every='epoch', keep=2))
+    ck = CheckpointS(tmp_path, every='epoch', keep=2)
+    learn = make_learner(ck)
     learn.fit(4)
-    assert [p.name for p in checkpoints(tmp_path)] == ['step-24.pt', 'step-32.pt']
-    assert (tmp_path / 'best.pt').exists() and not (tmp_path / 'interrupted.pt').exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith('.tmp')]
-    state = torch.load(tmp_path / 'step-32.pt', weights_only=True)   # plain tensors and containers only
-    assert state['counters']['global_step'] == 32 and len(state['history']) == 8
-    best = torch.load(tmp_path / 'best.pt', weights_only=True)
+    run = tmp_path / learn.run_id   # each run writes in its own folder
+    assert ck.run_dir == run and [p.name for p in tmp_path.iterdir()] == [learn.run_id]
+    assert [p.name for p in checkpoints(tmp_path)] == ['step-24.pt', 'step-32.pt'] == [p.name for p in checkpoints(run)]
+    assert (run / 'best.pt').exists() and not (run / 'interrupted.pt').exists()
+    assert not [p for p in run.iterdir() if p.name.endswith('.tmp')]
+    state = torch.load(run / 'step-32.pt', weights_only=True)   # plain tensors and containers only
+    assert state['counters']['global_step'] == 32 and len(state['history']) == 8 and state['run_id'] == learn.run_id
+    best = torch.load(run / 'best.pt', weights_only=True)
     valid = [r['loss'] for r in best['history'] if r['phase'] == 'valid']
     assert valid[-1] == min(r['loss'] for r in learn.history if r['phase'] == 'valid')
 
@@ -206,5 +209,5 @@ def test_epoch_checkpoints_in_a_training_only_fit(tmp_path):
     learn = make_learner(CheckpointS(tmp_path, every='epoch', keep=5))
     learn.fit(3, valid=False)
     assert [p.name for p in checkpoints(tmp_path)] == ['step-8.pt', 'step-16.pt', 'step-24.pt']
-    state = torch.load(tmp_path / 'step-16.pt', weights_only=True)
+    state = torch.load(tmp_path / learn.run_id / 'step-16.pt', weights_only=True)
     assert state['counters']['position'] == [2, True, 0]     # resumes at the start of the next epoch

@@ -77,10 +77,10 @@ def test_validate_after_training_leaves_logs_checkpoints_and_early_stopping_alon
     learn = tiny_classifier(subs=[MetricsS(), CheckpointS('ck', every=2), stop, CSVLoggerS('log.csv')])
     learn.fit(2)
     history, files, state = [dict(r) for r in learn.history], files_on_disk(tmp_path), stop.state_dict()
-    assert len(history) == 4 and 'log.csv' in files and any(f.startswith('ck/step-') for f in files)
+    assert len(history) == 4 and 'log.csv' in files and any(f.startswith(f'ck/{learn.run_id}/step-') for f in files)
     rows = [learn.validate() for _ in range(3)]
     assert learn.history == history and files_on_disk(tmp_path) == files
-    assert not (tmp_path / 'ck' / 'interrupted.pt').exists()
+    assert not list((tmp_path / 'ck').rglob('interrupted.pt'))
     assert stop.state_dict() == state and stop.stopped_epoch is None
     for row in rows:
         assert row['phase'] == 'valid' and set(row) == set(history[-1])

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from nntrain.core import Subscriber
 from nntrain.state import read_checkpoint
-from nntrain.subs.checkpoint import CheckpointS
+from nntrain.subs.checkpoint import CheckpointS, run_folders
 from nntrain.subs.distributed import DistributedS
 from nntrain.subs.metrics import MetricsS
 from nntrain.subs.training import GradAccumS
@@ -124,7 +124,7 @@ def test_grad_accum_one_allreduce_per_step(runs):
 def test_resume_after_sigkill_is_bitwise_equal(runs):
     rc, out, _ = runs['kill']
     assert rc != 0 and 'SIGKILL' in out
-    ckpt = runs['out'] / 'ckpt'
+    ckpt = run_folders(runs['out'] / 'ckpt')[-1]   # the killed run's own folder (every rank's run id: the job's)
     assert sorted(p.name for p in ckpt.iterdir()) == ['step-5.pt']   # written once (main rank), before the kill
     r0, r1 = runs['ranks']
     assert same(r0['resumed'], r0['uninterrupted']) and same(r1['resumed'], r1['uninterrupted'])
@@ -174,12 +174,13 @@ def test_fsdp2_fits_and_saves_a_full_state_dict(runs):
     # a checkpoint written mid-fit (step 6 of 8) holds the full weights and optimizer state, with plain keys
     snap = Snapshot(6)
     learner(16, [snap], opt_func=momentum).fit(2)
-    state = read_checkpoint(runs['out'] / 'fsdp_ckpt' / 'step-6.pt')
+    fsdp_ckpt = run_folders(runs['out'] / 'fsdp_ckpt')[-1] / 'step-6.pt'
+    state = read_checkpoint(fsdp_ckpt)
     assert close(state['model'], snap.weights)
     alone = learner(16, [DistributedS(), CheckpointS(runs['out'] / 'alone_ckpt')], opt_func=momentum)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        alone.load(runs['out'] / 'fsdp_ckpt' / 'step-6.pt')
+        alone.load(fsdp_ckpt)
     assert same(weights(alone), state['model']) and alone.global_step == 6 and len(alone.opt.state) == 4
 
 class Snapshot(Subscriber):

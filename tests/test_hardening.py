@@ -259,21 +259,26 @@ def test_a_refused_fit_leaves_an_old_csv_log_and_a_resumed_log_holds_every_row(t
     from nntrain.subs.metrics import MetricsS
     from nntrain.subs.tracking import CSVLoggerS
     log = tmp_path / 'log.csv'
-    log.write_text('epoch,phase,loss\n0,valid,1.0\n')
+    log.write_text('epoch,phase,loss\n0,valid,1.0\n')   # another run's log (issue 18: never replaced, only appended to)
     x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
     bad = Learner(nn.Linear(4, 3), DataLoaders.from_tensors(x, y + 5, x, y, batch_size=8), lr=0.1,
-                  subs=[MetricsS(), CSVLoggerS(log)])
+                  subs=[MetricsS(), CSVLoggerS(log, append=True)])
     with pytest.raises(ValueError, match='labels must be in'): bad.fit(1)
     assert log.read_text() == 'epoch,phase,loss\n0,valid,1.0\n'
-    learn = Learner(nn.Linear(4, 3), DataLoaders.from_tensors(x, y, x, y, batch_size=8), lr=0.1,
+    fresh = Learner(nn.Linear(4, 3), DataLoaders.from_tensors(x, y, x, y, batch_size=8), lr=0.1,
                     subs=[MetricsS(), CSVLoggerS(log)])
+    with pytest.raises(FileExistsError, match='pass append=True'): fresh.fit(1)
+    assert log.read_text() == 'epoch,phase,loss\n0,valid,1.0\n'
+    learn = Learner(nn.Linear(4, 3), DataLoaders.from_tensors(x, y, x, y, batch_size=8), lr=0.1,
+                    subs=[MetricsS(), CSVLoggerS(log, append=True)])
     learn.fit(1)
     path = learn.save(tmp_path / 'ck.pt')
     resumed = Learner(nn.Linear(4, 3), DataLoaders.from_tensors(x, y, x, y, batch_size=8), lr=0.1,
-                      subs=[MetricsS(), CSVLoggerS(log)])
+                      subs=[MetricsS(), CSVLoggerS(log, append=True)])
     resumed.load(path)
     resumed.fit(2)
-    assert len(log.read_text().splitlines()) == 1 + 6   # header, then every row of the history: none lost, none twice
+    lines = log.read_text().splitlines()   # header, the other run's row, then every row of this run: none lost or twice
+    assert len(lines) == 1 + 1 + 6 and lines[1].startswith(',0,valid,1.0')
 
 
 def test_early_stopping_with_restore_best_resumes_to_the_same_weights(tmp_path):

@@ -42,7 +42,7 @@ BAD = [
     (lambda: MetricsS(MulticlassAccuracy), 'multiclass_accuracy', 'MulticlassAccuracy'),
     (lambda: MetricsS(flush_every=0), 'flush_every', '0'),
     (lambda: ParamSchedulerS({}), 'scheds', '{}'),
-    (lambda: ParamSchedulerS([lin]), 'scheds', '[functools.partial'),
+    (lambda: ParamSchedulerS([lin]), 'scheds', '[sched_lin(0.1, 0.01)]'),
     (lambda: ParamSchedulerS({'lr': 0.1}), "scheds['lr']", '0.1'),
     (lambda: ParamSchedulerS({'lr': [lin, 3]}), "scheds['lr']", '3]'),
     (lambda: SchedulerS(None), 'scheduler_factory', 'None'),
@@ -76,6 +76,8 @@ BAD = [
     (lambda: TerminateOnNaNS(check_every=0), 'check_every', '0'),
     (lambda: EMAS(decay=2), 'decay', '2'),
     (lambda: EMAS(decay=-0.1), 'decay', '-0.1'),
+    (lambda: EMAS(decay=1.), 'decay', '1.0'),   # the average would never move (issue 18: no silent no-op)
+    (lambda: EMAS(decay=0.), 'decay', '0.0'),   # the average would be the weights
     (lambda: CheckpointS(every=0), 'every', '0'),
     (lambda: CheckpointS(every=True), 'every', 'True'),
     (lambda: CheckpointS(every='step'), 'every', "'step'"),
@@ -116,7 +118,7 @@ def test_suggestions_for_misspelt_choices():
 def test_good_arguments_still_accepted(tmp_path):
     "The edges of each range, and the documented special values, are kept as given (not refused, not replaced)."
     assert GradClipS(norm_type=inf).norm_type == inf
-    assert EMAS(decay=0.).decay == 0. and EMAS(decay=1.).decay == 1.
+    assert EMAS(decay=1e-6).decay == 1e-6 and EMAS(decay=1 - 1e-9).decay == 1 - 1e-9   # (0 and 1 are refused)
     ck = CheckpointS(tmp_path, keep=None, monitor=None)
     assert (ck.folder, ck.keep, ck.monitor) == (tmp_path, None, None)
     scalar, channels = NormalizationS(0.5, 2.), NormalizationS([0., 1.], (1., 2.))

@@ -1,6 +1,7 @@
 "TensorBoardS: what it writes, read back with TensorBoard's own EventAccumulator."
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,20 +24,23 @@ from nntrain.subs.tensorboard import TensorBoardS  # noqa: E402
 
 
 def read(log_dir) -> EventAccumulator:
-    return EventAccumulator(str(log_dir), size_guidance={'scalars': 0, 'images': 0, 'histograms': 0}).Reload()
+    "The events of the one run in `log_dir` (each run writes in its own folder, `log_dir/<run id>`)."
+    runs = [d for d in Path(log_dir).iterdir() if d.is_dir()]
+    assert len(runs) == 1, f'expected one run folder in {log_dir}, found {runs}'
+    return EventAccumulator(str(runs[0]), size_guidance={'scalars': 0, 'images': 0, 'histograms': 0}).Reload()
 
 
 def scalars(ev, tag): return [(e.step, e.value) for e in ev.Scalars(tag)]
 
 
-def test_history_rows_are_scalars_per_phase_at_the_epoch(tmp_path):
+def test_history_rows_are_scalars_per_phase_at_the_step(tmp_path):
     learn = tiny_classifier(subs=[MetricsS(accuracy=MulticlassAccuracy())])
     learn.fit(3, subs=[TensorBoardS(tmp_path)])
     ev = read(tmp_path)
     for phase in ('train', 'valid'):
         rows = [r for r in learn.history if r['phase'] == phase]
-        for key in ('loss', 'accuracy', 'time'):
-            assert scalars(ev, f'{key}/{phase}') == [(r['epoch'], pytest.approx(r[key])) for r in rows]
+        for key in ('loss', 'accuracy', 'time'):   # 3 steps per epoch: each row at the step its epoch ended
+            assert scalars(ev, f'{key}/{phase}') == [(3 * (r['epoch'] + 1), pytest.approx(r[key])) for r in rows]
     assert not [t for t in ev.Tags()['scalars'] if t.startswith(('epoch', 'phase'))]
 
 
@@ -62,7 +66,7 @@ def test_images_with_labels_each_epoch_and_graph_once(tmp_path):
     learn = tiny_classifier(images=True, subs=[MetricsS()])
     learn.fit(2, subs=[TensorBoardS(tmp_path, n_images=4)])
     ev = read(tmp_path)
-    assert [e.step for e in ev.Images('valid/predictions')] == [0, 1]
+    assert [e.step for e in ev.Images('valid/predictions')] == [3, 6]   # at the step of each epoch's end
     assert ev.Images('valid/predictions')[0].encoded_image_string.startswith(b'\x89PNG')
     assert ev.Tags()['graph'] and not ev.Tags()['histograms']   # histograms only when asked
 
@@ -143,8 +147,8 @@ def test_a_second_fit_appends(tmp_path):
     learn.fit(1, subs=[tb])
     learn.fit(1, subs=[tb])
     ev = read(tmp_path)
-    # each fit writes its own file; two made within a second may be read in either order
-    assert sorted(s for s, _ in scalars(ev, 'loss/valid')) == [0, 1]
+    # each fit writes its own file in the run's folder; two made within a second may be read in either order
+    assert sorted(s for s, _ in scalars(ev, 'loss/valid')) == [3, 6]
     assert sorted(s for s, _ in scalars(ev, 'lr/group0')) == list(range(1, 7))
 
 

@@ -49,6 +49,9 @@ class AugmentS(Subscriber):
                  key: str | None = None):     # the input to augment, when inputs are a mapping
         if not callable(transform): raise TypeError(f'transform must be callable, got {transform!r}')
         check_bool('on_train', on_train); check_bool('on_valid', on_valid)
+        if not (on_train or on_valid):
+            raise ValueError('AugmentS(on_train=False, on_valid=False) would augment no batch: drop it, or set one '
+                             '(test-time augmentation takes the transform itself: learn.tta(transform=...))')
         kinds = targets if isinstance(targets, (tuple, list)) else (targets,)
         if not isinstance(targets, bool) and not all(k in _TARGET_KINDS for k in kinds):
             raise ValueError(f"targets must be True, False, 'mask', 'boxes', or a tuple of them (None: leave that "

@@ -9,6 +9,7 @@ import math
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -17,15 +18,41 @@ from ..core import Order, Subscriber, atomic_save, check_bool, check_choice, che
 from ..run import Position
 
 # %% auto #0
-__all__ = ['checkpoints', 'is_exact', 'latest_checkpoint', 'check_writable', 'CheckpointS']
+__all__ = ['run_folders', 'checkpoints', 'is_exact', 'latest_checkpoint', 'check_writable', 'CheckpointS']
 
 # %% ../../nbs/40_checkpoint.ipynb #4ac42625
 _STEP_FILE = re.compile(r'^step-(\d+)\.pt$')
+_OTHER_FILES = ('interrupted.pt', 'best.pt')
 
-def checkpoints(folder) -> list[Path]:
-    "The rotating checkpoints in `folder`, oldest first (by optimizer step)."
+def _is_checkpoint(p: Path) -> bool: return p.is_file() and (bool(_STEP_FILE.match(p.name)) or p.name in _OTHER_FILES)
+
+def _newest(d: Path) -> int | None:
+    "When the newest checkpoint file directly in `d` was written (ns), or None if it holds none."
+    times = [p.stat().st_mtime_ns for p in d.iterdir() if _is_checkpoint(p)]
+    return max(times) if times else None
+
+def run_folders(folder) -> list[Path]:
+    "The folders of the runs that wrote checkpoints in `folder` (one per run id), the one written to last, last."
     folder = Path(folder)
     if not folder.is_dir(): return []
+    found = [(t, d.name, d) for d in folder.iterdir()
+             if d.is_dir() and not d.name.startswith('.') and (t := _newest(d)) is not None]
+    return [d for *_, d in sorted(found)]
+
+def _run_folder(folder, run_id: str | None) -> Path | None:
+    "Run `run_id`'s folder in `folder`; by default the run written to last (`folder` itself if it is a run's folder)."
+    folder = Path(folder)
+    if run_id is not None: return folder / run_id
+    if not folder.is_dir(): return None
+    runs = [(t, d.name, d) for d in run_folders(folder) for t in [_newest(d)]]
+    own = _newest(folder)   # checkpoints directly in `folder`: a run's folder given as such (or an older layout)
+    if own is not None: runs.append((own, '', folder))
+    return max(runs)[2] if runs else None
+
+def checkpoints(folder, run_id: str | None = None) -> list[Path]:
+    "One run's rotating checkpoints, oldest first (by optimizer step): `run_id`'s in `folder`, else the latest run's."
+    folder = _run_folder(folder, run_id)
+    if folder is None or not folder.is_dir(): return []
     found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_FILE.match(p.name))]
     return [p for _, p in sorted(found)]
 
@@ -34,13 +61,16 @@ def is_exact(path) -> bool:
     try: return torch.load(path, map_location='cpu', weights_only=True, mmap=True).get('exact', True) is not False
     except Exception: return False
 
-def latest_checkpoint(folder, exact: bool = True) -> Path | None:
-    "The most recent checkpoint in `folder` (an interrupted run's save wins over an older rotating one), or None."
-    folder = Path(folder)
+def latest_checkpoint(folder, exact: bool = True, run_id: str | None = None) -> Path | None:
+    "The newest checkpoint of one run in `folder` (`run_id`'s, else the run written to last), or None; see below."
+    folder = _run_folder(folder, run_id)
+    if folder is None: return None
     candidates = checkpoints(folder)[-1:] + [p for p in (folder / 'interrupted.pt',) if p.exists()]
     if exact: candidates = [p for p in candidates if is_exact(p)]
-    return max(candidates, key=os.path.getmtime) if candidates else None
+    # the latest run's, or none: an older run's checkpoint would resume another run than the one that stopped
+    return max(candidates, key=lambda p: (p.stat().st_mtime_ns, p.name)) if candidates else None
 
+# %% ../../nbs/40_checkpoint.ipynb #273c25a3
 def check_writable(folder, who: str) -> None:
     "Create `folder` (with its parents) and write and delete a probe file there; `who` is named if that fails."
     folder = Path(folder)
@@ -54,7 +84,7 @@ def check_writable(folder, who: str) -> None:
                       'write to') from e
 
 class CheckpointS(Subscriber):
-    "Save `learn.state_dict()` every epoch or every `every` optimizer steps, keep the last `keep`, and the best model."
+    "Save the run in `folder/<run id>/` every epoch or `every` optimizer steps, keep the last `keep`, the best model."
     order = Order.CHECKPOINT
     runs = ('fit',)
 
@@ -71,21 +101,28 @@ class CheckpointS(Subscriber):
         self.folder, self.every, self.keep = Path(folder), every, keep
         self.monitor, self.mode, self.save_on_interrupt = monitor, mode, save_on_interrupt
         self.best = math.inf if mode == 'min' else -math.inf
+        self.run_dir: Path | None = None   # where the last fit's run writes: `folder/<learn.run_id>`
         self._ready = self._finished = self._epoch_unsaved = self._best_unsaved = self._step_due = False
 
     def _save(self, learn, name: str, exact: bool = True) -> Path:
         state = learn.state_dict()   # on every rank: gathering it may be a collective; the main rank writes it
         state['exact'] = exact       # False: written after an error, part way through a batch
-        return atomic_save(state, self.folder / name) if learn.is_main else self.folder / name
+        return atomic_save(state, self.run_dir / name) if learn.is_main else self.run_dir / name
 
     def _rotate(self, learn) -> None:
         self._save(learn, f'step-{learn.global_step}.pt')
         if not learn.is_main: return
-        for old in checkpoints(self.folder)[:-self.keep] if self.keep else []: old.unlink()
+        # only this run's folder: another run's checkpoints in `folder` are never deleted
+        for old in checkpoints(self.run_dir)[:-self.keep] if self.keep else []: old.unlink()
 
     def before_fit(self, learn):
         self._ready, self._finished, self._epoch_unsaved, self._best_unsaved, self._step_due = (False,) * 5
         check_writable(self.folder, 'CheckpointS')   # before any training: not after the first epoch
+        self.run_dir = self.folder / learn.run_id   # a resumed run (`learn.load`, resume='auto') goes on in its own
+        if self.monitor is not None and all(training for _, training in learn.run.phases):
+            warnings.warn(f'CheckpointS keeps the best model by the validation rows\' {self.monitor!r}, but this fit '
+                          'makes no validation pass: best.pt is not written (monitor=None says so)', RuntimeWarning,
+                          stacklevel=2)
         self._ready = True
 
     # A checkpoint is written once every subscriber is done with the step or epoch it ends: a step's at the end of its
@@ -129,15 +166,18 @@ class CheckpointS(Subscriber):
         # unusable: the save would only fail again.
         if not self._ready or self._finished: return
         error = sys.exc_info()[1]
-        if error is None and self._epoch_unsaved: self._epoch_done(learn)   # cancelled at an epoch's end
-        elif self.save_on_interrupt and learn.global_step > 0:   # keep what was learned so far
-            # A Ctrl-C the loop honoured stopped between batches (a consistent state); another error may not have.
-            clean = error is None or getattr(error, 'nntrain_clean_stop', False)
+        # A Ctrl-C the loop honoured stopped between batches (a consistent state); another error may not have.
+        clean = error is None or getattr(error, 'nntrain_clean_stop', False)
+        saved = False
+        if clean and self._epoch_unsaved:   # stopped at an epoch's end (a cancel, a Ctrl-C): its best and its file
+            saved = self.every == 'epoch'
+            self._epoch_done(learn)
+        if not saved and self.save_on_interrupt and learn.global_step > 0:   # keep what was learned so far
             self._save(learn, 'interrupted.pt', exact=clean)
         self._step_due = self._epoch_unsaved = self._best_unsaved = False
 
     def resume_from(self) -> Path | None:
-        "The checkpoint `fit(n, resume='auto')` continues from: the latest one of `folder` that resumes exactly."
+        "The checkpoint `fit(n, resume='auto')` continues from: the latest exact one of the run written to last."
         return latest_checkpoint(self.folder)
 
     def state_dict(self) -> dict: return {'best': self.best}

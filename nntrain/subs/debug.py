@@ -19,7 +19,7 @@ import torch
 from fastcore.basics import patch
 from torch.overrides import TorchFunctionMode
 
-from ..core import EVENTS, RUNS, STEPS, Order, Subscriber, check_int
+from ..core import EVENTS, RUNS, STEPS, Order, Subscriber, check_int, check_subs
 from ..learner import Learner, checked_step
 
 # %% auto #0
@@ -174,7 +174,8 @@ class TraceS(Subscriber):
         self.n_batches, self.changes, self._learn, self._on = n_batches, [], None, False
         self._traced, self._counts, self._batches_done, self._cache, self._fresh = set(), {}, False, {}, True
 
-    def cleanup_fit(self, learn) -> None: self._fresh = True   # the next fit starts a new trace
+    def cleanup_fit(self, learn) -> None:
+        self._fresh, self._cache = True, {}   # the next fit starts a new trace; no tensor (nor its graph) outlives it
 
     def instrument(self,
                    fn,            # a handler or step
@@ -194,7 +195,9 @@ class TraceS(Subscriber):
                 return fn(*args)
             before = self._snapshot(learn)
             try: return fn(*args)
-            finally: self._compare(learn, where, name, before, batch_level)
+            finally:
+                self._compare(learn, where, name, before, batch_level)
+                if where == 'cleanup_fit': self._cache = {}   # the run's tensors (and graphs) go with it
         traced.__self__, traced.__wrapped__ = getattr(fn, '__self__', owner), fn   # names in errors and loop listings
         return traced
 
@@ -612,6 +615,7 @@ def audit_syncs(self: Learner,
                 **fit_kwargs,                 # passed on to `fit` (`subs`, `lr`, ...)
                ) -> SyncAuditS:
     "Fit with a `SyncAuditS` (each phase stopping after `n_batches`) and return it; this trains the model."
+    check_subs(fit_kwargs.get('subs', ()))   # as given: an error names the item by its place in `subs`
     audit = SyncAuditS(cuda_debug)
     self.fit(n_epochs, subs=[audit, *fit_kwargs.pop('subs', ())], n_batches=n_batches, **fit_kwargs)
     return audit

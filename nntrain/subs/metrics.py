@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import re
 import warnings
+import weakref
 from typing import Callable
 
 import torch
@@ -65,13 +66,27 @@ class _Buffer:
 
     def flush(self) -> None:
         if not self.preds: return
-        preds = torch.cat(self.preds)
-        targets = tuple(torch.cat(ts) for ts in zip(*self.targets))
+        device = self.preds[-1].device   # batches saved by a checkpoint come back on the CPU
+        preds = torch.cat([p.to(device) for p in self.preds])
+        targets = tuple(torch.cat([t.to(device) for t in ts]) for ts in zip(*self.targets))
         self.preds, self.targets, self.n = [], [], 0
         for m in self.metrics:
             moved = getattr(m, 'device', preds.device) != preds.device   # torcheval metrics keep state on a device
             if moved and callable(getattr(m, 'to', None)): m.to(preds.device)
             m.update(preds, *targets)
+
+    def state_dict(self) -> dict | None:
+        "What is waiting for the metrics, concatenated, on the CPU (None when nothing is)."
+        if not self.preds: return None
+        return {'preds': torch.cat(self.preds).cpu(),
+                'targets': [torch.cat(ts).cpu() for ts in zip(*self.targets)]}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        "Wait with what a checkpoint's buffer held: the metrics get it with the next batches, in one update as before."
+        if state is None: return
+        self.preds, self.targets = [state['preds']], [tuple(state['targets'])]
+        self.n = state['preds'].numel()
+        self.shape = (state['preds'].shape[1:], *[t.shape[1:] for t in state['targets']])   # the next batches join it
 
 def _pair(out) -> tuple[torch.Tensor, tuple]:
     "A transform's `(preds, targets)` with the targets as a tuple."
@@ -113,6 +128,7 @@ class MetricsS(Subscriber):
         check_int('flush_every', flush_every)
         self.flush_every = flush_every
         self._buffers, self._pending, self._probing = {}, None, False
+        self._run = None   # a weak reference to the run in progress: the buffers belong to it
 
     def _groups(self) -> dict:
         "The metrics by transform: one buffer per distinct transform."
@@ -120,15 +136,25 @@ class MetricsS(Subscriber):
         for name, m in self.metrics.items(): groups.setdefault(self.transforms[name], []).append(m)
         return groups
 
+    def before_fit(self, learn): self._run = weakref.ref(learn.run)
+
     def before_epoch(self, learn):
-        # a loaded phase state waits for the fit that resumes it: a validate() in between leaves it alone
-        pending = self._pending if learn.run_kind == 'fit' else None
+        # A loaded state is for the phase a resumed fit continues: a validation in between leaves it waiting.
+        resume = learn.run_kind == 'fit' and learn.run.resuming and self._pending is not None
+        pending = self._pending if resume else None
         if learn.run_kind == 'fit': self._pending = None
         for name, m in self.metrics.items():
             m.reset()
-            if learn.run.resuming and pending is not None and name in pending: m.load_state_dict(pending[name])
-        self._buffers = {tfm: _Buffer(ms, self.flush_every) for tfm, ms in self._groups().items()}
+            if pending is not None and name in (pending['metrics'] or {}):
+                m.load_state_dict(pending['metrics'][name])
+                if callable(getattr(m, 'to', None)) and hasattr(m, 'device'): m.to(m.device)   # states as loaded: CPU
+        buffers = self._new_buffers()
+        for buf, saved in zip(buffers.values(), (pending or {}).get('buffers') or ()): buf.load_state_dict(saved)
+        learn.run.of(self).buffers = self._buffers = buffers
         self._probing = True
+
+    def _new_buffers(self) -> dict:
+        return {tfm: _Buffer(ms, self.flush_every) for tfm, ms in self._groups().items()}
 
     def after_loss(self, learn):
         # The predictions are final once the loss is (the learner counts the batch's loss here too): a checkpoint
@@ -171,22 +197,30 @@ class MetricsS(Subscriber):
         if seconds is not None: row['time'] = seconds
 
     def cleanup_epoch(self, learn):
-        self._buffers = {}   # release device memory, even after an error
+        self._buffers = {}   # release device memory, even after an error (a checkpoint still finds them on the run)
+
+    def _live_buffers(self) -> dict:
+        "This phase's buffers: kept by the run in progress, so a checkpoint written while it stops still holds them."
+        run = self._run() if self._run is not None else None
+        return getattr(run.of(self), 'buffers', {}) if run is not None and run.kind == 'fit' else {}
 
     def state_dict(self) -> dict:
-        "Mid-phase: each metric's state so far, so a resumed phase's row covers the whole phase."
-        for buf in self._buffers.values(): buf.flush()
+        "Mid-phase: each metric's state and what waits for it, so a resumed phase's row covers the whole phase."
         states = {}
         for name, m in self.metrics.items():
-            if not callable(getattr(m, 'state_dict', None)): return {'metrics': None}
+            if not callable(getattr(m, 'state_dict', None)): return {'metrics': None, 'buffers': None}
             states[name] = {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
                             for k, v in m.state_dict().items()}   # plain tensors: checkpoints load weights_only
-        return {'metrics': states}
+        # Read, not flushed: a checkpoint must not change when the metrics see their batches (float sums would differ).
+        return {'metrics': states, 'buffers': [b.state_dict() for b in self._live_buffers().values()]}
+
+    def __getstate__(self) -> dict:   # copied or pickled: without the weak reference to a run (they cannot be)
+        return {**self.__dict__, '_run': None}
 
     def load_state_dict(self, state: dict,   # what `state_dict` returned
                        ) -> None:
         "Keep the metric states for the phase a resumed fit continues."
-        self._pending = state.get('metrics')
+        self._pending = state if state.get('metrics') is not None else None
         if self._pending is None and self.metrics:
             warnings.warn('MetricsS: the checkpoint holds no metric states (a metric without state_dict): a phase '
                           'resumed mid-way reports metrics over its remaining batches only', RuntimeWarning)

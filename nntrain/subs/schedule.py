@@ -12,20 +12,29 @@ from typing import Callable, Sequence
 
 from fastcore.basics import patch
 
-from ..core import Order, Subscriber, check_choice
+from ..core import Order, Subscriber, check_choice, check_number, check_subs
 from ..learner import Learner, check_lr, lr_for_groups
 from ..show import subplots
+from ..run import Position
 
 # %% auto #0
 __all__ = ['annealer', 'sched_lin', 'sched_cos', 'sched_no', 'sched_exp', 'combine_scheds', 'cos_1cycle_anneal',
            'one_cycle_scheds', 'flat_cos_scheds', 'get_hyper', 'set_hyper', 'ParamSchedulerS', 'SchedulerS']
 
 # %% ../../nbs/14_schedule.ipynb #a99e74eb
+class _Annealed:
+    "Schedule `pos ↦ f(start, end, pos)`; copied and pickled as the call `f(start, end)` that made it."
+    def __init__(self, f: Callable, maker: Callable, start, end):
+        self.f, self.maker, self.start, self.end = f, maker, start, end
+    def __call__(self, pos: float) -> float: return self.f(self.start, self.end, pos)
+    def __reduce__(self): return (self.maker, (self.start, self.end))
+    def __repr__(self): return f'{self.f.__name__}({self.start!r}, {self.end!r})'
+
 def annealer(f: Callable,    # a function `f(start, end, pos)`
             ) -> Callable:
     "Decorator: `f(start, end, pos)` becomes `f(start, end)`, which returns the schedule `pos ↦ f(start, end, pos)`."
     @wraps(f)
-    def _inner(start, end): return partial(f, start, end)
+    def _inner(start, end): return _Annealed(f, _inner, start, end)
     return _inner
 
 @annealer
@@ -61,6 +70,19 @@ def sched_exp(start: float,    # the value at pos 0 (positive)
     return start * (end / start) ** pos
 
 # %% ../../nbs/14_schedule.ipynb #e947f215
+class _Combined:
+    "Follow `scheds[i]` for a fraction `pcts[i]` of the run (see `combine_scheds`); a plain object: it can be pickled."
+    def __init__(self, pcts: list, scheds: list):
+        self.pcts, self.scheds = pcts, scheds
+        self.ends, self.live = list(accumulate(pcts)), [i for i, p in enumerate(pcts) if p > 0]
+
+    def __call__(self, pos: float) -> float:
+        pos = min(max(pos, 0.), 1.)
+        i = next((i for i in self.live if pos < self.ends[i]), self.live[-1])
+        return self.scheds[i](min((pos - (self.ends[i] - self.pcts[i])) / self.pcts[i], 1.))
+
+    def __repr__(self): return f'combine_scheds({self.pcts}, {self.scheds})'
+
 def combine_scheds(pcts: Sequence[float],         # the fraction of the run each schedule covers (summing to 1)
                    scheds: Sequence[Callable],    # the schedules, in order
                   ) -> Callable:
@@ -69,14 +91,7 @@ def combine_scheds(pcts: Sequence[float],         # the fraction of the run each
     if len(pcts) != len(scheds): raise ValueError(f'{len(pcts)} fractions for {len(scheds)} schedules')
     if any(p < 0 for p in pcts): raise ValueError(f'fractions must be non-negative, got {pcts}')
     if not math.isclose(sum(pcts), 1., abs_tol=1e-6): raise ValueError(f'fractions must sum to 1, got {sum(pcts)}')
-    ends = list(accumulate(pcts))
-    live = [i for i, p in enumerate(pcts) if p > 0]
-
-    def _combined(pos: float) -> float:
-        pos = min(max(pos, 0.), 1.)
-        i = next((i for i in live if pos < ends[i]), live[-1])
-        return scheds[i](min((pos - (ends[i] - pcts[i])) / pcts[i], 1.))
-    return _combined
+    return _Combined(pcts, scheds)
 
 def cos_1cycle_anneal(start: float,    # the value at the start
                       high: float,     # the value at the top of the cycle
@@ -105,16 +120,32 @@ def _spread_slices(factory: Callable, n_groups: int) -> Callable:
     spread = lambda v: lr_for_groups(v, n_groups) if isinstance(v, slice) else v
     return partial(factory.func, *map(spread, factory.args), **{k: spread(v) for k, v in factory.keywords.items()})
 
+def _cycle(pcts: list, div: float, div_final: float, lr: float) -> Callable:
+    return combine_scheds(pcts, cos_1cycle_anneal(lr / div, lr, lr / div_final))
+
+def _flat_cos(pcts: list, div_final: float, lr: float) -> Callable:
+    return combine_scheds(pcts, [sched_no(lr, lr), sched_cos(lr, lr / div_final)])
+
+def _check_moms(moms) -> None:
+    if moms is None: return
+    if not isinstance(moms, (tuple, list)) or len(moms) != 3:
+        raise ValueError(f'moms must be (start, middle, end) momentums or None, got {moms!r}')
+    for i, m in enumerate(moms): check_number(f'moms[{i}]', m, 0, 1, high_open=True)
+
 def one_cycle_scheds(lr_max,  # the peak learning rate (a number, or `slice(lo, hi)` spread over the param groups)
                      pct_start: float = 0.25,                    # the fraction of the run spent warming up
                      div: float = 25.,                           # the run starts at `lr_max / div`
                      div_final: float = 1e5,                     # and ends at `lr_max / div_final`
                      moms: tuple | None = (0.95, 0.85, 0.95),    # momentum at start, peak and end (None: none)
                     ) -> dict:
-    "The `{'lr': ..., 'mom': ...}` schedules of a one-cycle run, for `ParamSchedulerS`."
+    "The `{'lr': ..., 'mom': ...}` schedules of a one-cycle run, for `ParamSchedulerS`; arguments checked first."
+    check_number('pct_start', pct_start, 0, 1)
+    # the rate starts at lr_max/div and ends at lr_max/div_final: both must be positive and finite
+    check_number('div', div, 0, low_open=True)
+    check_number('div_final', div_final, 0, low_open=True)
+    _check_moms(moms)
     pcts = [pct_start, 1 - pct_start]
-    cycle = lambda lr: combine_scheds(pcts, cos_1cycle_anneal(lr / div, lr, lr / div_final))
-    scheds = {'lr': _per_group(lr_max, cycle, 'lr_max')}
+    scheds = {'lr': _per_group(lr_max, partial(_cycle, pcts, div, div_final), 'lr_max')}
     if moms is not None: scheds['mom'] = combine_scheds(pcts, cos_1cycle_anneal(*moms))
     return scheds
 
@@ -122,10 +153,10 @@ def flat_cos_scheds(lr,  # the learning rate (a number, or `slice(lo, hi)` sprea
                     pct_start: float = 0.75,    # the fraction of the run at the flat rate
                     div_final: float = 1e5,     # the run ends at `lr / div_final`
                    ) -> dict:
-    "Flat at `lr` for `pct_start` of the run, then a cosine down to `lr/div_final`."
-    pcts = [pct_start, 1 - pct_start]
-    return {'lr': _per_group(lr, lambda lr: combine_scheds(pcts, [sched_no(lr, lr), sched_cos(lr, lr / div_final)]),
-                             'lr')}
+    "Flat at `lr` for `pct_start` of the run, then a cosine down to `lr/div_final`; arguments checked first."
+    check_number('pct_start', pct_start, 0, 1)
+    check_number('div_final', div_final, 0, low_open=True)
+    return {'lr': _per_group(lr, partial(_flat_cos, [pct_start, 1 - pct_start], div_final), 'lr')}
 
 # %% ../../nbs/14_schedule.ipynb #3cd526d0
 _ALIASES = {'mom': (('betas', 0), ('momentum', None), ('mom', None)),
@@ -156,6 +187,20 @@ def set_hyper(group: dict,    # a param group of an optimizer (`opt.param_groups
     else: group[key] = tuple(value if i == idx else v for i, v in enumerate(group[key]))
 
 # %% ../../nbs/14_schedule.ipynb #b7738918
+def _check_values(name: str, group: int, fn: Callable, n: int = 101) -> None:
+    "Before the first step: schedule `fn` of `name` gives finite values over the fit, and no negative learning rate."
+    for pos in (i / (n - 1) for i in range(n)):
+        try: v = fn(pos)
+        except Exception as e:
+            raise ValueError(f'the schedule of {name!r} (param group {group}) fails at pct_train={pos:g}: '
+                             f'{type(e).__name__}: {e}; check the arguments it was made from') from e
+        try: x, shown = float(v), f'{float(v):.4g}'
+        except (TypeError, ValueError): x, shown = math.nan, repr(v)
+        if not math.isfinite(x) or (name == 'lr' and x < 0):
+            raise ValueError(f'the schedule of {name!r} (param group {group}) gives {shown} at pct_train={pos:g}: '
+                             f'{"a learning rate must be finite and not negative" if name == "lr" else "not finite"}; '
+                             'check the arguments it was made from')
+
 class ParamSchedulerS(Subscriber):
     "Set hyper-parameters of every param group from `learn.pct_train` before each training batch; record them."
     order = Order.SCHEDULE
@@ -173,11 +218,14 @@ class ParamSchedulerS(Subscriber):
         self.scheds = dict(scheds)
         self.hps = {k: [] for k in self.scheds}
 
-    def before_fit(self, learn): self._fresh = True
+    def before_fit(self, learn):
+        self._fresh = True
+        self._resumed = learn.run.start != Position()   # a resumed fit goes on recording where its checkpoint was
 
     def before_epoch(self, learn):
         if not learn.training or not self._fresh: return
-        self._fresh, self.hps = False, {k: [] for k in self.scheds}
+        self._fresh = False
+        if not self._resumed: self.hps = {k: [] for k in self.scheds}
         groups, self._fns = learn.opt.param_groups, {}   # name -> one schedule per param group
         for name, f in self.scheds.items():
             for g in groups: get_hyper(g, name)   # fail before the first step, naming what the optimizer has
@@ -185,6 +233,7 @@ class ParamSchedulerS(Subscriber):
             if isinstance(f, (list, tuple)) and len(f) != len(groups):
                 raise ValueError(f'{len(f)} schedules for {name!r} but the optimizer has {len(groups)} param groups')
             self._fns[name] = list(f) if isinstance(f, (list, tuple)) else [f] * len(groups)
+            for i, fn in enumerate(self._fns[name]): _check_values(name, i, fn)
 
     def before_batch(self, learn):
         if not learn.training: return
@@ -194,6 +243,15 @@ class ParamSchedulerS(Subscriber):
     def after_step(self, learn):
         g = learn.opt.param_groups[-1]
         for name in self.scheds: self.hps[name].append(get_hyper(g, name))
+
+    def state_dict(self) -> dict:
+        "The values recorded so far (the schedules themselves follow `pct_train`, which a resume restores)."
+        return {'hps': {k: list(v) for k, v in self.hps.items()}}
+
+    def load_state_dict(self, state: dict,   # what `state_dict` returned
+                       ) -> None:
+        "Restore the recorded values."
+        self.hps = {k: list(state['hps'].get(k, [])) for k in self.scheds}
 
     def plot_sched(self, keys: Sequence[str] | None = None,   # hyper-parameters to plot (default: all)
                    figsize: tuple | None = None,              # (width, height) in inches (default: 4 x 3 per plot)
@@ -284,6 +342,7 @@ def fit_one_cycle(self: Learner,
                   n_batches: int | None = None,               # stop each pass after this many batches (a quick check)
                  ) -> ParamSchedulerS:
     "Fit with the one-cycle policy (`lr_max` defaults to `self.lr`); returns the `ParamSchedulerS` that recorded it."
+    check_subs(subs)   # as given: an error names the item by its place in `subs`
     sched = ParamSchedulerS(one_cycle_scheds(self.lr if lr_max is None else lr_max, pct_start, div, div_final, moms))
     self.fit(n_epochs, subs=[sched, *subs], train=train, valid=valid, reset_opt=reset_opt, resume=resume,
              n_batches=n_batches)
@@ -303,6 +362,7 @@ def fit_flat_cos(self: Learner,
                  n_batches: int | None = None,    # stop each pass after this many batches (a quick check)
                 ) -> ParamSchedulerS:
     "Fit at a flat `lr` (default `self.lr`), then cosine-anneal it; returns the `ParamSchedulerS` that recorded it."
+    check_subs(subs)   # as given: an error names the item by its place in `subs`
     sched = ParamSchedulerS(flat_cos_scheds(self.lr if lr is None else lr, pct_start, div_final))
     self.fit(n_epochs, subs=[sched, *subs], train=train, valid=valid, reset_opt=reset_opt, resume=resume,
              n_batches=n_batches)

@@ -19,13 +19,14 @@ from .schedule import get_hyper
 __all__ = ['summary_writer', 'momentum_of', 'is_image_batch', 'TensorBoardS']
 
 # %% ../../nbs/43_tensorboard.ipynb #7c6570c1
-def summary_writer(log_dir,    # the folder of the event files
+def summary_writer(log_dir,                          # the folder of the event files
+                   purge_step: int | None = None,    # TensorBoard hides this folder's events from this step on
                   ):
-    "A `torch.utils.tensorboard.SummaryWriter` on `log_dir`, or an ImportError saying how to install TensorBoard."
+    "A `SummaryWriter` on `log_dir` (TensorBoard hides events from `purge_step` on), or an ImportError saying why."
     try: from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:
         raise ImportError('TensorBoardS needs the tensorboard package: pip install tensorboard') from e
-    return SummaryWriter(log_dir=str(log_dir))
+    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
 def momentum_of(group: dict,    # a param group of an optimizer
                ) -> float | None:
@@ -42,7 +43,7 @@ def is_image_batch(x,    # a batch's inputs
 _ROW_IDS = ('epoch', 'phase')
 
 class TensorBoardS(Subscriber):
-    "Write the fit to TensorBoard event files in `log_dir` (see the table above for what is written, and when)."
+    "Write the fit to TensorBoard event files in `log_dir/<run id>` (see the table above for what, and when)."
     order = Order.LOG
     runs = ('fit',)
 
@@ -56,12 +57,16 @@ class TensorBoardS(Subscriber):
         check_int('hist_every', hist_every, allow_none=True)
         check_int('n_images', n_images, min_value=0)
         self.log_dir, self.hist_every, self.n_images, self.graph = Path(log_dir), hist_every, n_images, graph
-        self.writer, self._graph_done, self._epochs = None, False, 0
+        self.writer, self.run_dir, self._graph_done = None, None, False
 
     def before_fit(self, learn):
         if not getattr(learn, 'is_main', True): return   # one writer per run, on the main process
-        self.writer, self._n_rows = summary_writer(self.log_dir), len(learn.history)
-        self._first = self._epochs   # a fit's epochs count from 0: a second fit goes on after the first one
+        self.run_dir = self.log_dir / learn.run_id   # TensorBoard shows each folder as a run: this run's own
+        # A run going on in its folder (resumed from a checkpoint, or a later fit) has TensorBoard hide what was written
+        # after the step it goes on from: an interrupted run's events after its checkpoint are written again.
+        purge = learn.global_step + 1 if self.run_dir.exists() else None
+        self.writer, self._n_rows = summary_writer(self.run_dir, purge), len(learn.history)
+        if purge is not None: self._graph_done = True   # the run's folder has its graph
 
     def after_step(self, learn):
         if self.writer is None: return
@@ -84,13 +89,20 @@ class TensorBoardS(Subscriber):
 
     def _add_graph(self, learn):
         self._graph_done = True   # once per subscriber, also when tracing fails
-        x = learn.xb[0]
+        x, model = learn.xb[0], learn.model
+        # Tracing runs the model: it must not draw random numbers (dropout) nor move batch-norm statistics, or the
+        # fit would go another way with TensorBoardS than without it (and a resumed fit, which traces again, too).
+        buffers = [b.detach().clone() for b in model.buffers()]
+        devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == 'cuda'})
         try:
-            with warnings.catch_warnings(), torch.no_grad():
+            with warnings.catch_warnings(), torch.no_grad(), torch.random.fork_rng(devices=devices):
                 warnings.simplefilter('ignore')   # the tracer's own warnings say nothing about the user's model
-                self.writer.add_graph(learn.model, x[:2] if isinstance(x, torch.Tensor) else learn.xb)
+                self.writer.add_graph(model, x[:2] if isinstance(x, torch.Tensor) else learn.xb)
         except Exception as e:   # a graph is a nicety: an untraceable model still trains and logs
             warnings.warn(f'TensorBoardS could not trace the model graph ({e!r}); the rest is logged.')
+        finally:
+            with torch.no_grad():
+                for b, saved in zip(model.buffers(), buffers): b.copy_(saved)
 
     def _add_images(self, learn):
         x, preds = learn.xb[0], learn.preds
@@ -104,16 +116,16 @@ class TensorBoardS(Subscriber):
         name = (lambda i: str(vocab[i])) if vocab is not None else str
         fig = show_images(x, [f'{name(p)} / {name(t)}' for p, t in zip(pred, true)], ncols=min(n, 4))
         for ax, ok in zip(fig.axes, (p == t for p, t in zip(pred, true))): ax.title.set_color('green' if ok else 'red')
-        self.writer.add_figure('valid/predictions', fig, self._first + learn.epoch, close=True)
+        self.writer.add_figure('valid/predictions', fig, learn.global_step, close=True)
 
     def after_epoch(self, learn):
         if self.writer is None: return
-        for row in learn.history[self._n_rows:]:
-            phase, epoch = row.get('phase'), self._first + row.get('epoch', learn.epoch)
+        for row in learn.history[self._n_rows:]:   # at the optimizer step: one x axis for everything (see above)
+            phase = row.get('phase')
             for k, v in row.items():
                 if k in _ROW_IDS or isinstance(v, bool) or not isinstance(v, (int, float)): continue
-                self.writer.add_scalar(f'{k}/{phase}' if phase else k, v, epoch)
-        self._n_rows, self._epochs = len(learn.history), self._first + learn.epoch + 1
+                self.writer.add_scalar(f'{k}/{phase}' if phase else k, v, learn.global_step)
+        self._n_rows = len(learn.history)
 
     def cleanup_fit(self, learn):
         if self.writer is None: return

@@ -9,6 +9,8 @@ import csv
 import json
 import math
 import os
+import tempfile
+import warnings
 from pathlib import Path
 
 from ..core import CancelFitException, Order, Subscriber, check_bool, check_choice, check_int, check_number
@@ -67,7 +69,12 @@ class EarlyStoppingS(Subscriber):
             self.stopped_epoch = learn.epoch
             raise CancelFitException()
 
-    def before_fit(self, learn): self.stopped_epoch = None   # a stop belongs to the fit it ended
+    def before_fit(self, learn):
+        self.stopped_epoch = None   # a stop belongs to the fit it ended
+        if self.phase == 'valid' and not any(not t for _, t in learn.run.phases) or \
+           self.phase == 'train' and not any(t for _, t in learn.run.phases):
+            warnings.warn(f'EarlyStoppingS watches the {self.phase} rows, but this fit makes no {self.phase} pass: '
+                          'it cannot stop it', RuntimeWarning, stacklevel=2)
 
     def after_fit(self, learn): self._restore(learn)
 
@@ -88,41 +95,74 @@ class EarlyStoppingS(Subscriber):
         self._best_weights = state.get('best_weights')
 
 # %% ../../nbs/41_tracking.ipynb #7dd4bb98
+def _read_log(path: Path) -> tuple[list, list[dict]]:
+    "The header and rows (dicts of strings) of a CSV log; empty for a missing or empty file."
+    if not path.exists(): return [], []
+    with open(path, newline='') as f:
+        reader = csv.reader(f)
+        header = next(reader, None) or []
+        return header, [dict(zip(header, r)) for r in reader]
+
+def _cells(row: dict, run_id: str, header: list) -> list:
+    "A history row as CSV cells in `header`'s order: the run id first, lists as JSON, missing values empty."
+    row = {**row, 'run': run_id}
+    return [json.dumps(v) if isinstance(v, (list, dict)) else '' if v is None else v
+            for v in (row.get(c) for c in header)]
+
 class CSVLoggerS(Subscriber):
-    "Append each new `learn.history` row to a CSV file (columns from the first row; lists stored as JSON)."
+    "Write the run's history rows to a CSV file as they come, each tagged with the run id; other runs' rows are kept."
     order = Order.LOG
     runs = ('fit',)
 
-    def __init__(self, path='history.csv', append: bool = False):
+    def __init__(self, path='history.csv',
+                 append: bool = False):   # add this run's rows to a log that holds other runs' (else that is refused)
         if not isinstance(path, (str, os.PathLike)): raise TypeError(f'path must be a file path, got {path!r}')
         check_bool('append', append)
         self.path, self.append = Path(path), append
-        self._columns, self._main = None, True
+        self._header, self._main = None, True
 
     def before_fit(self, learn):
-        self._n_rows, self._main = len(learn.history), learn.is_main
+        self._n_rows, self._main, self._header = len(learn.history), learn.is_main, None
         if not self._main: return   # distributed: every rank has the same rows; the main rank writes them
         if self.path.is_dir():
             raise IsADirectoryError(f'CSVLoggerS: path {str(self.path)!r} is a folder: give a file name')
         check_writable(self.path.parent, 'CSVLoggerS')   # before any training
-        # An old log is replaced at the first write, not now: a fit refused on its first batch leaves it in place.
-        self._replace = not self.append and self._columns is None
-        if self.path.exists() and self._columns is None and self.append:
-            with open(self.path, newline='') as f: self._columns = next(csv.reader(f), None)
+        header, rows = _read_log(self.path)
+        if header and not {'epoch', 'phase'} <= set(header):
+            raise ValueError(f'CSVLoggerS: {str(self.path)!r} is not a history log (its columns are {header[:6]}): '
+                             'give another path. Nothing was written')
+        others = sorted({r.get('run', '') for r in rows} - {learn.run_id})
+        if others and not self.append:   # checked now: a refused fit writes nothing
+            names = ', '.join(repr(o) if o else 'a log without run ids' for o in others[:3])
+            raise FileExistsError(f'CSVLoggerS: {str(self.path)!r} holds the rows of another run ({names}; this run is '
+                                  f'{learn.run_id!r}): pass append=True to add this run\'s rows after them, or give '
+                                  'another path. Nothing was written')
 
     def after_epoch(self, learn):
         rows = learn.history[self._n_rows:]
         self._n_rows = len(learn.history)
         if not rows or not self._main: return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self._replace:   # a new log mirrors the whole history (after a resume, the rows before it too)
-            self._replace, rows = False, learn.history
-            if self.path.exists(): self.path.unlink()
-        new_file = not self.path.exists()
-        if self._columns is None: self._columns = list(rows[0])
+        keys = ['run'] + [k for r in rows for k in r]
+        if self._header is not None and set(keys) <= set(self._header): return self._add(learn.run_id, rows)
+        # The first write of a fit, or a new column: the file again, every other run's row as it was, and this run's
+        # rows as its history has them (after a resume: the rows before it too, and none of a crashed tail twice).
+        header, old = _read_log(self.path)
+        header = list(dict.fromkeys(['run'] + header + [k for r in learn.history for k in r]))
+        kept = [r for r in old if r.get('run', '') != learn.run_id]
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f'.{self.path.name}.', suffix='.tmp')
+        try:
+            with os.fdopen(fd, 'w', newline='') as f:
+                w = csv.writer(f)
+                w.writerow(header)
+                for r in kept: w.writerow([r.get(c, '') for c in header])
+                for r in learn.history: w.writerow(_cells(r, learn.run_id, header))
+            os.replace(tmp, self.path)
+        except BaseException:
+            if os.path.exists(tmp): os.remove(tmp)
+            raise
+        self._header = header
+
+    def _add(self, run_id: str, rows: list) -> None:
         with open(self.path, 'a', newline='') as f:
             w = csv.writer(f)
-            if new_file: w.writerow(self._columns)
-            for row in rows:
-                w.writerow([json.dumps(row[c]) if isinstance(row.get(c), (list, dict)) else row.get(c, '')
-                            for c in self._columns])
+            for r in rows: w.writerow(_cells(r, run_id, self._header))

@@ -143,9 +143,18 @@ class TerminateOnNaNS(Subscriber):
         self.n, self.checking, self.loss_ok = 0, False, None
 
     def before_epoch(self, learn):
-        if not (learn.training and learn.epoch == 0): return
+        if not (learn.training and learn.epoch == 0) or learn.run.resuming: return
         self.reason = self.module = None   # a new training fit: the last one's diagnosis stays readable until now
         self.n, self.checking, self.loss_ok = 0, False, None
+
+    def state_dict(self) -> dict:
+        "The training batches seen (which of them a resumed fit checks) and the last diagnosis."
+        return {'n': self.n, 'reason': self.reason, 'module': self.module}
+
+    def load_state_dict(self, state: dict,   # what `state_dict` returned
+                       ) -> None:
+        "Restore the batch count (which batches are checked) and the last diagnosis."
+        self.n, self.reason, self.module = state['n'], state['reason'], state['module']
 
     def after_loss(self, learn):
         if not learn.training: return
@@ -203,16 +212,22 @@ class EMAS(Subscriber):
     runs = ('fit', 'validate', 'predict')   # the LR finder's exploratory steps must not enter the average
 
     def __init__(self,
-                 decay: float = 0.999,    # the average's weight at each step (the new weights: 1 - it)
+                 decay: float = 0.999,    # the average's weight at each step, in (0, 1) (the new weights: 1 - it)
                 ):
-        check_number('decay', decay, 0., 1.)
+        check_number('decay', decay, 0, 1, low_open=True, high_open=True)
         self.decay, self.n_updates = decay, 0
         self.ema: list[torch.Tensor] | None = None
         self.params, self.backup = None, None
 
     def before_fit(self, learn):
         self.params = [p for p in learn.model.parameters() if p.is_floating_point()]
-        if self.ema is None: self.ema = [p.detach().clone() for p in self.params]
+        if self.ema is None:
+            # Only a fit starts the average: a validation or prediction before any training keeps the live weights
+            # (an average taken from untrained weights would be the one a later fit validates with).
+            if learn.run_kind != 'fit':
+                self.params = None
+                return
+            self.ema = [p.detach().clone() for p in self.params]
         elif [e.shape for e in self.ema] != [p.shape for p in self.params]:
             raise ValueError('EMAS holds an average for a model with other parameter shapes')
         else: self.ema = [e.to(p.device) for e, p in zip(self.ema, self.params)]
@@ -235,7 +250,7 @@ class EMAS(Subscriber):
     @torch.no_grad()
     def swap_in(self) -> None:
         "Put the averaged weights into the model, keeping the live ones aside."
-        if self.backup is not None: return
+        if self.backup is not None or self.params is None: return
         self.backup = [p.detach().clone() for p in self.params]
         torch._foreach_copy_(self.params, self.ema)
 

@@ -21,7 +21,7 @@ from torcheval.metrics import MulticlassAccuracy
 from nntrain.core import CancelFitException, Order, Subscriber, set_seed
 from nntrain.data import DataLoaders, MappedLoader
 from nntrain.learner import Learner
-from nntrain.subs.checkpoint import CheckpointS
+from nntrain.subs.checkpoint import CheckpointS, checkpoints
 from nntrain.subs.distributed import DistributedS, rank0_first
 from nntrain.subs.metrics import MetricsS
 from nntrain.subs.tracking import EarlyStoppingS
@@ -155,7 +155,7 @@ def group_main(out: Path):
     learn.fit(3)
     res['uninterrupted'] = weights(learn)
     learn = resume_learner(out / 'unused2')
-    learn.load(out / 'ckpt' / 'step-5.pt')
+    learn.load(checkpoints(out / 'ckpt')[-1])   # step-5.pt, in the killed run's folder
     learn.fit(3, resume=True)
     res['resumed'] = weights(learn)
     # 5: TerminateOnNaNS on rank 1 only (its loss is made NaN at batch 2); a stop on rank 0; Ctrl-C on rank 1
