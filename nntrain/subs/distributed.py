@@ -31,8 +31,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset, RandomSampler, Sampler
 
-from ..core import (CancelFitException, Order, Subscriber, add_note, atomic_save, check_bool, get_rank,
-                          get_world_size, is_distributed, rng_state)
+from ..core import (CancelFitException, Order, Subscriber, add_note, atomic_save, check_bool, check_number,
+                          get_rank, get_world_size, is_distributed, rng_state)
 from ..data import MappedLoader, TensorLoader
 from ..state import plain_module, read_checkpoint, shards_folder, weight_problems
 
@@ -254,24 +254,24 @@ def _gather_strided(t: torch.Tensor) -> torch.Tensor:
     return interleave(all_gather_objects(t))
 
 class StopFlag:
-    "An int all-reduced (max) over the ranks in the background: `send` starts it, `result` waits for it (done by then)."
+    "Two ints all-reduced (max) over the ranks in the background: `send` starts it, `result` waits for it (done then)."
     def __init__(self, group=None):   # a gloo group: the flag lives in CPU memory, so no read of it waits for a GPU
-        self.group, self.tensor, self.work = group, torch.zeros(1, dtype=torch.int32), None
+        self.group, self.tensor, self.work = group, torch.zeros(2, dtype=torch.int32), None
         self.value = self.tensor.numpy()   # written and read through NumPy: no tensor operation on the hot path
 
     @property
     def pending(self) -> bool: return self.work is not None
 
-    def send(self, flag: int) -> None:
-        "Start the all-reduce of this rank's `flag`."
-        self.value[0] = flag
+    def send(self, flag: int, extra: int = 0) -> None:
+        "Start the all-reduce of this rank's `flag` (and `extra`, e.g. a proposal of one rank, 0 from the others)."
+        self.value[:] = (flag, extra)
         self.work = dist.all_reduce(self.tensor, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
 
-    def result(self) -> int:
-        "The largest flag sent by any rank (waits for the all-reduce, normally finished long before)."
+    def result(self) -> tuple[int, int]:
+        "The largest flag and extra sent by any rank (waits for the all-reduce, normally finished long before)."
         self.work.wait()
         self.work = None
-        return int(self.value[0])
+        return int(self.value[0]), int(self.value[1])
 
 def _flag_group():
     "The group stop flags travel in: the default one under gloo; a gloo group beside nccl (made once, a collective)."
@@ -552,9 +552,11 @@ class DistributedS(Subscriber):
                  timeout: timedelta | None = None,       # every collective's limit (None: the group's, 10 min)
                  blocks=None,                            # FSDP2 units: block classes, a function of the model, None
                  cpu_offload: bool = False,              # FSDP2: keep the shards in CPU memory between uses (GPUs)
+                 flag_interval: float = 0.02,            # seconds between stop-flag exchanges (steps apart; 0: every)
                  **wrap_kwargs):                         # to DDP (find_unused_parameters=...) or fully_shard
         for name, v in (('fsdp', fsdp), ('sync_bn', sync_bn), ('cpu_offload', cpu_offload)): check_bool(name, v)
         check_timeout(timeout)
+        check_number('flag_interval', flag_interval, 0)
         if not fsdp and (blocks is not None or cpu_offload):
             raise ValueError('blocks and cpu_offload set how FSDP2 shards the model: pass fsdp=True with them')
         if fsdp and sync_bn: raise ValueError('sync_bn=True is for DDP; FSDP2 leaves batch norm to each rank')
@@ -563,7 +565,7 @@ class DistributedS(Subscriber):
             raise TypeError(f'blocks must be module classes, e.g. (TransformerBlock,), or a function model -> modules; '
                             f'got {blocks!r}')
         self.fsdp, self.sync_bn, self.timeout, self.blocks = fsdp, sync_bn, timeout, blocks
-        self.cpu_offload, self.wrap_kwargs = cpu_offload, wrap_kwargs
+        self.cpu_offload, self.flag_interval, self.wrap_kwargs = cpu_offload, flag_interval, wrap_kwargs
         self.active = init_distributed(timeout)   # without torchrun: False, and every event does nothing
         self.rank, self.world_size = get_rank(), get_world_size()
         self._learn = None    # the learner whose run is in progress (read by the step wrapper and the Ctrl-C handler)
@@ -635,7 +637,8 @@ class DistributedS(Subscriber):
         self._shard_phases(learn, st, resume)
         if run.kind == 'fit': self._wrap(learn, st)
         group = _flag_group()
-        st.flags, st.sent = [StopFlag(group) for _ in range(3)], collections.deque()   # flags in flight, oldest first
+        st.flags, st.sent = [StopFlag(group) for _ in range(3)], collections.deque()   # (flag, step) in flight
+        st.steps, st.every, st.next, st.clock = 0, 1, 0, None   # steps so far; a flag every `every`, the next at `next`
         if resume is not None: run.resume_rng = resume['rng'][self.rank]   # this rank's own, as the checkpoint says
         if threading.current_thread() is threading.main_thread() and callable(signal.getsignal(signal.SIGINT)):
             st.sigint = signal.getsignal(signal.SIGINT)
@@ -689,8 +692,8 @@ class DistributedS(Subscriber):
         st = self._state(learn)
         if st is None: return
         if not learn.training: st.last_batch = learn.batch   # FSDP: a rank short of batches reuses it (cleanup_batch)
-        # the flags sent with the step before last: a whole batch has passed since, so the all-reduce is done
-        elif len(st.sent) >= 2: self._land(learn, st, st.sent.popleft().result())
+        # the flags sent two steps ago or more: a whole batch has passed since, so their all-reduce is done
+        elif st.sent and st.steps - st.sent[0][1] >= 2: self._land(learn, st, self._read(st))
 
     def cleanup_batch(self, learn):
         st = self._state(learn)
@@ -729,7 +732,9 @@ class DistributedS(Subscriber):
         if name == 'step':
             def step(*args):
                 st = self._state(kind='fit')
-                if st is not None: self._send(st)   # read two batch starts later, by when it has arrived: no wait
+                if st is not None:   # a flag every few steps, read two batch starts later, when it has arrived
+                    if st.steps >= st.next: self._send(st)
+                    st.steps += 1
                 return f(*args)
             return _like(step, f, owner)
         def handler(*args):
@@ -749,18 +754,30 @@ class DistributedS(Subscriber):
 
     def _send(self, st) -> None:
         "Start the all-reduce of this rank's stop flag (0: go on, 1: a subscriber stopped, 2: Ctrl-C)."
-        if len(st.sent) == len(st.flags): self._land(self._learn, st, st.sent.popleft().result())   # never reached
+        if len(st.sent) == len(st.flags): self._land(self._learn, st, self._read(st))   # never reached: at most 2
         flag = next(f for f in st.flags if not f.pending)
-        flag.send(st.stop)
-        st.sent.append(flag)
+        flag.send(st.stop, self._pace(st) if self.rank == 0 else 0)
+        st.sent.append((flag, st.steps))
+        st.next = st.steps + st.every
+
+    def _pace(self, st) -> int:
+        "Rank 0's proposal: steps between flags so that they are `flag_interval` seconds apart (1 to 64)."
+        now, clock, st.clock = time.perf_counter(), st.clock, (time.perf_counter(), st.steps)
+        if not self.flag_interval or clock is None or st.steps <= clock[1]: return 1
+        return max(1, min(64, int(self.flag_interval * (st.steps - clock[1]) / max(now - clock[0], 1e-9))))
+
+    def _read(self, st) -> int:
+        "The oldest flag in flight: every rank's stop request, and (from rank 0) how many steps to the next flag."
+        flag, every = st.sent.popleft()[0].result()
+        st.every = max(every, 1)   # the same on every rank: each reads the same flags at the same step
+        return flag
 
     def _agree(self, learn, st) -> None:
         "At a phase boundary, on every rank: the flags in flight and a fresh one (blocking); a stop if any rank asked."
-        flag = max([f.result() for f in st.sent] + [0])
-        st.sent.clear()
+        flag = 0
+        while st.sent: flag = max(flag, self._read(st))
         self._send(st)
-        flag = max(flag, st.sent.popleft().result())
-        self._land(learn, st, flag)
+        self._land(learn, st, max(flag, self._read(st)))
 
     def _land(self, learn, st, flag: int) -> None:
         "Every rank reaches this at the same point: stop there if any rank asked to (a batch's start, or a phase's)."

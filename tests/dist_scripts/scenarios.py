@@ -70,7 +70,9 @@ def storage_bytes(root, skip=(TensorLoader, ShardedTensorLoader, DataLoader, Map
         if id(obj) in seen or isinstance(obj, (type, types.ModuleType, str, bytes, int, float) + skip): continue
         seen.add(id(obj))
         kept.append(obj)   # alive until the walk ends, so no later object reuses its id
-        if isinstance(obj, DTensor): stack.append(obj.to_local()); continue
+        if isinstance(obj, DTensor):
+            stack += [obj.to_local()] + ([obj.grad] if obj.is_leaf and obj.grad is not None else [])
+            continue
         if isinstance(obj, torch.Tensor):
             if obj.is_floating_point():
                 s = obj.untyped_storage()
@@ -116,7 +118,7 @@ class At(Subscriber):
             self.fn(learn)
 
 class Probe(Subscriber):
-    "What the learner holds during a fit: the model's class, its blocks', and the tensor bytes reachable (after a step)."
+    "During a fit: the model's class, which of its children are FSDP units, the tensor bytes the learner reaches."
     order = Order.COLLECT
     def __init__(self): self.bytes, self.types = [], None
     def after_batch(self, learn):
@@ -218,8 +220,8 @@ def group_main(out: Path):
     train = learn.dls.train
     waits = []
     result = StopFlag.result
-    def timed(self):   # where each flag is read, and whether its all-reduce had finished (else the read waits)
-        waits.append((sys._getframe(1).f_code.co_name, self.work.is_completed()))
+    def timed(self):   # where each flag is read (before_batch, _agree), and whether its all-reduce had finished
+        waits.append((sys._getframe(2).f_code.co_name, self.work.is_completed()))
         return result(self)
     StopFlag.result = timed
     try:
@@ -255,17 +257,22 @@ def group_main(out: Path):
     learn = learner(8, [DistributedS(), GradAccumS(2), count])
     learn.fit(2)
     res['accum'], res['accum_calls'], res['accum_steps'] = weights(learn), count.calls, learn.global_step
-    # 4: stops (8 batches of 4 per rank and epoch): TerminateOnNaNS on every rank, a NaN loss on rank 1 at batch 2; a
-    # stop on rank 0 after batch 1; Ctrl-C on rank 1 after batch 1. Each is sent with the next step (2) and lands at
-    # the start of batch 4 on every rank
+    # 4: stops (8 batches of 4 per rank and epoch), with a flag every step (flag_interval=0): TerminateOnNaNS on every
+    # rank, a NaN loss on rank 1 at batch 2; a stop on rank 0 after batch 1; Ctrl-C on rank 1 after batch 1. Each is
+    # sent with the next step (2) and lands at the start of batch 4 on every rank. Paced flags (the default): the same
+    # stop lands at the same batch on both ranks
     where = Where()
-    learn = learner(4, [DistributedS(), At('after_loss', 2, _nan_loss, rank=1), where, TerminateOnNaNS()])
+    nan = At('after_loss', 2, _nan_loss, rank=1)
+    learn = learner(4, [DistributedS(flag_interval=0), nan, where, TerminateOnNaNS()])
     learn.fit(2)
     res['nan'] = (*where.seen, learn.global_step, weights(learn))
-    learn = learner(4, [DistributedS(), At('after_batch', 1, _cancel, rank=0), where])
+    learn = learner(4, [DistributedS(flag_interval=0), At('after_batch', 1, _cancel, rank=0), where])
     learn.fit(2)
     res['cancel'] = (*where.seen, learn.global_step)
-    learn = learner(4, [DistributedS(), At('after_batch', 1, _ctrl_c, rank=1),
+    learn = learner(4, [DistributedS(), At('after_batch', 1, _cancel, rank=0), where])
+    learn.fit(2)
+    res['cancel_paced'] = (*where.seen, learn.global_step)
+    learn = learner(4, [DistributedS(flag_interval=0), At('after_batch', 1, _ctrl_c, rank=1),
                         CheckpointS(out / f'ctrl_c{rank}', monitor=None)])
     try: learn.fit(2); res['ctrl_c'] = None
     except KeyboardInterrupt as e: res['ctrl_c'] = (learn.global_step, str(e))
