@@ -14,13 +14,15 @@ nntrain, loop, ...) at steady state. Each segment starts right after a barrier a
 The ratio is nntrain's epoch time over the loop's next one; the table gives its median and range over the epochs (the
 first of each is a warm-up). What a fit costs once on top (DDP wrapping, shard loaders, agreeing on the data order)
 is a fit of one epoch less the median epoch, printed below the table. World size 1: torchrun with one rank, a fit of
-one epoch of the Learner with DistributedS and one of the same Learner without it, in turn.
+one epoch of the Learner with DistributedS and one of the same Learner without it, in turn (each first every other
+time).
 
-Memory. A 12-block MLP (2048 wide, 50.4 M parameters, 201 MB in fp32) trained with AdamW for 3 steps at batch 8: one
-process; 2 ranks with DDP; 2 ranks with FSDP2 (`DistributedS(fsdp=True)`, a unit per block). Each process reports its
-peak resident memory (VmHWM) during training: the high-water mark is reset at the first batch, once the model is
-wrapped or sharded, and read after the last. `MALLOC_MMAP_THRESHOLD_` is set so that freed tensors go back to the
-system (glibc would otherwise keep large freed blocks and the figures would show the allocator, not the tensors).
+Memory. An MLP of 12 blocks (Linear(2048, 2048) + ReLU; 50.4 M parameters, 192 MiB in fp32) and a head, trained
+with AdamW for 3 steps at batch 8: one process; 2 ranks with DDP; 2 ranks with FSDP2 (`DistributedS(fsdp=True)`, a
+unit per block). Each process reports its peak resident memory (VmHWM) while training: the high-water mark is reset
+at the first batch, once the model is wrapped or sharded, and read after the last. `MALLOC_MMAP_THRESHOLD_` is set so
+that freed tensors go back to the system (glibc would otherwise keep large freed blocks, and the figures would show
+the allocator rather than the tensors).
 """
 import argparse
 import json
@@ -109,7 +111,8 @@ def speed_worker(args) -> None:
         bare = learner([])
         times = {'without': [], 'nntrain': []}
         for rep in range(args.reps + 1):
-            for name, learn in (('without', bare), ('nntrain', ours)):
+            pair = (('without', bare), ('nntrain', ours))
+            for name, learn in pair if rep % 2 else pair[::-1]:   # each goes first every other time
                 start = time.perf_counter()
                 learn.fit(1, valid=False)
                 if rep: times[name].append((time.perf_counter() - start) / args.steps * 1e3)
@@ -129,10 +132,12 @@ def memory_worker(args) -> None:
     from nntrain.learner import Learner
     from nntrain.subs.distributed import DistributedS
     base_rss = _status('VmRSS')
+    from torch import nn
     torch.manual_seed(0)
-    model = mlp([2048] * 13)   # 12 blocks of Linear(2048, 2048) + ReLU
+    blocks = [nn.Sequential(nn.Linear(2048, 2048), nn.ReLU()) for _ in range(12)]   # FSDP2's units
+    model = nn.Sequential(*blocks, nn.Linear(2048, 10))
     n_params = sum(p.numel() for p in model.parameters())
-    x, y = torch.randn(64, 2048), torch.randint(0, 2048, (64,))
+    x, y = torch.randn(64, 2048), torch.randint(0, 10, (64,))
     subs = [] if args.mode == 'single' else [DistributedS(fsdp=args.mode == 'fsdp')]
 
     class HighWater(Subscriber):
@@ -164,7 +169,7 @@ def _torchrun(n: int, *args) -> list[str]:
     return [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(n), __file__, *args]
 
 def speed(reps: int, steps: int) -> None:
-    print(f'\n## speed: ms/step, median [min-max] over {reps} interleaved epochs of {steps} steps (rank 0, gloo, CPU)\n')
+    print(f'\n## speed: ms/step, median [min-max] over {reps} interleaved epochs of {steps} steps (rank 0, gloo)\n')
     print('| model | batch per rank | ranks | reference | reference ms/step | nntrain + DistributedS ms/step | '
           'ratio, median [range] | target |')
     print('|---|---|---|---|---|---|---|---|')
@@ -186,7 +191,7 @@ def memory() -> None:
     env = {'MALLOC_MMAP_THRESHOLD_': '65536'}   # freed tensors return to the system: RSS follows live tensors
     rows = _run([sys.executable, __file__, '--worker', 'memory', '--mode', 'single'], env)
     for mode in ('ddp', 'fsdp'): rows += _run(_torchrun(2, '--worker', 'memory', '--mode', mode), env)
-    print(f'\n## memory: peak resident memory per process while training (MB; a {rows[0]["params_mb"]:.0f} MB model, '
+    print(f'\n## memory: peak resident memory per process while training (MiB; a {rows[0]["params_mb"]:.0f} MiB model, '
           'AdamW)\n')
     print('| setup | processes | before the model (torch imported) | peak while training, per process | '
           'of which above the empty process |')
