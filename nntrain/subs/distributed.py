@@ -752,18 +752,19 @@ class DistributedS(Subscriber):
         print(f'nntrain: Ctrl-C on rank {self.rank}: every rank stops at the start of a coming batch; press it again '
               'to stop now', file=sys.stderr)
 
-    def _send(self, st) -> None:
+    def _send(self, st, timed: bool = True) -> None:
         "Start the all-reduce of this rank's stop flag (0: go on, 1: a subscriber stopped, 2: Ctrl-C)."
         if len(st.sent) == len(st.flags): self._land(self._learn, st, self._read(st))   # never reached: at most 2
         flag = next(f for f in st.flags if not f.pending)
-        flag.send(st.stop, self._pace(st) if self.rank == 0 else 0)
+        flag.send(st.stop, self._pace(st, timed) if self.rank == 0 else 0)
         st.sent.append((flag, st.steps))
         st.next = st.steps + st.every
 
-    def _pace(self, st) -> int:
+    def _pace(self, st, timed: bool) -> int:
         "Rank 0's proposal: steps between flags so that they are `flag_interval` seconds apart (1 to 64)."
         now, clock, st.clock = time.perf_counter(), st.clock, (time.perf_counter(), st.steps)
-        if not self.flag_interval or clock is None or st.steps <= clock[1]: return 1
+        if not self.flag_interval: return 1
+        if not timed or clock is None or st.steps <= clock[1]: return st.every   # e.g. across a validation pass
         return max(1, min(64, int(self.flag_interval * (st.steps - clock[1]) / max(now - clock[0], 1e-9))))
 
     def _read(self, st) -> int:
@@ -776,7 +777,7 @@ class DistributedS(Subscriber):
         "At a phase boundary, on every rank: the flags in flight and a fresh one (blocking); a stop if any rank asked."
         flag = 0
         while st.sent: flag = max(flag, self._read(st))
-        self._send(st)
+        self._send(st, timed=False)
         self._land(learn, st, max(flag, self._read(st)))
 
     def _land(self, learn, st, flag: int) -> None:

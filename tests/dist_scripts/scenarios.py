@@ -134,8 +134,10 @@ class Where(Subscriber):
     "Where the last fit stopped: (epoch, batch index), read as it ends."
     def cleanup_fit(self, learn): self.seen = (learn.epoch, learn.iter)
 def _ctrl_c(learn): os.kill(os.getpid(), signal.SIGINT)
-def _kill(learn):
-    if learn.global_step == 7: os.kill(os.getpid(), signal.SIGKILL)
+def _kill(learn, out=None):
+    if learn.global_step != 7: return
+    if out is not None: (out / 'killed').write_text(f'rank {learn.rank} at step {learn.global_step}')
+    os.kill(os.getpid(), signal.SIGKILL)
 
 def resume_learner(folder, *extra, fsdp=False, every=5):
     "The run that is interrupted and resumed: dropout, so each rank's random state matters."
@@ -162,7 +164,7 @@ class Count:
 def group_restart(out: Path):
     "Under --max-restarts 1: the first attempt's rank 1 is killed at step 7; the second resumes by itself."
     attempt = int(os.environ['TORCHELASTIC_RESTART_COUNT'])
-    kill = [At('after_step', 2, _kill, rank=1, epoch=1)] if attempt == 0 else []
+    kill = [At('after_step', 2, partial(_kill, out=out), rank=1, epoch=1)] if attempt == 0 else []
     learn = resume_learner(out / 'ckpt', *kill)
     learn.fit(3, resume='auto')
     res = {'attempt': attempt, 'resumed': weights(learn)}
