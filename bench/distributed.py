@@ -12,10 +12,11 @@ the same number of steps, with plain SGD:
 nntrain runs one fit; after each of its epochs a subscriber runs an epoch of the loop, so the two interleave (loop,
 nntrain, loop, ...) at steady state. Each segment starts right after a barrier and ends with one; times are rank 0's.
 The ratio is nntrain's epoch time over the loop's next one; the table gives its median and range over the epochs (the
-first of each is a warm-up). What a fit costs once on top (DDP wrapping, shard loaders, agreeing on the data order)
-is a fit of one epoch less the median epoch, printed below the table. World size 1: torchrun with one rank, a fit of
-one epoch of the Learner with DistributedS and one of the same Learner without it, in turn (each first every other
-time).
+first of each is a warm-up), for the wall clock and for the process's CPU time (all its threads), which the load of
+other processes on the machine disturbs far less. What a fit costs once on top (DDP wrapping, shard loaders, agreeing
+on the data order) is a fit of one epoch less the median epoch, printed below the table. World size 1: torchrun with
+one rank, a fit of one epoch (4 times as many steps) of the Learner with DistributedS and one of the same Learner
+without it, in turn (each first every other time).
 
 Memory. An MLP of 12 blocks (Linear(2048, 2048) + ReLU; 50.4 M parameters, 192 MiB in fp32) and a head, trained
 with AdamW for 3 steps at batch 8: one process; 2 ranks with DDP; 2 ranks with FSDP2 (`DistributedS(fsdp=True)`, a
@@ -81,21 +82,24 @@ def speed_worker(args) -> None:
         dls = DataLoaders(TensorLoader(x, y, batch_size=args.bs, shuffle=True, seed=0), None)
         return Learner(copy.deepcopy(base), dls, F.cross_entropy, torch.optim.SGD, lr=0.01, subs=subs)
     ours = learner([DistributedS()])
-    times = {}
+    # wall-clock and process CPU time (all threads) per step, in ms: CPU time hardly depends on other processes' load
+    clock = lambda: (time.perf_counter(), time.process_time())
+    def record(name, start, end):
+        times[name].append((end[0] - start[0]) / args.steps * 1e3)
+        times[name + '_cpu'].append((end[1] - start[1]) / args.steps * 1e3)
     if world > 1:   # one fit; after each of its epochs, an epoch of the loop: interleaved, at steady state
-        times = {'loop': [], 'nntrain': []}
+        times = {k: [] for k in ('loop', 'loop_cpu', 'nntrain', 'nntrain_cpu')}
         class Interleave(Subscriber):
             order = 10**6   # after everything else
             def before_fit(self, learn): self.t = None
             def after_epoch(self, learn):
                 dist.barrier()
-                t = time.perf_counter()
-                if self.t is not None: times['nntrain'].append((t - self.t) / args.steps * 1e3)
-                start = time.perf_counter()
+                end = clock()
+                if self.t is not None: record('nntrain', self.t, end)
                 loop(learn.epoch)
                 dist.barrier()
-                self.t = time.perf_counter()
-                if learn.epoch: times['loop'].append((self.t - start) / args.steps * 1e3)   # epoch 0 warms up
+                self.t = clock()
+                if learn.epoch: record('loop', end, self.t)   # epoch 0 warms up
         dist.barrier()
         ours.fit(args.reps + 1, valid=False, subs=[Interleave()])
         # what a fit costs once (wrapping, sharding, agreeing on the order): a fit of one epoch over the median epoch
@@ -109,14 +113,15 @@ def speed_worker(args) -> None:
         times['setup_ms'] = statistics.median(fits) - statistics.median(times['nntrain']) * args.steps
     else:   # alone under torchrun: the same Learner with and without DistributedS, one fit of an epoch each, in turn
         bare = learner([])
-        times = {'without': [], 'nntrain': []}
+        times = {k: [] for k in ('without', 'without_cpu', 'nntrain', 'nntrain_cpu')}
         for rep in range(args.reps + 1):
             pair = (('without', bare), ('nntrain', ours))
             for name, learn in pair if rep % 2 else pair[::-1]:   # each goes first every other time
-                start = time.perf_counter()
+                start = clock()
                 learn.fit(1, valid=False)
-                if rep: times[name].append((time.perf_counter() - start) / args.steps * 1e3)
-    if rank == 0: print('RESULT ' + json.dumps({'sizes': args.sizes, 'world': world, 'bs': args.bs, 'times': times}))
+                if rep: record(name, start, clock())
+    if rank == 0: print('RESULT ' + json.dumps({'sizes': args.sizes, 'world': world, 'bs': args.bs, 'times': times}),
+                        flush=True)
 
 def _status(field: str) -> float:
     "A field of /proc/self/status in MB."
@@ -151,9 +156,14 @@ def memory_worker(args) -> None:
     learn = Learner(model, dls, F.cross_entropy, torch.optim.AdamW, lr=1e-4, subs=subs + [hw])
     built_rss = _status('VmRSS')
     learn.fit(1, valid=False, n_batches=3)
-    rank = int(os.environ.get('RANK', 0))
-    print('RESULT ' + json.dumps({'mode': args.mode, 'rank': rank, 'params_mb': n_params * 4 / 2**20,
-                                  'base': base_rss, 'built': built_rss, 'peak': hw.peak, 'end': hw.rss}))
+    mine = {'mode': args.mode, 'rank': int(os.environ.get('RANK', 0)), 'params_mb': n_params * 4 / 2**20,
+            'base': base_rss, 'built': built_rss, 'peak': hw.peak, 'end': hw.rss}
+    rows = [mine]
+    if args.mode != 'single':   # rank 0 prints every rank's figures: one line, not two printed over each other
+        from nntrain.subs.distributed import all_gather_objects
+        rows = all_gather_objects(mine)
+    if mine['rank'] == 0:
+        for row in rows: print('RESULT ' + json.dumps(row), flush=True)
 
 
 # -- the launcher -----------------------------------------------------------------------------------------------------
@@ -169,21 +179,24 @@ def _torchrun(n: int, *args) -> list[str]:
     return [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(n), __file__, *args]
 
 def speed(reps: int, steps: int) -> None:
-    print(f'\n## speed: ms/step, median [min-max] over {reps} interleaved epochs of {steps} steps (rank 0, gloo)\n')
+    print(f'\n## speed: ms/step, median [min-max] over {reps} interleaved epochs of {steps} steps (alone: {4 * steps}; '
+          'rank 0, gloo)\n')
     print('| model | batch per rank | ranks | reference | reference ms/step | nntrain + DistributedS ms/step | '
-          'ratio, median [range] | target |')
-    print('|---|---|---|---|---|---|---|---|')
-    cases = [('784-512-512-10', 2, 1.05), ('784-50-10', 2, 1.10), ('784-512-512-10', 1, 1.02)]
+          'ratio, median [range] | CPU-time ratio, median [range] | target |')
+    print('|---|---|---|---|---|---|---|---|---|')
+    # alone, each repetition is a whole fit (its set-up included): 4 times as many steps, so it is not all set-up
+    cases = [('784-512-512-10', 2, 1.05, steps), ('784-50-10', 2, 1.10, steps), ('784-512-512-10', 1, 1.02, 4 * steps)]
     setups = []
-    for sizes, world, target in cases:
-        res = _run(_torchrun(world, '--worker', 'speed', '--sizes', sizes, '--bs', '64', '--steps', str(steps),
+    for sizes, world, target, n_steps in cases:
+        res = _run(_torchrun(world, '--worker', 'speed', '--sizes', sizes, '--bs', '64', '--steps', str(n_steps),
                              '--reps', str(reps)))[0]
         ref, what = ('loop', 'hand-written DDP loop') if world > 1 else ('without', 'the Learner without it')
-        a, b = res['times'][ref], res['times']['nntrain']
-        ratios = [y / x for x, y in zip(a, b)]
-        fmt = lambda ts: f'{statistics.median(ts):.2f} [{min(ts):.2f}-{max(ts):.2f}]'
-        print(f'| MLP {sizes} | 64 | {world} | {what} | {fmt(a)} | {fmt(b)} | '
-              f'**{statistics.median(ratios):.3f}** [{min(ratios):.3f}-{max(ratios):.3f}] | ≤ {target} |')
+        t = res['times']
+        ratio = lambda a, b: [y / x for x, y in zip(t[a], t[b])]
+        fmt = lambda ts, d=2: f'{statistics.median(ts):.{d}f} [{min(ts):.{d}f}-{max(ts):.{d}f}]'
+        wall, cpu = ratio(ref, 'nntrain'), ratio(ref + '_cpu', 'nntrain_cpu')
+        print(f'| MLP {sizes} | 64 | {world} | {what} | {fmt(t[ref])} | {fmt(t["nntrain"])} | '
+              f'**{statistics.median(wall):.3f}** [{min(wall):.2f}-{max(wall):.2f}] | {fmt(cpu, 3)} | ≤ {target} |')
         if 'setup_ms' in res['times']: setups.append(f'{sizes}: {res["times"]["setup_ms"]:.0f} ms')
     print(f'\nOnce per fit on 2 ranks (DDP wrapping, shard loaders, agreeing on the order): {"; ".join(setups)}.')
 
