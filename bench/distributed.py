@@ -223,7 +223,7 @@ def main(argv=None) -> int:
     ap.add_argument('--worker', choices=['speed', 'memory'], help=argparse.SUPPRESS)
     ap.add_argument('--sizes', default='784-512-512-10', help=argparse.SUPPRESS)
     ap.add_argument('--bs', type=int, default=64, help=argparse.SUPPRESS)
-    ap.add_argument('--steps', type=int, default=25, help='optimizer steps per epoch')
+    ap.add_argument('--steps', type=int, default=100, help='optimizer steps per epoch')
     ap.add_argument('--mode', default='single', help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker == 'speed': return speed_worker(args) or 0

@@ -274,8 +274,7 @@ class StopFlag:
         return int(self.value[0]), int(self.value[1])
 
 def _flag_group():
-    "The group stop flags travel in: the default one under gloo; a gloo group beside nccl (made once, a collective)."
-    if dist.get_backend() == 'gloo': return None
+    "The group stop flags travel in: a gloo group of their own (made once, a collective), beside the gradients' group."
     if _GROUP.flags is None: _GROUP.flags = dist.new_group(backend='gloo')
     return _GROUP.flags
 
@@ -552,7 +551,7 @@ class DistributedS(Subscriber):
                  timeout: timedelta | None = None,       # every collective's limit (None: the group's, 10 min)
                  blocks=None,                            # FSDP2 units: block classes, a function of the model, None
                  cpu_offload: bool = False,              # FSDP2: keep the shards in CPU memory between uses (GPUs)
-                 flag_interval: float = 0.02,            # seconds between stop-flag exchanges (steps apart; 0: every)
+                 flag_interval: float = 0.1,             # seconds between stop-flag exchanges (steps apart; 0: every)
                  **wrap_kwargs):                         # to DDP (find_unused_parameters=...) or fully_shard
         for name, v in (('fsdp', fsdp), ('sync_bn', sync_bn), ('cpu_offload', cpu_offload)): check_bool(name, v)
         check_timeout(timeout)
