@@ -13,9 +13,8 @@ nntrain runs one fit; after each of its epochs a subscriber runs an epoch of the
 nntrain, loop, ...) at steady state. Each segment starts right after a barrier and ends with one; times are rank 0's.
 The ratio is nntrain's epoch time over the loop's next one; the table gives its median and range over the epochs (the
 first of each is a warm-up), for the wall clock and for the process's CPU time (all its threads), which the load of
-other processes on the machine disturbs far less. What a fit costs once on top (DDP wrapping, shard loaders, agreeing
-on the data order) is a fit of one epoch less the median epoch, printed below the table. World size 1: torchrun with
-one rank, a fit of one epoch (4 times as many steps) of the Learner with DistributedS and one of the same Learner
+other processes on the machine disturbs far less. What a fit does once (DDP wrapping, shard loaders, agreeing on the
+data order) is outside these times. World size 1: torchrun with one rank, a fit of one epoch (4 times as many steps) of the Learner with DistributedS and one of the same Learner
 without it, in turn (each first every other time).
 
 Memory. An MLP of 12 blocks (Linear(2048, 2048) + ReLU; 50.4 M parameters, 192 MiB in fp32) and a head, trained
@@ -102,15 +101,6 @@ def speed_worker(args) -> None:
                 if learn.epoch: record('loop', end, self.t)   # epoch 0 warms up
         dist.barrier()
         ours.fit(args.reps + 1, valid=False, subs=[Interleave()])
-        # what a fit costs once (wrapping, sharding, agreeing on the order): a fit of one epoch over the median epoch
-        fits = []
-        for _ in range(3):
-            dist.barrier()
-            start = time.perf_counter()
-            ours.fit(1, valid=False)
-            dist.barrier()
-            fits.append((time.perf_counter() - start) * 1e3)
-        times['setup_ms'] = statistics.median(fits) - statistics.median(times['nntrain']) * args.steps
     else:   # alone under torchrun: the same Learner with and without DistributedS, one fit of an epoch each, in turn
         bare = learner([])
         times = {k: [] for k in ('without', 'without_cpu', 'nntrain', 'nntrain_cpu')}
@@ -186,7 +176,6 @@ def speed(reps: int, steps: int) -> None:
     print('|---|---|---|---|---|---|---|---|---|')
     # alone, each repetition is a whole fit (its set-up included): 4 times as many steps, so it is not all set-up
     cases = [('784-512-512-10', 2, 1.05, steps), ('784-50-10', 2, 1.10, steps), ('784-512-512-10', 1, 1.02, 4 * steps)]
-    setups = []
     for sizes, world, target, n_steps in cases:
         res = _run(_torchrun(world, '--worker', 'speed', '--sizes', sizes, '--bs', '64', '--steps', str(n_steps),
                              '--reps', str(reps)))[0]
@@ -197,8 +186,6 @@ def speed(reps: int, steps: int) -> None:
         wall, cpu = ratio(ref, 'nntrain'), ratio(ref + '_cpu', 'nntrain_cpu')
         print(f'| MLP {sizes} | 64 | {world} | {what} | {fmt(t[ref])} | {fmt(t["nntrain"])} | '
               f'**{statistics.median(wall):.3f}** [{min(wall):.2f}-{max(wall):.2f}] | {fmt(cpu, 3)} | ≤ {target} |')
-        if 'setup_ms' in res['times']: setups.append(f'{sizes}: {res["times"]["setup_ms"]:.0f} ms')
-    print(f'\nOnce per fit on 2 ranks (DDP wrapping, shard loaders, agreeing on the order): {"; ".join(setups)}.')
 
 def memory() -> None:
     env = {'MALLOC_MMAP_THRESHOLD_': '65536'}   # freed tensors return to the system: RSS follows live tensors
