@@ -757,7 +757,7 @@ class DistributedS(Subscriber):
         flag = next(f for f in st.flags if not f.pending)
         flag.send(st.stop, self._pace(st, timed) if self.rank == 0 else 0)
         st.sent.append((flag, st.steps))
-        st.next = st.steps + st.every
+        if timed: st.next = st.steps + st.every   # (a phase boundary's flag leaves the steps' pace as it was)
 
     def _pace(self, st, timed: bool) -> int:
         "Rank 0's proposal: steps between flags so that they are `flag_interval` seconds apart (1 to 64)."

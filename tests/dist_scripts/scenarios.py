@@ -218,7 +218,7 @@ def group_main(out: Path):
     # of a tensor inside a batch (the stop flags are read through NumPy); the user's loaders untouched
     from tests.nosync import no_host_sync_in_batches
     seen, probe = Seen(), Probe()
-    learn = learner(8, [DistributedS(), MetricsS(MulticlassAccuracy()), seen, probe])
+    learn = learner(8, [DistributedS(flag_interval=0), MetricsS(MulticlassAccuracy()), seen, probe])   # a flag a step
     train = learn.dls.train
     waits = []
     result = StopFlag.result
