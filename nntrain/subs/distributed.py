@@ -195,7 +195,10 @@ class HangWatch:
         if reporter != str(self.rank):   # the reporter's own stack is its error's traceback
             print(f'nntrain: rank {self.rank} was {_in_words(info)} when rank {reporter} timed out; its Python stack:',
                   file=sys.stderr, flush=True)
-            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+            try: faulthandler.dump_traceback(file=sys.stderr, all_threads=True)   # C-level: any thread, as it is
+            except (AttributeError, ValueError, OSError):   # no file descriptor behind stderr (e.g. in a notebook)
+                for tid, frame in sys._current_frames().items():
+                    print(f'Thread {tid:#x}:\n' + ''.join(traceback.format_stack(frame)), file=sys.stderr)
             sys.stderr.flush()
         try: self.store.set(self.key(f'rank{self.rank}'), json.dumps(info))
         except Exception: pass
@@ -223,7 +226,11 @@ def explain_timeout(e: BaseException, what: str | None = None) -> None:
     if watch is None or not is_timeout(e) or getattr(e, '_nntrain_explained', False): return
     e._nntrain_explained = True
     mine = collective_in(traceback.extract_tb(e.__traceback__)) or 'a collective'
-    answers = watch.ask()
+    try: answers = watch.ask()
+    except Exception as err:   # the store is gone too: say so rather than hide the timeout behind this
+        add_note(e, f'nntrain: rank {watch.rank} timed out in {mine}; the other ranks could not be asked where they '
+                    f'are ({type(err).__name__}: {err})')
+        return
     late = sorted(r for r, a in answers.items() if a['collective'] is None)
     silent = sorted(set(range(watch.world)) - set(answers) - {watch.rank})
     head = f'nntrain: rank {watch.rank} timed out waiting in {mine}' + (f' ({what})' if what else '')
