@@ -49,7 +49,7 @@ DEFAULT_TIMEOUT = timedelta(minutes=10)
 "How long a collective waits for every rank when nobody says otherwise."
 
 # This process's view of its process group: did nntrain create it (then it destroys it at exit), the hang watcher,
-# the gloo group that carries stop flags when the main one is nccl, and how many groups nntrain made so far.
+# the gloo group that carries the stop flags, and how many groups nntrain made so far.
 _GROUP = SimpleNamespace(made=False, watch=None, flags=None, count=0, exit_hook=False)
 
 def launched_by_torchrun() -> bool:
