@@ -27,27 +27,30 @@ __all__ = ['torch', 'nn', 'F', 'BinaryAccuracy', 'BinaryAUROC', 'BinaryF1Score',
            'l2_reg', 'sgd_step', 'average_grad', 'average_sqr_grad', 'step_stat', 'rms_step', 'adam_step',
            'StatsOptimizer', 'sgd_opt', 'rmsprop_opt', 'adam_opt', 'Position', 'DeferredInterrupt', 'WeightedMean',
            'Run', 'OnceFigure', 'subplots', 'denormalize', 'show_images', 'show_batch', 'FORMAT', 'WEIGHT_KEYS',
-           'plain_module', 'weight_problems', 'read_checkpoint', 'is_weights', 'find_weights', 'fit_args', 'state_dict',
-           'state_problems', 'load_state_dict', 'save', 'load', 'load_weights', 'take_resume', 'auto_resume',
-           'check_resumed_loader', 'resume_run', 'AugmentS', 'per_sample', 'mixup', 'rand_box', 'cutmix', 'MixUpS',
-           'CutMixS', 'run_folders', 'checkpoints', 'is_exact', 'latest_checkpoint', 'check_writable', 'CheckpointS',
-           'tensor_stats', 'summarize', 'describe_change', 'fingerprint', 'Change', 'TraceS', 'sync_op', 'Sync',
-           'SyncAuditS', 'DebugS', 'DeviceS', 'launched_by_torchrun', 'init_distributed', 'rank0_first', 'all_max',
-           'all_gather_objects', 'interleave', 'ShardedTensorLoader', 'StrideSampler', 'is_sharded', 'can_shard',
-           'shard_loader', 'loader_seed', 'PlainKeysDDP', 'to_sync_bn', 'FullStateDict', 'full_state_dicts', 'fsdp_opt',
-           'gather_fsdp', 'DistributedS', 'GANModule', 'gan_splitter', 'gan_crit_loss', 'gan_gen_loss', 'GANS',
-           'valley_lr', 'steep_lr', 'minimum_lr', 'LRFindResult', 'LRFindS', 'on_preds', 'flat_tokens', 'MetricsS',
-           'ModelMonitorS', 'activation_stats', 'ActivationStatsS', 'module_label', 'mean_std', 'NormalizationS',
-           'AUTOCAST_DTYPES', 'resolve_precision', 'make_scaler', 'MixedPrecisionS', 'ChannelsLastS', 'CompileS',
-           'phase_table', 'epoch_table', 'in_kernel', 'Bar', 'ProgressView', 'plot_losses', 'ProgressS', 'annealer',
-           'sched_lin', 'sched_cos', 'sched_no', 'sched_exp', 'combine_scheds', 'cos_1cycle_anneal', 'one_cycle_scheds',
-           'flat_cos_scheds', 'get_hyper', 'set_hyper', 'ParamSchedulerS', 'SchedulerS', 'summary_writer',
-           'momentum_of', 'is_image_batch', 'TensorBoardS', 'EarlyStoppingS', 'CSVLoggerS', 'opt_params', 'opt_grads',
-           'grad_norm', 'GradClipS', 'set_grad_sync', 'GradAccumS', 'first_nonfinite_module', 'TerminateOnNaNS', 'EMAS',
-           'conv_macs', 'conv_transpose_macs', 'linear_macs', 'norm_macs', 'mha_macs', 'first_tensor', 'module_macs',
-           'leaf_modules', 'pick_modules', 'LayerInfo', 'ModelSummary', 'LayerRecorder', 'summary', 'POOL_TYPES',
-           'HEAD_ATTRS', 'BN_TYPES', 'is_pool', 'default_splitter', 'FrozenBnS', 'concat_pool', 'cut_body',
-           'n_features', 'make_head', 'adapt_head']
+           'plain_module', 'weight_problems', 'shards_folder', 'read_checkpoint', 'is_weights', 'find_weights',
+           'sharder', 'fit_args', 'state_dict', 'state_problems', 'load_state_dict', 'write_state', 'remove_checkpoint',
+           'save', 'load', 'load_weights', 'take_resume', 'auto_resume', 'check_resumed_loader', 'resume_run',
+           'AugmentS', 'per_sample', 'mixup', 'rand_box', 'cutmix', 'MixUpS', 'CutMixS', 'run_folders', 'checkpoints',
+           'is_exact', 'latest_checkpoint', 'check_writable', 'CheckpointS', 'tensor_stats', 'summarize',
+           'describe_change', 'fingerprint', 'Change', 'TraceS', 'sync_op', 'Sync', 'SyncAuditS', 'DebugS', 'DeviceS',
+           'DEFAULT_TIMEOUT', 'launched_by_torchrun', 'check_timeout', 'init_distributed', 'set_timeout',
+           'shutdown_distributed', 'rank0_first', 'collective_in', 'is_timeout', 'HangWatch', 'explain_timeout',
+           'all_gather_objects', 'interleave', 'StopFlag', 'ShardedTensorLoader', 'StrideSampler', 'is_sharded',
+           'can_shard', 'shard_loader', 'loader_seed', 'PlainKeysDDP', 'to_sync_bn', 'default_blocks', 'shard_model',
+           'reshard', 'opt_over_model', 'full_weights', 'save_sharded', 'load_sharded', 'consolidate', 'DistributedS',
+           'GANModule', 'gan_splitter', 'gan_crit_loss', 'gan_gen_loss', 'GANS', 'valley_lr', 'steep_lr', 'minimum_lr',
+           'LRFindResult', 'LRFindS', 'on_preds', 'flat_tokens', 'MetricsS', 'ModelMonitorS', 'activation_stats',
+           'ActivationStatsS', 'module_label', 'mean_std', 'NormalizationS', 'AUTOCAST_DTYPES', 'resolve_precision',
+           'make_scaler', 'MixedPrecisionS', 'ChannelsLastS', 'CompileS', 'phase_table', 'epoch_table', 'in_kernel',
+           'Bar', 'ProgressView', 'plot_losses', 'ProgressS', 'annealer', 'sched_lin', 'sched_cos', 'sched_no',
+           'sched_exp', 'combine_scheds', 'cos_1cycle_anneal', 'one_cycle_scheds', 'flat_cos_scheds', 'get_hyper',
+           'set_hyper', 'ParamSchedulerS', 'SchedulerS', 'summary_writer', 'momentum_of', 'is_image_batch',
+           'TensorBoardS', 'EarlyStoppingS', 'CSVLoggerS', 'opt_params', 'opt_grads', 'grad_norm', 'GradClipS',
+           'no_grad_sync', 'GradAccumS', 'first_nonfinite_module', 'TerminateOnNaNS', 'EMAS', 'conv_macs',
+           'conv_transpose_macs', 'linear_macs', 'norm_macs', 'mha_macs', 'first_tensor', 'module_macs', 'leaf_modules',
+           'pick_modules', 'LayerInfo', 'ModelSummary', 'LayerRecorder', 'summary', 'POOL_TYPES', 'HEAD_ATTRS',
+           'BN_TYPES', 'is_pool', 'default_splitter', 'FrozenBnS', 'concat_pool', 'cut_body', 'n_features', 'make_head',
+           'adapt_head']
 
 # %% ../nbs/99_all.ipynb #65bdd645
 import warnings
@@ -98,18 +101,20 @@ from .optim import (
 from .run import Position, DeferredInterrupt, WeightedMean, Run
 from .show import OnceFigure, subplots, denormalize, show_images, show_batch
 from .state import (
-    FORMAT, WEIGHT_KEYS, plain_module, weight_problems, read_checkpoint, is_weights, find_weights, fit_args,
-    state_dict, state_problems, load_state_dict, save, load, load_weights, take_resume, auto_resume,
-    check_resumed_loader, resume_run)
+    FORMAT, WEIGHT_KEYS, plain_module, weight_problems, shards_folder, read_checkpoint, is_weights, find_weights,
+    sharder, fit_args, state_dict, state_problems, load_state_dict, write_state, remove_checkpoint, save, load,
+    load_weights, take_resume, auto_resume, check_resumed_loader, resume_run)
 from .subs.augment import AugmentS, per_sample, mixup, rand_box, cutmix, MixUpS, CutMixS
 from .subs.checkpoint import run_folders, checkpoints, is_exact, latest_checkpoint, check_writable, CheckpointS
 from .subs.debug import (
     tensor_stats, summarize, describe_change, fingerprint, Change, TraceS, sync_op, Sync, SyncAuditS, DebugS)
 from .subs.device import DeviceS
-from .subs.distributed import (
-    launched_by_torchrun, init_distributed, rank0_first, all_max, all_gather_objects, interleave,
+from nntrain.subs.distributed import (
+    DEFAULT_TIMEOUT, launched_by_torchrun, check_timeout, init_distributed, set_timeout, shutdown_distributed,
+    rank0_first, collective_in, is_timeout, HangWatch, explain_timeout, all_gather_objects, interleave, StopFlag,
     ShardedTensorLoader, StrideSampler, is_sharded, can_shard, shard_loader, loader_seed, PlainKeysDDP, to_sync_bn,
-    FullStateDict, full_state_dicts, fsdp_opt, gather_fsdp, DistributedS)
+    default_blocks, shard_model, reshard, opt_over_model, full_weights, save_sharded, load_sharded, consolidate,
+    DistributedS)
 from .subs.gan import GANModule, gan_splitter, gan_crit_loss, gan_gen_loss, GANS
 from .subs.lr_find import valley_lr, steep_lr, minimum_lr, LRFindResult, LRFindS
 from .subs.metrics import on_preds, flat_tokens, MetricsS
@@ -124,7 +129,7 @@ from .subs.schedule import (
 from .subs.tensorboard import summary_writer, momentum_of, is_image_batch, TensorBoardS
 from .subs.tracking import EarlyStoppingS, CSVLoggerS
 from nntrain.subs.training import (
-    opt_params, opt_grads, grad_norm, GradClipS, set_grad_sync, GradAccumS, first_nonfinite_module, TerminateOnNaNS,
+    opt_params, opt_grads, grad_norm, GradClipS, no_grad_sync, GradAccumS, first_nonfinite_module, TerminateOnNaNS,
     EMAS)
 from .summary import (
     conv_macs, conv_transpose_macs, linear_macs, norm_macs, mha_macs, first_tensor, module_macs, leaf_modules,
@@ -159,27 +164,29 @@ _all_ = ['torch', 'nn', 'F', 'BinaryAccuracy', 'BinaryAUROC', 'BinaryF1Score', '
          'weight_decay', 'l2_reg', 'sgd_step', 'average_grad', 'average_sqr_grad', 'step_stat', 'rms_step',
          'adam_step', 'StatsOptimizer', 'sgd_opt', 'rmsprop_opt', 'adam_opt', 'Position', 'DeferredInterrupt',
          'WeightedMean', 'Run', 'OnceFigure', 'subplots', 'denormalize', 'show_images', 'show_batch',
-         'FORMAT', 'WEIGHT_KEYS', 'plain_module', 'weight_problems', 'read_checkpoint', 'is_weights',
-         'find_weights', 'fit_args', 'state_dict', 'state_problems', 'load_state_dict', 'save', 'load',
-         'load_weights', 'take_resume', 'auto_resume', 'check_resumed_loader', 'resume_run', 'AugmentS',
-         'per_sample', 'mixup', 'rand_box', 'cutmix', 'MixUpS', 'CutMixS', 'run_folders', 'checkpoints',
-         'is_exact', 'latest_checkpoint', 'check_writable', 'CheckpointS', 'tensor_stats', 'summarize',
-         'describe_change', 'fingerprint', 'Change', 'TraceS', 'sync_op', 'Sync', 'SyncAuditS', 'DebugS',
-         'DeviceS', 'launched_by_torchrun', 'init_distributed', 'rank0_first', 'all_max',
-         'all_gather_objects', 'interleave', 'ShardedTensorLoader', 'StrideSampler', 'is_sharded',
-         'can_shard', 'shard_loader', 'loader_seed', 'PlainKeysDDP', 'to_sync_bn', 'FullStateDict',
-         'full_state_dicts', 'fsdp_opt', 'gather_fsdp', 'DistributedS', 'GANModule', 'gan_splitter',
-         'gan_crit_loss', 'gan_gen_loss', 'GANS', 'valley_lr', 'steep_lr', 'minimum_lr', 'LRFindResult',
-         'LRFindS', 'on_preds', 'flat_tokens', 'MetricsS', 'ModelMonitorS', 'activation_stats',
-         'ActivationStatsS', 'module_label', 'mean_std', 'NormalizationS', 'AUTOCAST_DTYPES',
-         'resolve_precision', 'make_scaler', 'MixedPrecisionS', 'ChannelsLastS', 'CompileS', 'phase_table',
-         'epoch_table', 'in_kernel', 'Bar', 'ProgressView', 'plot_losses', 'ProgressS', 'annealer',
-         'sched_lin', 'sched_cos', 'sched_no', 'sched_exp', 'combine_scheds', 'cos_1cycle_anneal',
-         'one_cycle_scheds', 'flat_cos_scheds', 'get_hyper', 'set_hyper', 'ParamSchedulerS', 'SchedulerS',
-         'summary_writer', 'momentum_of', 'is_image_batch', 'TensorBoardS', 'EarlyStoppingS', 'CSVLoggerS',
-         'opt_params', 'opt_grads', 'grad_norm', 'GradClipS', 'set_grad_sync', 'GradAccumS',
-         'first_nonfinite_module', 'TerminateOnNaNS', 'EMAS', 'conv_macs', 'conv_transpose_macs',
-         'linear_macs', 'norm_macs', 'mha_macs', 'first_tensor', 'module_macs', 'leaf_modules',
-         'pick_modules', 'LayerInfo', 'ModelSummary', 'LayerRecorder', 'summary', 'POOL_TYPES', 'HEAD_ATTRS',
-         'BN_TYPES', 'is_pool', 'default_splitter', 'FrozenBnS', 'concat_pool', 'cut_body', 'n_features',
-         'make_head', 'adapt_head']
+         'FORMAT', 'WEIGHT_KEYS', 'plain_module', 'weight_problems', 'shards_folder', 'read_checkpoint',
+         'is_weights', 'find_weights', 'sharder', 'fit_args', 'state_dict', 'state_problems',
+         'load_state_dict', 'write_state', 'remove_checkpoint', 'save', 'load', 'load_weights', 'take_resume',
+         'auto_resume', 'check_resumed_loader', 'resume_run', 'AugmentS', 'per_sample', 'mixup', 'rand_box',
+         'cutmix', 'MixUpS', 'CutMixS', 'run_folders', 'checkpoints', 'is_exact', 'latest_checkpoint',
+         'check_writable', 'CheckpointS', 'tensor_stats', 'summarize', 'describe_change', 'fingerprint',
+         'Change', 'TraceS', 'sync_op', 'Sync', 'SyncAuditS', 'DebugS', 'DeviceS', 'DEFAULT_TIMEOUT',
+         'launched_by_torchrun', 'check_timeout', 'init_distributed', 'set_timeout', 'shutdown_distributed',
+         'rank0_first', 'collective_in', 'is_timeout', 'HangWatch', 'explain_timeout', 'all_gather_objects',
+         'interleave', 'StopFlag', 'ShardedTensorLoader', 'StrideSampler', 'is_sharded', 'can_shard',
+         'shard_loader', 'loader_seed', 'PlainKeysDDP', 'to_sync_bn', 'default_blocks', 'shard_model',
+         'reshard', 'opt_over_model', 'full_weights', 'save_sharded', 'load_sharded', 'consolidate',
+         'DistributedS', 'GANModule', 'gan_splitter', 'gan_crit_loss', 'gan_gen_loss', 'GANS', 'valley_lr',
+         'steep_lr', 'minimum_lr', 'LRFindResult', 'LRFindS', 'on_preds', 'flat_tokens', 'MetricsS',
+         'ModelMonitorS', 'activation_stats', 'ActivationStatsS', 'module_label', 'mean_std',
+         'NormalizationS', 'AUTOCAST_DTYPES', 'resolve_precision', 'make_scaler', 'MixedPrecisionS',
+         'ChannelsLastS', 'CompileS', 'phase_table', 'epoch_table', 'in_kernel', 'Bar', 'ProgressView',
+         'plot_losses', 'ProgressS', 'annealer', 'sched_lin', 'sched_cos', 'sched_no', 'sched_exp',
+         'combine_scheds', 'cos_1cycle_anneal', 'one_cycle_scheds', 'flat_cos_scheds', 'get_hyper',
+         'set_hyper', 'ParamSchedulerS', 'SchedulerS', 'summary_writer', 'momentum_of', 'is_image_batch',
+         'TensorBoardS', 'EarlyStoppingS', 'CSVLoggerS', 'opt_params', 'opt_grads', 'grad_norm', 'GradClipS',
+         'no_grad_sync', 'GradAccumS', 'first_nonfinite_module', 'TerminateOnNaNS', 'EMAS', 'conv_macs',
+         'conv_transpose_macs', 'linear_macs', 'norm_macs', 'mha_macs', 'first_tensor', 'module_macs',
+         'leaf_modules', 'pick_modules', 'LayerInfo', 'ModelSummary', 'LayerRecorder', 'summary',
+         'POOL_TYPES', 'HEAD_ATTRS', 'BN_TYPES', 'is_pool', 'default_splitter', 'FrozenBnS', 'concat_pool',
+         'cut_body', 'n_features', 'make_head', 'adapt_head']

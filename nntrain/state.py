@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import shutil
 import warnings
 from pathlib import Path
 
@@ -23,9 +24,10 @@ FORMAT = 3   # the layout of `Learner.state_dict`; raise it when the layout chan
 _OPT_FLAGS = {'foreach', 'fused', 'differentiable', 'capturable', 'maximize', 'decoupled_weight_decay'}  # vary by torch
 
 # %% auto #0
-__all__ = ['FORMAT', 'WEIGHT_KEYS', 'plain_module', 'weight_problems', 'read_checkpoint', 'is_weights', 'find_weights',
-           'fit_args', 'state_dict', 'state_problems', 'load_state_dict', 'save', 'load', 'load_weights', 'take_resume',
-           'auto_resume', 'check_resumed_loader', 'resume_run']
+__all__ = ['FORMAT', 'WEIGHT_KEYS', 'plain_module', 'weight_problems', 'shards_folder', 'read_checkpoint', 'is_weights',
+           'find_weights', 'sharder', 'fit_args', 'state_dict', 'state_problems', 'load_state_dict', 'write_state',
+           'remove_checkpoint', 'save', 'load', 'load_weights', 'take_resume', 'auto_resume', 'check_resumed_loader',
+           'resume_run']
 
 # %% ../nbs/03d_state.ipynb #fa320a4c
 def plain_module(model: nn.Module,   # a model, compiled or not
@@ -48,12 +50,18 @@ def weight_problems(model: nn.Module,   # the model to load into
         if keys: out.append(f'weights {what}: {", ".join(keys[:3])}{", ..." if len(keys) > 3 else ""}')
     return out
 
+def shards_folder(path,   # a checkpoint file
+                 ) -> Path:
+    "The folder beside checkpoint file `path` that holds its tensors as shards, one file per process (DCP)."
+    path = Path(path)
+    return path.with_name(path.name + '.dcp')
+
 def read_checkpoint(path,   # a file written by `save` (or a `state_dict` file)
                    ) -> dict:
     "Load a checkpoint file with `weights_only=True`; a file that is not one gets an error saying what it is."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f'no checkpoint file at {path}')
-    try: return torch.load(path, map_location='cpu', weights_only=True)
+    try: state = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
         if 'Unsupported global' not in str(e):
             raise ValueError(f'{path} is not a readable checkpoint (truncated, or another program\'s file)') from e
@@ -63,6 +71,9 @@ def read_checkpoint(path,   # a file written by `save` (or a `state_dict` file)
     except Exception as e:
         raise ValueError(f'{path} is not a readable checkpoint (truncated, or another program\'s file): '
                          f'{type(e).__name__}: {e}') from e
+    if isinstance(state, dict) and isinstance(state.get('sharded'), dict):   # its shards' folder, found from here
+        state['sharded']['folder'] = str(path.parent / Path(state['sharded']['folder']).name)
+    return state
 
 def is_weights(state,   # what a file held
               ) -> bool:
@@ -88,6 +99,11 @@ def _sub_keys(learn) -> list[tuple[str, object]]:
         seen[name] = seen.get(name, 0) + 1
         keys.append((name if seen[name] == 1 else f'{name}#{seen[name]}', s))
     return keys
+
+def sharder(learn,   # the learner
+           ):
+    "The subscriber that keeps `learn`'s weights sharded over processes (`shards_weights`: FSDP2), or None."
+    return next((s for s in learn.subs if getattr(s, 'shards_weights', False)), None)
 
 def _loader_size(dl) -> dict | None:
     "What a mid-epoch resume needs to match: the number of batches and the batch size."
@@ -115,6 +131,8 @@ def state_dict(learn,   # the learner
         # and the random and loader states it started from (a resume starts its loader again from them)
         phase = {'loss': run.losses.state_dict(), 'time': run.phase_seconds(), 'start': run.phase_state}
     dls = {'train': learn.dls.train, 'valid': learn.dls.valid}
+    # during a run, its loaders as it iterates them (a subscriber may give it others, e.g. each process's shard)
+    if learn.run is not None: dls.update({'train' if t else 'valid': dl for dl, t in learn.run.phases})
     return {'format': FORMAT,
             'run_id': learn.run_id,
             'model': plain_module(learn.model).state_dict(),
@@ -155,7 +173,13 @@ def state_problems(learn,           # the learner
         return [f'this is not a learner state (it has {keys}); {advice}']
     if state.get('format', 1) > FORMAT:
         return [f'written by a newer nntrain (format {state["format"]}); this one reads format {FORMAT} or older']
-    problems = weight_problems(plain_module(learn.model), state['model'])
+    if state.get('sharded'):
+        if sharder(learn) is None:
+            return [f'its weights are sharded over {state["sharded"]["world_size"]} processes (in '
+                    f'{state["sharded"]["folder"]}): load it under torchrun with DistributedS(fsdp=True), or merge '
+                    'the shards into one file with nntrain.subs.distributed.consolidate(path) and load that']
+        problems = sharder(learn).sharded_problems(learn, state)
+    else: problems = weight_problems(plain_module(learn.model), state['model'])
     if with_opt and state.get('opt') is not None: problems += _opt_problems(learn, state['opt'], state.get('opt_type'))
     keys = dict(_sub_keys(learn))
     missing = [k for k in state.get('subs', {}) if k not in keys]
@@ -189,10 +213,12 @@ def load_state_dict(learn,                 # the learner
         raise
 
 def _apply(learn, state: dict, with_opt: bool) -> None:
-    plain_module(learn.model).load_state_dict(state['model'])
-    if with_opt and state.get('opt') is not None:
-        if learn.opt is None: learn.opt = learn._new_opt(learn.lr)
-        learn.opt.load_state_dict(state['opt'])
+    if state.get('sharded'): sharder(learn).read_sharded(learn, state, with_opt)   # each process its shards
+    else:
+        plain_module(learn.model).load_state_dict(state['model'])
+        if with_opt and state.get('opt') is not None:
+            if learn.opt is None: learn.opt = learn._new_opt(learn.lr)
+            learn.opt.load_state_dict(state['opt'])
     counters = state['counters']
     if state.get('run_id') is not None: learn.run_id = state['run_id']   # the checkpoint's run goes on
     learn.global_step = counters['global_step']
@@ -206,12 +232,27 @@ def _apply(learn, state: dict, with_opt: bool) -> None:
         'n_epochs': counters['n_epochs'], 'start': Position(*counters['position']), 'rng': state['rng'],
         'phase': state.get('phase'), 'loaders': counters.get('loaders', {}), 'fit': counters.get('fit')}
 
+def write_state(learn,         # the learner
+                state: dict,   # what `state_dict` returned
+                path,          # the file to write
+               ) -> Path:
+    "Write a learner state to `path` atomically from the main process; sharded weights as shards beside it (every one)."
+    s = sharder(learn)
+    if s is not None: return s.write_sharded(learn, state, path)   # a collective: each process writes its shards
+    return atomic_save(state, path) if learn.is_main else Path(path)
+
+def remove_checkpoint(path,   # a checkpoint file
+                     ) -> None:
+    "Delete checkpoint file `path` and its shards' folder, if it has one."
+    Path(path).unlink(missing_ok=True)
+    if shards_folder(path).is_dir(): shutil.rmtree(shards_folder(path))
+
 def save(learn,   # the learner
          path,    # the file to write
         ) -> Path:
     "Write `state_dict()` to `path` atomically (temporary file, fsync, rename); distributed, call it on every rank."
     state = learn.state_dict()   # on every rank: gathering it may be a collective (each rank's RNG, sharded weights)
-    return atomic_save(state, path) if learn.is_main else Path(path)
+    return write_state(learn, state, path)
 
 def load(learn,                   # the learner
          path,                    # a file written by `save` (or a `state_dict` file)
@@ -229,6 +270,10 @@ def load_weights(learn,                    # the learner
                 ):
     "Load only the model's weights from a checkpoint (nntrain's, or a dict holding a `state_dict`); nothing else changes."
     state = read_checkpoint(path) if state is None else state
+    if isinstance(state, dict) and state.get('sharded'):
+        raise ValueError(f'{path} keeps its weights as shards (in {state["sharded"]["folder"]}): load it with '
+                         'learn.load(path) under torchrun with DistributedS(fsdp=True), or merge them into one file '
+                         'with nntrain.subs.distributed.consolidate(path)')
     weights = find_weights(state)
     if weights is None:
         keys = list(state)[:5] if isinstance(state, dict) else type(state).__name__

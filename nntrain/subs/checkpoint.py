@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from ..core import Order, Subscriber, atomic_save, check_bool, check_choice, check_int
+from ..core import Order, Subscriber, check_bool, check_choice, check_int
 from ..run import Position
+from ..state import remove_checkpoint, write_state
 
 # %% auto #0
 __all__ = ['run_folders', 'checkpoints', 'is_exact', 'latest_checkpoint', 'check_writable', 'CheckpointS']
@@ -106,14 +107,16 @@ class CheckpointS(Subscriber):
 
     def _save(self, learn, name: str, exact: bool = True) -> Path:
         state = learn.state_dict()   # on every rank: gathering it may be a collective; the main rank writes it
-        state['exact'] = exact       # False: written after an error, part way through a batch
-        return atomic_save(state, self.run_dir / name) if learn.is_main else self.run_dir / name
+        # False: written after an error, part way through a batch, or without a state a subscriber needs to continue
+        # exactly (`exact_state`: e.g. DistributedS after an error, without the other processes' random states)
+        state['exact'] = exact and all(getattr(s, 'exact_state', True) for s in learn.subs)
+        return write_state(learn, state, self.run_dir / name)   # sharded weights: every process writes its shards
 
     def _rotate(self, learn) -> None:
         self._save(learn, f'step-{learn.global_step}.pt')
         if not learn.is_main: return
-        # only this run's folder: another run's checkpoints in `folder` are never deleted
-        for old in checkpoints(self.run_dir)[:-self.keep] if self.keep else []: old.unlink()
+        # only this run's folder: another run's checkpoints in `folder` are never deleted (with their shards)
+        for old in checkpoints(self.run_dir)[:-self.keep] if self.keep else []: remove_checkpoint(old)
 
     def before_fit(self, learn):
         self._ready, self._finished, self._epoch_unsaved, self._best_unsaved, self._step_due = (False,) * 5

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import warnings
+from contextlib import ExitStack, contextmanager
 from typing import Any, Callable
 
 import torch
@@ -15,7 +16,7 @@ from ..core import (
     CancelFitException, CancelStepException, Order, Subscriber, check_choice, check_int, check_number)
 
 # %% auto #0
-__all__ = ['opt_params', 'opt_grads', 'grad_norm', 'GradClipS', 'set_grad_sync', 'GradAccumS', 'first_nonfinite_module',
+__all__ = ['opt_params', 'opt_grads', 'grad_norm', 'GradClipS', 'no_grad_sync', 'GradAccumS', 'first_nonfinite_module',
            'TerminateOnNaNS', 'EMAS']
 
 # %% ../../nbs/18_training.ipynb #eae27794
@@ -64,12 +65,17 @@ class GradClipS(Subscriber):
             nn.utils.clip_grad_value_(params, self.max_norm)
 
 # %% ../../nbs/18_training.ipynb #2e2fe355
-def set_grad_sync(model: nn.Module,    # the model (wrapped by DDP, or sharded by FSDP2, or neither)
-                  sync: bool,          # all-reduce the gradients of the next backward pass
-                 ) -> None:
-    "Under DDP or FSDP2, whether the next backward pass all-reduces gradients (set before its forward); else nothing."
-    if hasattr(model, 'require_backward_grad_sync'): model.require_backward_grad_sync = sync   # DDP's no_sync flag
-    elif callable(getattr(model, 'set_requires_gradient_sync', None)): model.set_requires_gradient_sync(sync)
+@contextmanager
+def no_grad_sync(model: nn.Module,   # the model (wrapped by DDP, or sharded by FSDP2, or neither)
+                ):
+    "Inside: a DDP or FSDP2 `model` adds up its gradients without syncing them over ranks; any other model: nothing."
+    if callable(getattr(model, 'no_sync', None)):   # DDP (reads it in the forward pass: enter before it)
+        with model.no_sync(): yield
+    elif callable(getattr(model, 'set_requires_gradient_sync', None)):   # FSDP2's switch, put back on leaving
+        model.set_requires_gradient_sync(False)
+        try: yield
+        finally: model.set_requires_gradient_sync(True)
+    else: yield
 
 class GradAccumS(Subscriber):
     "One optimizer step per `n_acc` training batches, with gradients averaged as for one batch `n_acc` times larger."
@@ -81,14 +87,19 @@ class GradAccumS(Subscriber):
                 ):
         check_int('n_acc', n_acc)
         self.n_acc, self.count = n_acc, 0
+        self._quiet = ExitStack()   # holds `no_grad_sync` from a batch's start to its end
 
     def before_epoch(self, learn):
         if learn.training: self._discard(learn)   # a pass cut short (CancelEpochException) left partial sums
 
     def before_batch(self, learn):
-        # Distributed (DDP, FSDP2): only a group's last micro-batch all-reduces its gradients. DDP reads the flag in
-        # the forward pass, so it is set here, before it: deciding after backward desynchronises the ranks.
-        if learn.training: set_grad_sync(learn.model, self.count + 1 >= self.n_acc or learn.iter >= learn.n_iter - 1)
+        # Distributed (DDP, FSDP2): only a group's last micro-batch syncs its gradients; the others run forward and
+        # backward inside `no_grad_sync`. DDP decides in the forward pass, so it is entered here, before it (deciding
+        # after backward desynchronises the ranks), and left when the batch ends.
+        if learn.training and self.count + 1 < self.n_acc and learn.iter < learn.n_iter - 1:
+            self._quiet.enter_context(no_grad_sync(learn.model))
+
+    def cleanup_batch(self, learn): self._quiet.close()
 
     def after_backward(self, learn):
         self.count += 1
@@ -98,7 +109,7 @@ class GradAccumS(Subscriber):
 
     def cleanup_fit(self, learn):
         self._discard(learn)   # a fit stopped mid-group must not leak into the next
-        set_grad_sync(learn.model, True)
+        self._quiet.close()
 
     def _discard(self, learn):
         if self.count and learn.opt is not None: learn.opt.zero_grad()
