@@ -22,8 +22,13 @@ __all__ = ['HOST_READS', 'synth_dls', 'synth_learner', 'tiny_classifier', 'Recor
            'weights_of', 'same_weights', 'no_host_sync_in_batches']
 
 # %% ../nbs/06_testing.ipynb #d8c5771a
-def synth_dls(n_train: int = 64, n_valid: int = 32, batch_size: int = 16, a: float = 2., b: float = 1.,
-              seed: int = 0) -> DataLoaders:
+def synth_dls(n_train: int = 64,      # training items
+              n_valid: int = 32,      # validation items
+              batch_size: int = 16,   # training batch size (validation: twice it)
+              a: float = 2.,          # the slope of `y = a*x + b`
+              b: float = 1.,          # its intercept
+              seed: int = 0,          # seeds the data and the training shuffle
+             ) -> DataLoaders:
     "Loaders for `y = a*x + b + noise` with one feature: a regression that trains in milliseconds."
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n_train + n_valid, 1, generator=g)
@@ -31,13 +36,24 @@ def synth_dls(n_train: int = 64, n_valid: int = 32, batch_size: int = 16, a: flo
     return DataLoaders.from_tensors(x[:n_train], y[:n_train], x[n_train:], y[n_train:], batch_size=batch_size,
                                     seed=seed)
 
-def synth_learner(subs=(), lr: float = 0.1, opt_func=torch.optim.SGD, seed: int = 0, **kwargs) -> Learner:
+def synth_learner(subs=(),                    # subscribers
+                  lr: float = 0.1,            # the learning rate
+                  opt_func=torch.optim.SGD,   # makes the optimizer, as `Learner`'s
+                  seed: int = 0,              # seeds the model's initial weights and the data
+                  **kwargs,                   # for `synth_dls`: n_train, n_valid, batch_size, a, b
+                 ) -> Learner:
     "A linear regression `Learner` on `synth_dls(seed=seed, **kwargs)`."
     torch.manual_seed(seed)
     return Learner(nn.Linear(1, 1), synth_dls(seed=seed, **kwargs), F.mse_loss, opt_func, lr=lr, subs=subs)
 
-def tiny_classifier(n: int = 48, n_in: int = 8, n_classes: int = 3, bs: int = 16, seed: int = 0, subs=(),
-                    images: bool = False) -> Learner:
+def tiny_classifier(n: int = 48,            # training items; the validation set is their first 32
+                    n_in: int = 8,          # input features (unused with `images`)
+                    n_classes: int = 3,     # classes
+                    bs: int = 16,           # batch size, training and validation
+                    seed: int = 0,          # seeds the data and the training shuffle, not the model's weights
+                    subs=(),                # subscribers
+                    images: bool = False,   # (N, 1, 4, 4) inputs and a flatten-then-linear model
+                   ) -> Learner:
     "A small classifier on random data (3 train, 2 valid batches); `images`: (N, 1, 4, 4) inputs. Milliseconds on CPU."
     g = torch.Generator().manual_seed(seed)
     shape = (1, 4, 4) if images else (n_in,)
@@ -54,7 +70,11 @@ class Recorder(Subscriber):
 
 for _e in EVENTS: setattr(Recorder, _e, lambda self, learn, e=_e: self.seen.append(e))
 
-def failing(event: str = 'after_loss', at: int = 1, exc: type = RuntimeError, training: bool = True) -> Subscriber:
+def failing(event: str = 'after_loss',   # the event whose handler raises
+            at: int = 1,                 # the batch (`learn.iter`) it raises in
+            exc: type = RuntimeError,    # the exception class raised
+            training: bool = True,       # in a training pass (False: a validation pass)
+           ) -> Subscriber:
     "A subscriber raising `exc('injected failure')` at `event` of batch `at` of a training (or valid) pass; runs last."
     def handler(self, learn):
         if learn.training == training and learn.iter == at: raise exc('injected failure')
@@ -71,7 +91,10 @@ def _brief(x) -> str:
     r = repr(x)
     return r if len(r) <= 60 else r[:57] + '...'
 
-def state_diffs(a, b, path: str = '') -> list[str]:
+def state_diffs(a,               # a state: nested dicts, lists, tuples, tensors, numbers
+                b,               # the state to compare it with
+                path: str = '',  # where `a` and `b` sit in a larger state, for the messages ('': the top level)
+               ) -> list[str]:
     "Where `a` and `b` (nested dicts, lists, tuples, tensors, numbers) differ; tensors by bits, dtype and shape."
     at = path or 'the top level'
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
@@ -90,17 +113,22 @@ def state_diffs(a, b, path: str = '') -> list[str]:
     if isinstance(a, float) and isinstance(b, float) and a != a and b != b: return []   # NaN is NaN here
     return [] if type(a) is type(b) and a == b else [f'{at}: {_brief(a)} vs {_brief(b)}']
 
-def same_state(a, b) -> bool:
+def same_state(a,   # a state: nested dicts, lists, tuples, tensors, numbers
+               b,   # the state to compare it with
+              ) -> bool:
     "Are `a` and `b` equal, tensors bit for bit (NaNs and signed zeros by their bits)? `state_diffs` says where not."
     return not state_diffs(a, b)
 
-def weights_of(x) -> dict | list:
+def weights_of(x,   # a `Learner`, a model, a state dict, or a sequence of tensors
+              ) -> dict | list:
     "The tensors of a `Learner` or a model (its state dict), a state dict as it is, or a sequence of tensors as a list."
     if isinstance(getattr(x, 'model', None), nn.Module): x = x.model
     if isinstance(x, nn.Module): return x.state_dict()
     return x if isinstance(x, dict) else list(x)
 
-def same_weights(a, b) -> bool:
+def same_weights(a,   # a learner, a model, a state dict or a sequence of tensors
+                 b,   # what to compare it with, of any of those kinds
+                ) -> bool:
     "Do `a` and `b` (learners, models, state dicts or sequences of tensors) hold the same tensors, bit for bit?"
     return same_state(weights_of(a), weights_of(b))
 
@@ -129,7 +157,7 @@ class _Window(Subscriber):
         if not self.opens: self.guard.on = False
 
 @contextmanager
-def no_host_sync_in_batches(learn: Learner,
+def no_host_sync_in_batches(learn: Learner,   # the learner whose batches are guarded
                             allow=()):   # functions that may read (CPU-only tensors, by design), with what they call
     "Inside: a tensor read on the host while a batch runs raises; yields `guard` (`guard.batches`: batches checked)."
     guard = SimpleNamespace(on=False, batches=0, reads=[], caught=[])   # reads: the allowed reads seen

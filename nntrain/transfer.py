@@ -27,7 +27,8 @@ POOL_TYPES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
               nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
 HEAD_ATTRS = ('fc', 'classifier', 'head', 'heads')   # torchvision: ResNet, VGG/DenseNet/EfficientNet, Swin, ViT
 
-def is_pool(m: nn.Module) -> bool:
+def is_pool(m: nn.Module,   # a layer
+           ) -> bool:
     "Is `m` a global (adaptive) pooling layer, the usual border between a CNN's body and its head?"
     return isinstance(m, (*POOL_TYPES, AdaptiveConcatPool2d))
 
@@ -47,7 +48,8 @@ def _head_start(children: list) -> int | None:
     with_params = [i for i, c in enumerate(children) if _has_params(c)]
     return with_params[-1] if with_params else None
 
-def default_splitter(model: nn.Module) -> list[list]:
+def default_splitter(model: nn.Module,   # the model to split into a body and a head
+                    ) -> list[list]:
     "[body parameters, head parameters] for `nn.Sequential` models and models with a `fc`/`classifier`/`head` layer."
     if isinstance(model, nn.Sequential):
         children = list(model.children())
@@ -78,7 +80,8 @@ def _bn_layers(model: nn.Module) -> list[nn.Module]:
 class FrozenBnS(Subscriber):
     "Keep the batch-norm layers of frozen groups in eval mode while training: their running statistics stay put."
     order, runs = Order.DEFAULT, ('fit', 'lr_find')
-    def __init__(self, layers: list[nn.Module]): self.layers = list(layers)
+    def __init__(self, layers: list[nn.Module]):   # the batch-norm layers to keep in eval mode
+        self.layers = list(layers)
     def before_batch(self, learn):
         # Every batch, not every epoch: a subscriber that evaluates mid-epoch and calls `model.train()` after
         # must not put these layers back into train mode. (The learner restores all modes when the run ends.)
@@ -92,7 +95,10 @@ def _same_groups(opt, groups: list[list]) -> bool:
     return have == [{id(p) for p in g} for g in groups]
 
 @patch
-def freeze_to(self: Learner, n: int, train_bn: bool = True) -> Learner:
+def freeze_to(self: Learner,
+              n: int,                  # groups to freeze, from the first (negative: all but the last `-n`; 0: none)
+              train_bn: bool = True,   # the frozen groups' batch norms still train (False: frozen, statistics kept)
+             ) -> Learner:
     "Freeze the first `n` parameter groups (negative: all but the last `-n`), train the others; see the notebook."
     check_int('n', n, None)
     check_bool('train_bn', train_bn)
@@ -130,7 +136,9 @@ def freeze_to(self: Learner, n: int, train_bn: bool = True) -> Learner:
     return self
 
 @patch
-def freeze(self: Learner, train_bn: bool = True) -> Learner:
+def freeze(self: Learner,
+           train_bn: bool = True,   # the frozen groups' batch norms still train (False: frozen, statistics kept)
+          ) -> Learner:
     "Freeze every parameter group but the last (the head); batch norm stays trainable unless `train_bn=False`."
     return self.freeze_to(-1, train_bn)
 
@@ -151,7 +159,9 @@ def concat_pool() -> nn.Module:
     "Adaptive max and average pooling, concatenated (`nntrain.models.AdaptiveConcatPool2d`)."
     return AdaptiveConcatPool2d()
 
-def cut_body(model: nn.Module, cut: int | Callable | None = None) -> nn.Module:
+def cut_body(model: nn.Module,                  # the model to cut
+             cut: int | Callable | None = None,  # keep `children[:cut]`, or `cut(model)` (None: before the pooling)
+            ) -> nn.Module:
     "The body of `model`: its children before the last one that is (or holds) a global pooling layer, or before `cut`."
     if callable(cut): return cut(model)
     children = list(model.children())
@@ -167,7 +177,9 @@ def cut_body(model: nn.Module, cut: int | Callable | None = None) -> nn.Module:
     if not body: raise ValueError(f'cut={cut} leaves no layer in the body (the model has {len(children)} children)')
     return nn.Sequential(*body)
 
-def n_features(body: nn.Module, size: int = 64) -> int:
+def n_features(body: nn.Module,   # a CNN body, whose first conv or linear layer says what it takes
+               size: int = 64,    # the height and width of the zero input it runs on
+              ) -> int:
     "The number of channels `body` outputs, from one forward pass on zeros (eval mode, no gradient, modes restored)."
     first = next((m for m in body.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))), None)
     if first is None: raise ValueError('cannot tell how many channels the body takes: pass n_features')
@@ -181,14 +193,23 @@ def n_features(body: nn.Module, size: int = 64) -> int:
                          'those; pass cut= to stop earlier, or build the head yourself')
     return out.shape[1]
 
-def make_head(n_in: int, n_out: int, p: float = 0.25, concat: bool = True) -> nn.Sequential:
+def make_head(n_in: int,              # channels the body outputs
+              n_out: int,             # outputs of the head (e.g. classes)
+              p: float = 0.25,        # the dropout probability before the linear layer
+              concat: bool = True,    # pool by max and average, concatenated (False: average only)
+             ) -> nn.Sequential:
     "Pooling (max and average concatenated, or average), flatten, batch norm, dropout `p`, linear to `n_out`."
     nf = 2 * n_in if concat else n_in
     return nn.Sequential(concat_pool() if concat else nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.BatchNorm1d(nf),
                          nn.Dropout(p), nn.Linear(nf, n_out))
 
-def adapt_head(model: nn.Module, n_out: int, p: float = 0.25, concat: bool = True, cut: int | Callable | None = None,
-               n_in: int | None = None) -> nn.Sequential:
+def adapt_head(model: nn.Module,                   # a (pretrained) model whose body is kept
+               n_out: int,                         # outputs of the new head (e.g. classes)
+               p: float = 0.25,                    # the head's dropout probability
+               concat: bool = True,                # pool by max and average, concatenated (False: average only)
+               cut: int | Callable | None = None,  # where the body ends, as for `cut_body`
+               n_in: int | None = None,            # channels the body outputs (None: `n_features` finds them)
+              ) -> nn.Sequential:
     "`nn.Sequential(body=..., head=...)`: `model`'s body (its layers, shared, not copied) and a new head for `n_out`."
     check_int('n_out', n_out)
     check_number('p', p, 0, 1, high_open=True)
@@ -202,9 +223,16 @@ def adapt_head(model: nn.Module, n_out: int, p: float = 0.25, concat: bool = Tru
 _FINE_TUNE_KWARGS = ('div_final', 'moms', 'subs', 'train', 'valid', 'reset_opt', 'n_batches')
 
 @patch
-def fine_tune(self: Learner, epochs: int, base_lr: float = 2e-3, freeze_epochs: int = 1, lr_mult: float = 100,
-              pct_start: float = 0.3, div: float = 5., train_bn: bool = True,
-              **kwargs) -> list[ParamSchedulerS]:   # for both fits: div_final, moms, subs, train, valid, reset_opt, ...
+def fine_tune(self: Learner,
+              epochs: int,                # epochs unfrozen, after the frozen ones
+              base_lr: float = 2e-3,      # the peak rate frozen; unfrozen, the last group's peak is half of it
+              freeze_epochs: int = 1,     # one-cycle epochs first, all but the last group frozen (0: none)
+              lr_mult: float = 100,       # unfrozen, the first group's rate is the last one's divided by this
+              pct_start: float = 0.3,     # the fraction of the unfrozen fit spent warming up
+              div: float = 5.,            # the unfrozen fit starts at its peak rates / `div`
+              train_bn: bool = True,      # the frozen groups' batch norms still train, as for `freeze`
+              **kwargs,                   # for both fits: div_final, moms, subs, train, valid, reset_opt, n_batches
+             ) -> list[ParamSchedulerS]:
     "fastai's recipe: `freeze_epochs` one-cycle epochs frozen, then `epochs` unfrozen with discriminative rates."
     check_int('epochs', epochs)
     check_int('freeze_epochs', freeze_epochs, 0)

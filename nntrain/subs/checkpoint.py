@@ -32,7 +32,8 @@ def _newest(d: Path) -> int | None:
     times = [p.stat().st_mtime_ns for p in d.iterdir() if _is_checkpoint(p)]
     return max(times) if times else None
 
-def run_folders(folder) -> list[Path]:
+def run_folders(folder,   # a checkpoints folder (`CheckpointS`'s `folder`)
+               ) -> list[Path]:
     "The folders of the runs that wrote checkpoints in `folder` (one per run id), the one written to last, last."
     folder = Path(folder)
     if not folder.is_dir(): return []
@@ -50,19 +51,25 @@ def _run_folder(folder, run_id: str | None) -> Path | None:
     if own is not None: runs.append((own, '', folder))
     return max(runs)[2] if runs else None
 
-def checkpoints(folder, run_id: str | None = None) -> list[Path]:
+def checkpoints(folder,                      # a checkpoints folder, or one run's folder in it
+                run_id: str | None = None,   # the run whose checkpoints (None: the run written to last)
+               ) -> list[Path]:
     "One run's rotating checkpoints, oldest first (by optimizer step): `run_id`'s in `folder`, else the latest run's."
     folder = _run_folder(folder, run_id)
     if folder is None or not folder.is_dir(): return []
     found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_FILE.match(p.name))]
     return [p for _, p in sorted(found)]
 
-def is_exact(path) -> bool:
+def is_exact(path,   # a checkpoint file
+            ) -> bool:
     "Can `path` resume exactly (not written after an error part way through a batch)? Reads only its flag."
     try: return torch.load(path, map_location='cpu', weights_only=True, mmap=True).get('exact', True) is not False
     except Exception: return False
 
-def latest_checkpoint(folder, exact: bool = True, run_id: str | None = None) -> Path | None:
+def latest_checkpoint(folder,                      # a checkpoints folder, or one run's folder in it
+                      exact: bool = True,          # only one that resumes exactly (not written mid-batch on an error)
+                      run_id: str | None = None,   # the run whose checkpoint (None: the run written to last)
+                     ) -> Path | None:
     "The newest checkpoint of one run in `folder` (`run_id`'s, else the run written to last), or None; see below."
     folder = _run_folder(folder, run_id)
     if folder is None: return None
@@ -72,7 +79,9 @@ def latest_checkpoint(folder, exact: bool = True, run_id: str | None = None) -> 
     return max(candidates, key=lambda p: (p.stat().st_mtime_ns, p.name)) if candidates else None
 
 # %% ../../nbs/40_checkpoint.ipynb #273c25a3
-def check_writable(folder, who: str) -> None:
+def check_writable(folder,     # the folder to create and probe
+                   who: str,   # who needs it, named in the error message
+                  ) -> None:
     "Create `folder` (with its parents) and write and delete a probe file there; `who` is named if that fails."
     folder = Path(folder)
     try:
@@ -89,8 +98,12 @@ class CheckpointS(Subscriber):
     order = Order.CHECKPOINT
     runs = ('fit',)
 
-    def __init__(self, folder='checkpoints', every: int | str = 'epoch', keep: int = 3, monitor: str | None = 'loss',
-                 mode: str = 'min', save_on_interrupt: bool = True):
+    def __init__(self, folder='checkpoints',       # where runs write, each in `folder/<run id>/`
+                 every: int | str = 'epoch',       # 'epoch': at each epoch's end; n: every n optimizer steps
+                 keep: int = 3,                    # rotating checkpoints kept (None: all)
+                 monitor: str | None = 'loss',     # the validation column that picks `best.pt` (None: no best model)
+                 mode: str = 'min',                # 'min': lower `monitor` is better; 'max': higher
+                 save_on_interrupt: bool = True):  # write `interrupted.pt` if a fit ends early (error, Ctrl-C, stop)
         if not isinstance(folder, (str, os.PathLike)): raise TypeError(f'folder must be a path, got {folder!r}')
         if every != 'epoch' and not (isinstance(every, int) and not isinstance(every, bool) and every > 0):
             raise ValueError(f"every must be 'epoch' or a positive number of optimizer steps, got {every!r}")
@@ -183,5 +196,11 @@ class CheckpointS(Subscriber):
         "The checkpoint `fit(n, resume='auto')` continues from: the latest exact one of the run written to last."
         return latest_checkpoint(self.folder)
 
-    def state_dict(self) -> dict: return {'best': self.best}
-    def load_state_dict(self, state: dict) -> None: self.best = state['best']
+    def state_dict(self) -> dict:
+        "The best `monitor` value so far."
+        return {'best': self.best}
+
+    def load_state_dict(self, state: dict,   # what `state_dict` returned
+                       ) -> None:
+        "Restore the best value saved by `state_dict`."
+        self.best = state['best']

@@ -56,7 +56,8 @@ def launched_by_torchrun() -> bool:
     "Was this process started by `torchrun` (its environment names a rank, a world size and a master)?"
     return all(v in os.environ for v in _TORCHRUN_VARS)
 
-def check_timeout(timeout) -> None:
+def check_timeout(timeout,   # the value to check
+                 ) -> None:
     "Raise unless `timeout` is a positive `datetime.timedelta` or None."
     if timeout is not None and (not isinstance(timeout, timedelta) or timeout.total_seconds() <= 0):
         raise ValueError(f'timeout must be a positive datetime.timedelta (or None), got {timeout!r}')
@@ -70,7 +71,8 @@ def _attempt_store(timeout: timedelta) -> dict:
     return {'store': dist.PrefixStore(f'nntrain/attempt_{os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")}', store),
             'rank': int(os.environ['RANK']), 'world_size': int(os.environ['WORLD_SIZE'])}
 
-def init_distributed(timeout: timedelta | None = None) -> bool:  # every collective's limit; None: leave it (10 min)
+def init_distributed(timeout: timedelta | None = None,   # each collective's limit (None: kept; a new group: 10 min)
+                    ) -> bool:
     "Join the process group `torchrun` describes, once (nccl on CUDA, gloo on CPU), and set `timeout`; False alone."
     check_timeout(timeout)
     if not is_distributed():
@@ -89,7 +91,8 @@ def init_distributed(timeout: timedelta | None = None) -> bool:  # every collect
     if _GROUP.watch is None: _GROUP.watch = HangWatch.start()
     return True
 
-def set_timeout(timeout: timedelta) -> None:
+def set_timeout(timeout: timedelta,   # how long a collective waits for every rank before it gives up
+               ) -> None:
     "Make every collective of this process (its default group, the stop flags' group) give up after `timeout`."
     check_timeout(timeout)
     if not is_distributed(): return
@@ -127,7 +130,8 @@ def _main_frames() -> list:
     frame = sys._current_frames().get(threading.main_thread().ident)
     return traceback.extract_stack(frame) if frame is not None else []
 
-def collective_in(frames: list) -> str | None:
+def collective_in(frames: list,   # a stack's frames, outermost first (as `traceback.extract_stack` gives them)
+                 ) -> str | None:
     "The collective a stack (outermost frame first) is waiting in, in words; None when it is in none."
     for f in reversed(frames):
         path = f.filename.replace(os.sep, '/')
@@ -144,7 +148,8 @@ def _own_frame(frames: list) -> str:
         if not any(p in f.filename.replace(os.sep, '/') for p in plumbing): return f'{f.name} ({f.filename}:{f.lineno})'
     return 'unknown code'
 
-def is_timeout(e: BaseException) -> bool:
+def is_timeout(e: BaseException,   # an error a collective (or anything else) raised
+              ) -> bool:
     "Did `e` come from a collective that gave up waiting (the process group's timeout)?"
     text = str(e).lower()
     return isinstance(e, RuntimeError) and ('timed out' in text or 'timeout' in text)
@@ -155,7 +160,10 @@ def _in_words(info: dict) -> str:
 
 class HangWatch:
     "A thread per rank: when some rank reports a collective timeout, print this rank's Python stack and where it is."
-    def __init__(self, store, prefix: str, rank: int, world: int):
+    def __init__(self, store,      # its own connection to torchrun's store (a `dist.TCPStore`)
+                 prefix: str,      # the keys' prefix: one per job attempt and process group
+                 rank: int,        # this process's rank
+                 world: int):      # the number of ranks
         self.store, self.prefix, self.rank, self.world = store, prefix, rank, world
         self.where: Callable[[], str | None] | None = None   # set by DistributedS: this rank's place in its run
         self._stop = threading.Event()
@@ -172,7 +180,10 @@ class HangWatch:
         attempt = f'{os.environ.get("TORCHELASTIC_RUN_ID", "")}/{os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)}'
         return cls(store, f'nntrain/hang/{attempt}/{_GROUP.count}', dist.get_rank(), dist.get_world_size())
 
-    def key(self, name: str) -> str: return f'{self.prefix}/{name}'
+    def key(self, name: str,   # the key's name, e.g. 'timeout'
+           ) -> str:
+        "The store key `name` under this watcher's prefix."
+        return f'{self.prefix}/{name}'
 
     def _watch(self) -> None:
         while not self._stop.wait(0.5):   # one key checked twice a second, off the training thread
@@ -203,7 +214,8 @@ class HangWatch:
         try: self.store.set(self.key(f'rank{self.rank}'), json.dumps(info))
         except Exception: pass
 
-    def ask(self, seconds: float = 5.) -> dict[int, dict]:
+    def ask(self, seconds: float = 5.,   # how long to wait for the other ranks' answers
+           ) -> dict[int, dict]:
         "Report a timeout: every other rank prints its stack and says where it is; the answers within `seconds`."
         self.store.set(self.key('timeout'), str(self.rank))
         answers, deadline = {}, time.monotonic() + seconds
@@ -217,10 +229,13 @@ class HangWatch:
         return answers
 
     def stop(self) -> None:
+        "Stop the watching thread (waiting up to 2 seconds for it to end)."
         self._stop.set()
         self.thread.join(2)
 
-def explain_timeout(e: BaseException, what: str | None = None) -> None:
+def explain_timeout(e: BaseException,         # an error a collective raised (any other is left alone)
+                    what: str | None = None,  # what this rank was doing, for the note (None: not said)
+                   ) -> None:
     "If `e` is a collective's timeout: have every rank print its stack, and name on `e` the ranks that did not arrive."
     watch = _GROUP.watch
     if watch is None or not is_timeout(e) or getattr(e, '_nntrain_explained', False): return
@@ -243,13 +258,15 @@ def explain_timeout(e: BaseException, what: str | None = None) -> None:
     print(note, file=sys.stderr, flush=True)
 
 # %% ../../nbs/42_distributed.ipynb #ad7e5d8c
-def all_gather_objects(obj) -> list:
+def all_gather_objects(obj,   # this rank's object (picklable)
+                      ) -> list:
     "Every rank's `obj` (picklable), in rank order (a collective: every rank must call it)."
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
 
-def interleave(parts: list[torch.Tensor]) -> torch.Tensor:
+def interleave(parts: list[torch.Tensor],   # each rank's strided part, in rank order
+              ) -> torch.Tensor:
     "Undo a strided split: item `j` of part `r` is item `r + j * len(parts)` of the whole."
     n = sum(len(p) for p in parts)
     out = parts[0].new_empty((n, *parts[0].shape[1:]))
@@ -267,9 +284,13 @@ class StopFlag:
         self.value = self.tensor.numpy()   # written and read through NumPy: no tensor operation on the hot path
 
     @property
-    def pending(self) -> bool: return self.work is not None
+    def pending(self) -> bool:
+        "Is an all-reduce in flight (sent, its result not read yet)?"
+        return self.work is not None
 
-    def send(self, flag: int, extra: int = 0) -> None:
+    def send(self, flag: int,     # this rank's flag (0: nothing to report)
+             extra: int = 0,      # a second value, max-reduced too (one rank's proposal; 0 from the others)
+            ) -> None:
         "Start the all-reduce of this rank's `flag` (and `extra`, e.g. a proposal of one rank, 0 from the others)."
         self.value[:] = (flag, extra)
         self.work = dist.all_reduce(self.tensor, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
@@ -288,15 +309,18 @@ def _flag_group():
 # %% ../../nbs/42_distributed.ipynb #176bb4dd
 class ShardedTensorLoader:
     "Rank `rank`'s shard of a `TensorLoader`: the order every rank draws, strided; `pad`: wrap around to equal shards."
-    def __init__(self, dl: TensorLoader, rank: int, world: int, pad: bool):
+    def __init__(self, dl: TensorLoader,   # the loader to shard (it keeps the data and the shuffling generator)
+                 rank: int,                # this process's rank: its shard is items rank, rank + world, ... in order
+                 world: int,               # the number of ranks
+                 pad: bool):               # wrap around so that every rank gets as many items (else none twice)
         self.dl, self.rank, self.world, self.pad = dl, rank, world, pad
         self._epoch_state = None   # the generator state this epoch's order came from, while an epoch runs
 
     # what code reading a TensorLoader finds (e.g. the learner's label checks read `tensors`)
-    tensors = property(lambda self: self.dl.tensors)
-    names = property(lambda self: self.dl.names)
-    batch_size = property(lambda self: self.dl.batch_size)
-    device = property(lambda self: self.dl.device)
+    tensors = property(lambda self: self.dl.tensors, doc="The whole `TensorLoader`'s tensors (every rank's items).")
+    names = property(lambda self: self.dl.names, doc="The keys of dict batches (None: tuple batches).")
+    batch_size = property(lambda self: self.dl.batch_size, doc='Items per batch.')
+    device = property(lambda self: self.dl.device, doc='Where the tensors are.')
 
     def _shard_size(self) -> int:
         n = self.dl.n
@@ -326,7 +350,8 @@ class ShardedTensorLoader:
         "The shuffling state, as the `TensorLoader` gives it: mid-epoch the one this epoch's order came from."
         return {'generator': self.dl.generator.get_state() if self._epoch_state is None else self._epoch_state}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict,   # what `state_dict` returned
+                       ) -> None:
         "Restore a shuffling state saved by `state_dict`."
         self.dl.load_state_dict(state)
         self._epoch_state = None
@@ -335,7 +360,10 @@ class ShardedTensorLoader:
 
 class StrideSampler(Sampler):
     "Indices `rank, rank + world, ...` below `n`: an unpadded shard, so no item is seen twice."
-    def __init__(self, n: int, rank: int, world: int): self.n, self.rank, self.world = n, rank, world
+    def __init__(self, n: int,     # the dataset's length
+                 rank: int,        # this process's rank: the first index
+                 world: int):      # the number of ranks: the stride
+        self.n, self.rank, self.world = n, rank, world
     def __iter__(self): return iter(range(self.rank, self.n, self.world))
     def __len__(self) -> int: return len(range(self.rank, self.n, self.world))
 
@@ -344,13 +372,15 @@ def _inner(dl):
     while isinstance(dl, MappedLoader): dl = dl.dl
     return dl
 
-def is_sharded(dl) -> bool:
+def is_sharded(dl,   # a loader (maybe in `MappedLoader`s)
+              ) -> bool:
     "Does `dl` already yield one rank's shard (a `ShardedTensorLoader`, or a loader with a `DistributedSampler`)?"
     dl = _inner(dl)
     return isinstance(dl, ShardedTensorLoader) or isinstance(getattr(dl, 'sampler', None),
                                                              (DistributedSampler, StrideSampler))
 
-def can_shard(dl) -> bool:
+def can_shard(dl,   # a loader (maybe in `MappedLoader`s)
+             ) -> bool:
     "Can `shard_loader` shard `dl`: a `TensorLoader`, a torch `DataLoader` over a map-style dataset (maybe mapped)?"
     dl = _inner(dl)
     if type(dl) is TensorLoader or is_sharded(dl): return True
@@ -374,7 +404,11 @@ def _rewrapped(dl, inner):
     outer.dl = _rewrapped(dl.dl, inner)
     return outer
 
-def shard_loader(dl, rank: int, world: int, pad: bool, seed: int = 0):  # seed: a DistributedSampler's
+def shard_loader(dl,               # the loader to shard (maybe in `MappedLoader`s)
+                 rank: int,        # this process's rank
+                 world: int,       # the number of ranks
+                 pad: bool,        # wrap around so that every rank gets as many items (else none twice)
+                 seed: int = 0):   # the `DistributedSampler`'s seed (a torch `DataLoader` with `pad`)
     "A loader of rank `rank`'s shard of `dl`'s items (padded to equal lengths when `pad`); `dl` itself is unchanged."
     inner = _inner(dl)
     if not can_shard(dl):
@@ -388,7 +422,8 @@ def shard_loader(dl, rank: int, world: int, pad: bool, seed: int = 0):  # seed: 
                else StrideSampler(n, rank, world))
     return _rewrapped(dl, _rebuilt(inner, sampler))
 
-def loader_seed(dl) -> int:
+def loader_seed(dl,   # the loader whose generator gives the seed
+               ) -> int:
     "A seed for a `DistributedSampler`: from the loader's generator, without advancing it; else from `set_seed`'s seed."
     gen = getattr(_inner(dl), 'generator', None)
     # torch.initial_seed() is what torch.manual_seed / set_seed set: a script that seeds itself draws the same
@@ -398,11 +433,19 @@ def loader_seed(dl) -> int:
 # %% ../../nbs/42_distributed.ipynb #bababb2f
 class PlainKeysDDP(DistributedDataParallel):
     "DDP whose `state_dict` and `load_state_dict` are the wrapped module's: checkpoints have plain keys (no `module.`)."
-    def state_dict(self, *args, **kwargs): return self.module.state_dict(*args, **kwargs)
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+    def state_dict(self, *args,   # as for `nn.Module.state_dict`
+                   **kwargs):     # as for `nn.Module.state_dict` (destination, prefix, keep_vars)
+        "The wrapped module's state dict: plain keys, no `module.` prefix."
+        return self.module.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict,      # weights with the wrapped module's (plain) keys
+                        strict: bool = True,   # every key must match, as for `nn.Module.load_state_dict`
+                        assign: bool = False): # take the tensors rather than copy them (`nn.Module.load_state_dict`)
+        "Load `state_dict` into the wrapped module: plain keys, no `module.` prefix."
         return self.module.load_state_dict(state_dict, strict, assign)
 
-def to_sync_bn(model) -> Callable[[], None]:
+def to_sync_bn(model,   # the model whose batch norm layers (below its root) are swapped in place
+              ) -> Callable[[], None]:
     "Replace `model`'s batch norm layers by `SyncBatchNorm` ones sharing their tensors; returns the undo."
     swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
              if isinstance(child, torch.nn.modules.batchnorm._BatchNorm)]
@@ -414,7 +457,8 @@ def to_sync_bn(model) -> Callable[[], None]:
 # %% ../../nbs/42_distributed.ipynb #c1d7e2a9
 def _has_params(m: nn.Module) -> bool: return next(m.parameters(), None) is not None
 
-def default_blocks(model: nn.Module) -> list[nn.Module]:
+def default_blocks(model: nn.Module,   # the model to shard
+                  ) -> list[nn.Module]:
     "FSDP2's units by default: each item of the model's `ModuleList`s (transformer layers), else each child of the root"
     " that is itself a container with parameters (a residual block, an `nn.Sequential` stage)."
     items = [b for m in model.modules() if isinstance(m, nn.ModuleList) for b in m if _has_params(b)]
@@ -437,13 +481,15 @@ def shard_model(model: nn.Module,  # sharded in place: its parameters become sha
     for m in sorted(chosen, key=lambda m: -depth[id(m)]): fully_shard(m, **kwargs)
     return fully_shard(model, **kwargs)
 
-def reshard(model: nn.Module) -> None:
+def reshard(model: nn.Module,   # an FSDP2-sharded model (compiled or not)
+           ) -> None:
     "Put every FSDP2 unit of `model` back to its shards (FSDP2 leaves the root's weights whole after a forward)."
     from torch.distributed.fsdp import FSDPModule
     for m in plain_module(model).modules():
         if isinstance(m, FSDPModule): m.reshard()
 
-def opt_over_model(learn, opt):
+def opt_over_model(learn,   # the learner, whose model may have been sharded since `opt` was made
+                   opt):    # its optimizer
     "`opt`, or a new one of its kind, hyper-parameters and state over the model's parameters when it holds others."
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     model = plain_module(learn.model)
@@ -467,7 +513,9 @@ def opt_over_model(learn, opt):
         set_optimizer_state_dict(model, new, full, options=StateDictOptions(full_state_dict=True))
     return new
 
-def full_weights(model: nn.Module, everywhere: bool = False) -> dict:  # everywhere: on every rank, not only rank 0
+def full_weights(model: nn.Module,          # an FSDP2-sharded model
+                 everywhere: bool = False,  # on every rank, not only rank 0
+                ) -> dict:
     "The full weights of an FSDP2-sharded `model`, gathered on rank 0's CPU (other ranks get `{}`); a collective."
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     state = get_model_state_dict(plain_module(model), options=StateDictOptions(full_state_dict=True,
@@ -484,7 +532,8 @@ def _hyper_only(opt_state: dict | None) -> dict | None:
 def save_sharded(state: dict,              # a learner state (`learn.state_dict()`)
                  path,                     # the file; the shards go to the folder `shards_folder(path)` beside it
                  model: nn.Module,         # the FSDP2-sharded model
-                 opt=None) -> Path:        # its optimizer
+                 opt=None,                 # its optimizer (None: the weights only)
+                ) -> Path:
     "Write a checkpoint with each rank's shards (DCP) beside `path`, and the rest in `path` (rank 0); a collective."
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
@@ -506,7 +555,8 @@ def save_sharded(state: dict,              # a learner state (`learn.state_dict(
 
 def load_sharded(folder,                  # a folder of shards written by `save_sharded`
                  model: nn.Module,        # the FSDP2-sharded model, loaded in place
-                 opt=None) -> None:       # its optimizer (None: the weights only)
+                 opt=None,                # its optimizer (None: the weights only)
+                ) -> None:
     "Load shards into a sharded model (and optimizer), each rank reading what it holds (DCP reshards); a collective."
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
@@ -525,7 +575,8 @@ def _by_position(opt_state: dict) -> dict:
             'param_groups': [{**g, 'params': [index[n] for n in g['params']]} for g in opt_state['param_groups']]}
 
 def consolidate(path,                      # a sharded checkpoint file (its shards beside it)
-                out=None) -> Path:         # the file to write (default: `<name>-full<suffix>` beside it)
+                out=None,                  # the file to write (default: `<name>-full<suffix>` beside it)
+               ) -> Path:
     "Merge a sharded checkpoint into one file of full weights and optimizer state that one process loads (no group)."
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     path = Path(path)
@@ -593,7 +644,8 @@ class DistributedS(Subscriber):
         "Are the weights sharded over the ranks (FSDP2, more than one)? Then states are saved and loaded as shards."
         return self.active and self.fsdp and self.world_size > 1
 
-    def shard(self, learn) -> None:
+    def shard(self, learn,   # the learner whose model is sharded
+             ) -> None:
         "Shard `learn.model` in place with FSDP2 (once), and put the optimizer on the shards."
         param = next(learn.model.parameters(), None)
         if self.cpu_offload and (param is None or param.device.type != 'cuda'):
@@ -732,7 +784,11 @@ class DistributedS(Subscriber):
         for undo in reversed(getattr(st, 'undo', [])): undo()
 
     # -- agreed stops ---------------------------------------------------------------------------------------------
-    def instrument(self, f, name: str, owner):
+    def instrument(self,
+                   f,            # a handler or step
+                   name: str,    # the event or step it runs at
+                   owner,        # the subscriber (or learner) it belongs to
+                  ):
         "Wrap the other subscribers' handlers and the step: a stop asked for on one rank lands on every rank alike."
         if owner is self or not self.active or self.world_size == 1: return f
         if name == 'step':
@@ -813,7 +869,8 @@ class DistributedS(Subscriber):
         else: rngs = all_gather_objects(rng_state())
         return {'world_size': self.world_size, 'rng': rngs, 'seeds': getattr(st, 'seeds', None)}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict,   # what `state_dict` returned
+                       ) -> None:
         "Keep every rank's random state for a resume; warn when the data order and random draws cannot be those saved."
         saved, rngs = state['world_size'], state['rng']
         self._loaded = None
@@ -827,7 +884,11 @@ class DistributedS(Subscriber):
             return
         self._loaded = {'rng': rngs, 'seeds': state.get('seeds')}
 
-    def write_sharded(self, learn, state: dict, path) -> Path:
+    def write_sharded(self,
+                      learn,         # the learner, whose model is sharded (if it is not yet)
+                      state: dict,   # its state (`learn.state_dict()`), written without the sharded tensors
+                      path,          # the checkpoint file; the shards go to a folder beside it
+                     ) -> Path:
         "Write `state` with the weights and optimizer state as shards (every rank calls this); see `save_sharded`."
         st = None if learn.run is None else learn.run.of(self)
         if getattr(st, 'failed', False):
@@ -837,7 +898,11 @@ class DistributedS(Subscriber):
         self.shard(learn)
         return save_sharded(state, path, plain_module(learn.model), learn.opt)
 
-    def read_sharded(self, learn, state: dict, with_opt: bool) -> None:
+    def read_sharded(self,
+                     learn,            # the learner to load into (its model sharded if it is not yet)
+                     state: dict,      # a sharded checkpoint, as `read_checkpoint` returns it
+                     with_opt: bool,   # load the optimizer state too
+                    ) -> None:
         "Load the shards of a checkpoint read by `read_checkpoint` into the (now sharded) model and its optimizer."
         self.shard(learn)
         if with_opt and state.get('opt') is not None:
@@ -846,7 +911,10 @@ class DistributedS(Subscriber):
         load_sharded(state['sharded']['folder'], plain_module(learn.model),
                      learn.opt if with_opt and state['sharded']['opt'] else None)
 
-    def sharded_problems(self, learn, state: dict) -> list[str]:
+    def sharded_problems(self,
+                         learn,         # the learner to load into
+                         state: dict,   # a sharded checkpoint, as `read_checkpoint` returns it
+                        ) -> list[str]:
         "What stops a sharded checkpoint from loading into this learner (its shards' names and shapes, checked)."
         from torch.distributed.checkpoint import FileSystemReader
         folder = Path(state['sharded']['folder'])

@@ -29,8 +29,12 @@ class EarlyStoppingS(Subscriber):
     order = Order.STOP
     runs = ('fit',)
 
-    def __init__(self, monitor: str = 'loss', phase: str = 'valid', mode: str = 'min', patience: int = 3,
-                 min_delta: float = 0., restore_best: bool = False):
+    def __init__(self, monitor: str = 'loss',    # the `learn.history` column watched
+                 phase: str = 'valid',           # whose rows: 'valid' or 'train'
+                 mode: str = 'min',              # 'min': lower is better; 'max': higher
+                 patience: int = 3,              # epochs without improvement before the fit stops
+                 min_delta: float = 0.,          # the least change that counts as an improvement
+                 restore_best: bool = False):    # load the best epoch's weights back when the fit ends
         if not isinstance(monitor, str): raise TypeError(f'monitor must be a history column name, got {monitor!r}')
         check_choice('phase', phase, ('train', 'valid'))
         check_choice('mode', mode, ('min', 'max'))
@@ -90,7 +94,9 @@ class EarlyStoppingS(Subscriber):
         "The best value, its epoch, the epochs waited, and (with `restore_best`) the best weights: a resume ends alike."
         return {'best': self.best, 'best_epoch': self.best_epoch, 'wait': self.wait, 'best_weights': self._best_weights}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict,   # what `state_dict` returned
+                       ) -> None:
+        "Restore what `state_dict` saved, to go on counting (and restore the best weights) where it was."
         self.best, self.best_epoch, self.wait = state['best'], state['best_epoch'], state['wait']
         self._best_weights = state.get('best_weights')
 
@@ -114,7 +120,7 @@ class CSVLoggerS(Subscriber):
     order = Order.LOG
     runs = ('fit',)
 
-    def __init__(self, path='history.csv',
+    def __init__(self, path='history.csv',   # the CSV file (its folder is created)
                  append: bool = False):   # add this run's rows to a log that holds other runs' (else that is refused)
         if not isinstance(path, (str, os.PathLike)): raise TypeError(f'path must be a file path, got {path!r}')
         check_bool('append', append)
