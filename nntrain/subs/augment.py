@@ -209,7 +209,8 @@ class _MixS(Subscriber):
         "The generator state, so a resumed run draws the same `lam` and permutations."
         return {'generator': self.generator.get_state()}
 
-    def load_state_dict(self, state: dict) -> None:   # what `state_dict` returned
+    def load_state_dict(self, state: dict,   # what `state_dict` returned
+                       ) -> None:
         "Restore the state saved by `state_dict`."
         self.generator.set_state(state['generator'])
 
