@@ -325,3 +325,24 @@ def test_fit_one_cycle_resumes_exactly(tmp_path):
     resumed.fit_one_cycle(3, 0.1, resume=True)
     pairs = zip(resumed.model.state_dict().values(), straight.model.state_dict().values(), strict=True)
     assert all(torch.equal(a, b) for a, b in pairs)
+
+
+def test_fit_one_cycle_auto_resumes_exactly(tmp_path):
+    "`fit_one_cycle(resume='auto')` after a crash between step checkpoints ends with the uninterrupted fit's weights."
+    from nntrain.subs.checkpoint import CheckpointS
+    importlib.import_module('nntrain.subs.schedule')
+    def make(folder, seed=0):
+        torch.manual_seed(seed)
+        learn = tiny_classifier()
+        learn.add_subs(CheckpointS(folder, every=3))
+        return learn
+    straight = make(tmp_path / 'straight')
+    straight.fit_one_cycle(3, 0.1)
+    first = make(tmp_path / 'crashed')
+    with pytest.raises(RuntimeError, match='crash'): first.fit_one_cycle(3, 0.1, subs=[_StopAfterEpoch(1)])
+    resumed = make(tmp_path / 'crashed', seed=1)   # other weights and RNG: only the checkpoint makes it agree
+    with pytest.warns(RuntimeWarning, match='_StopAfterEpoch'):   # the crash's subscriber is not in the resumed fit
+        resumed.fit_one_cycle(3, 0.1, resume='auto')
+    assert resumed.run_id == first.run_id and resumed.global_step == straight.global_step
+    pairs = zip(resumed.model.state_dict().values(), straight.model.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)

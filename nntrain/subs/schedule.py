@@ -338,7 +338,7 @@ def fit_one_cycle(self: Learner,
                   train: bool = True,                         # run the training passes
                   valid: bool = True,                         # run the validation passes
                   reset_opt: bool = False,                    # a fresh optimizer (its state forgotten)
-                  resume: bool = False,  # continue an interrupted fit from the checkpoint just loaded
+                  resume: bool | str = False,  # True: continue a loaded checkpoint's fit; 'auto': a subscriber's, if any
                   n_batches: int | None = None,               # stop each pass after this many batches (a quick check)
                  ) -> ParamSchedulerS:
     "Fit with the one-cycle policy (`lr_max` defaults to `self.lr`); returns the `ParamSchedulerS` that recorded it."
@@ -358,7 +358,7 @@ def fit_flat_cos(self: Learner,
                  train: bool = True,              # run the training passes
                  valid: bool = True,              # run the validation passes
                  reset_opt: bool = False,         # a fresh optimizer (its state forgotten)
-                 resume: bool = False,            # continue an interrupted fit from the checkpoint just loaded
+                 resume: bool | str = False,  # True: continue a loaded checkpoint's fit; 'auto': a subscriber's, if any
                  n_batches: int | None = None,    # stop each pass after this many batches (a quick check)
                 ) -> ParamSchedulerS:
     "Fit at a flat `lr` (default `self.lr`), then cosine-anneal it; returns the `ParamSchedulerS` that recorded it."
