@@ -19,6 +19,7 @@ from fastcore.basics import patch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from .batch import LABEL_NAMES, cat_items
 from .core import rng_state, set_rng_state
 
 # %% auto #0
@@ -441,7 +442,7 @@ def hf_ds_collate_fn(data: list[dict],        # rows of a Hugging Face dataset (
 def pad_collate(rows: list[dict],                         # rows of a dataset: dicts of numbers, lists, arrays
                 pad_value: int = 0,                       # pads input sequences (token id 0, attention mask 0)
                 label_pad_value: int = -100,              # pads targets: the value losses ignore
-                label_names: tuple = ('labels', 'label'), # the columns that are targets
+                label_names: tuple = LABEL_NAMES,         # the columns that are targets
                ) -> dict:
     "Rows (dicts) as one dict batch: equal shapes stacked, sequences of other lengths padded at the end (labels: -100)."
     out = {}
@@ -449,10 +450,7 @@ def pad_collate(rows: list[dict],                         # rows of a dataset: d
         vals = [torch.as_tensor(r[k]) for r in rows]
         if len({v.shape for v in vals}) == 1: out[k] = torch.stack(vals); continue
         if len({v.ndim for v in vals}) > 1: raise ValueError(f'column {k!r} has values of different ranks in one batch')
-        size = [max(s) for s in zip(*(v.shape for v in vals))]
-        t = vals[0].new_full((len(vals), *size), label_pad_value if k in label_names else pad_value)
-        for i, v in enumerate(vals): t[(i, *(slice(0, n) for n in v.shape))] = v
-        out[k] = t
+        out[k] = cat_items([v[None] for v in vals], label_pad_value if k in label_names else pad_value)
     return out
 
 def _hf_split_tensors(ds, flatten: bool) -> tuple[torch.Tensor, ...] | None:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .batch import (LABEL_NAMES, batch_size, call_model, check_inputs, check_loss, check_targets, class_dim, describe,
-                    is_index, layout_name, output_loss, output_preds)
+                    is_index, layout_name, output_loss, output_preds, split_batch)
 from .core import (CANCELS, EVENTS, RUNS, STEPS, CancelBatchException, CancelEpochException, CancelFitException,
                    CancelStepException, add_note, build_table, check_bool, check_int, check_number, check_run_id,
                    check_subs, new_run_id,
@@ -139,9 +139,8 @@ def _check_valid_labels(learn, y) -> None:
     if targets is None:
         with undisturbed(dl): first = next(iter(dl), None)
         if first is None: return
-        probe = Run('predict', [], n_inp=run.n_inp, label_names=run.label_names)
-        probe.batch = first
-        targets = probe.yb[0] if len(probe.yb) == 1 else None
+        _, yb = split_batch(first, run.n_inp, run.label_names)
+        targets = yb[0] if len(yb) == 1 else None
     if isinstance(targets, torch.Tensor) and targets.dtype == y.dtype and targets.ndim == y.ndim:
         dim = class_dim(learn.preds, y)
         n = learn.preds.shape[dim]
@@ -256,11 +255,15 @@ class Learner:
     def add_subs(self, *subs,   # subscribers to add
                 ) -> Learner:
         "Add subscribers; the dispatch tables are checked and rebuilt once."
+        self._check_new_subs(subs)
+        if subs: self._set_subs(self.subs + list(subs))
+        return self
+
+    def _check_new_subs(self, subs) -> None:
+        "Refuse anything in `subs` that is not a subscriber, or is already subscribed here, naming it."
         check_subs(subs)
         for s in subs:
             if any(s is t for t in self.subs): raise ValueError(f'{s!r} is already subscribed to this learner')
-        if subs: self._set_subs(self.subs + list(subs))
-        return self
 
     def remove_subs(self, *subs,   # subscribers to remove
                    ) -> Learner:
@@ -444,9 +447,7 @@ def check_fit_args(self: Learner, n_epochs: int = 1,   # as for `fit`
                          f'one, e.g. CheckpointS), got {resume!r}')
     if not (train or valid): raise ValueError('fit(train=False, valid=False) has nothing to do')
     check_int('n_batches', n_batches, allow_none=True)
-    check_subs(subs)
-    for s in subs:
-        if any(s is t for t in self.subs): raise ValueError(f'{s!r} is already subscribed to this learner')
+    self._check_new_subs(subs)
     rate = self.lr if lr is None else lr
     if train and resume is False and isinstance(rate, (slice, list, tuple)):   # a fresh fit: over the param groups
         n = len(self.param_groups()) if self.opt is None or reset_opt else len(self.opt.param_groups)
@@ -618,8 +619,7 @@ def _end_phase(self: Learner, run: Run) -> None:
     i = [t for _, t in run.phases].index(run.training)
     run.pos = Position(run.epoch, False) if i + 1 < len(run.phases) else Position(run.epoch + 1)
     if run.kind not in ('fit', 'validate') or not len(run.losses): return
-    loss = run.losses.synced() if run.sharded else run.losses.value()
-    row = {'epoch': run.epoch, 'phase': 'train' if run.training else 'valid', 'loss': loss.item(),
+    row = {'epoch': run.epoch, 'phase': 'train' if run.training else 'valid', 'loss': run.phase_mean(run.losses).item(),
            'time': run.phase_seconds()}
     run.rows.append(row)
     if run.kind == 'fit': self.history.append(row)

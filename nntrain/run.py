@@ -159,6 +159,19 @@ class Run:
         "Does each process see only its shard of the data (so results are combined over processes)?"
         return self.gather is not None
 
+    def phase_mean(self, m: WeightedMean,   # a mean of this phase's batches
+                  ) -> torch.Tensor:
+        "`m`'s value: over every process when each sees a shard (a collective), else this process's."
+        return m.synced() if self.sharded else m.value()
+
+    def add_columns(self, values: dict,   # column name -> value
+                   ) -> None:
+        "Add columns to the phase's row (the last of `rows`), before its time, as the tables show them."
+        row = self.rows[-1]
+        seconds = row.pop('time', None)
+        row.update(values)
+        if seconds is not None: row['time'] = seconds
+
     def start_phase(self) -> None:
         "Start the clock of a phase (its batches)."
         self.phase_start = time.perf_counter()

@@ -320,3 +320,22 @@ def test_validate_row_is_the_mean_over_every_item():
     assert row['phase'] == 'valid' and row['loss'] == pytest.approx(whole, rel=1e-6)
     with torch.no_grad(): per_batch = [F.cross_entropy(learn.model(x[i:i + 16]), y[i:i + 16]).item() for i in (0, 16)]
     assert abs(sum(per_batch) / 2 - whole) > 1e-3 * whole   # a mean over the 2 batches would be caught
+
+
+@pytest.mark.parametrize('as_dict', [False, True])
+def test_validation_labels_checked_from_a_loaders_first_batch(as_dict):
+    "A validation loader that is not in memory: its first batch's labels are checked before the first step."
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 4), torch.arange(16) % 3   # every batch has labels 0, 1 and 2
+    class Model(nn.Module):
+        def __init__(self): super().__init__(); self.lin = nn.Linear(4, 3)
+        def forward(self, x): return self.lin(x)
+    def batches(labels):
+        return [{'x': x[i:i + 8], 'labels': labels[i:i + 8]} if as_dict else (x[i:i + 8], labels[i:i + 8])
+                for i in (0, 8)]
+    learn = Learner(Model(), (batches(y), batches(y + 2)), F.cross_entropy, lr=0.1)
+    before = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    with pytest.raises(ValueError, match=r'the validation set has labels in \[2, 4\]'): learn.fit(1)
+    assert learn.global_step == 0 and learn.history == []
+    assert all(torch.equal(before[k], v) for k, v in learn.model.state_dict().items())
+    Learner(Model(), (batches(y), batches(y)), F.cross_entropy, lr=0.1).fit(1)   # in range: it trains

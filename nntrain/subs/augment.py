@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from ..batch import describe, get_input, per_item_loss, set_input
+from ..batch import describe, get_input, is_index, per_item_loss, set_input
 from ..core import Order, Subscriber, check_bool, check_int, check_number
 
 # %% auto #0
@@ -29,7 +29,6 @@ def _wrap(t, kind: str | None, size: tuple):
 
 def _auto_kind(t, x) -> str | None:
     "A target's kind when not given: integer maps of the image's height and width are masks; others stay as they are."
-    from ..batch import is_index
     return 'mask' if is_index(t) and t.ndim >= 2 and x.ndim >= 2 and t.shape[-2:] == x.shape[-2:] else None
 
 def _plain(t, like):

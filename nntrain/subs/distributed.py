@@ -343,8 +343,7 @@ class ShardedTensorLoader:
         bs, n_batches = dl.batch_size, len(self)
         for i in range(n_batches):
             if i == n_batches - 1: self._epoch_state = None   # the whole order is handed out: the next state is next
-            parts = tuple(t.index_select(0, idx[i*bs:(i+1)*bs]) for t in dl.tensors)
-            yield parts if dl.names is None else dict(zip(dl.names, parts))
+            yield dl._batch(idx[i*bs:(i+1)*bs])
 
     def state_dict(self) -> dict:
         "The shuffling state, as the `TensorLoader` gives it: mid-epoch the one this epoch's order came from."

@@ -136,7 +136,7 @@ class GANS(Subscriber):
     # -- the batch steps ---------------------------------------------------------------------------------------------
     def predict(self, learn):
         "Generate a batch of fakes and score it (and, except in generator batches, the real batch): `learn.out`."
-        model = self._model(learn)
+        model = plain_module(learn.model)   # checked in before_fit
         real = get_input(learn.xb)
         z = model.noise(batch_size(learn.xb), real.device)
         if learn.training and not self.trains_critic(learn):
@@ -158,7 +158,7 @@ class GANS(Subscriber):
 
     def backward(self, learn):
         "Backpropagate into the trained network's parameters only: the other network gets no gradients."
-        model = self._model(learn)
+        model = plain_module(learn.model)
         net = model.critic if self.trains_critic(learn) else model.generator
         learn.loss.backward(inputs=[p for p in net.parameters() if p.requires_grad])
 
@@ -180,13 +180,8 @@ class GANS(Subscriber):
             for k, m in self._losses.items(): m.load_state_dict(pending[k])
 
     def after_epoch(self, learn):
-        rows = learn.run.rows
-        if not rows: return
-        row = rows[-1]
-        seconds = row.pop('time', None)   # the columns go before the time, as the tables show them
-        for k, m in self._losses.items():
-            if len(m): row[k] = (m.synced() if learn.run.sharded else m.value()).item()
-        if seconds is not None: row['time'] = seconds
+        if learn.run.rows:
+            learn.run.add_columns({k: learn.run.phase_mean(m).item() for k, m in self._losses.items() if len(m)})
 
     def cleanup_epoch(self, learn):
         # the totals belong to their phase: none outlive it (a checkpoint between phases, or after a validation,

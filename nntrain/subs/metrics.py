@@ -191,10 +191,7 @@ class MetricsS(Subscriber):
             from torcheval.metrics.toolkit import sync_and_compute_collection
             results = sync_and_compute_collection(self.metrics)
         else: results = {name: m.compute() for name, m in self.metrics.items()}
-        row = rows[-1]
-        seconds = row.pop('time', None)   # metrics go before the time column, as the tables show them
-        row.update({name: _value(results[name]) for name in self.metrics})
-        if seconds is not None: row['time'] = seconds
+        learn.run.add_columns({name: _value(results[name]) for name in self.metrics})
 
     def cleanup_epoch(self, learn):
         self._buffers = {}   # release device memory, even after an error (a checkpoint still finds them on the run)

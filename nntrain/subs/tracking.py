@@ -75,8 +75,7 @@ class EarlyStoppingS(Subscriber):
 
     def before_fit(self, learn):
         self.stopped_epoch = None   # a stop belongs to the fit it ended
-        if self.phase == 'valid' and not any(not t for _, t in learn.run.phases) or \
-           self.phase == 'train' and not any(t for _, t in learn.run.phases):
+        if (self.phase == 'train') not in [t for _, t in learn.run.phases]:
             warnings.warn(f'EarlyStoppingS watches the {self.phase} rows, but this fit makes no {self.phase} pass: '
                           'it cannot stop it', RuntimeWarning, stacklevel=2)
 
