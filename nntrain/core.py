@@ -24,8 +24,8 @@ import torch
 __all__ = ['EVENTS', 'STEPS', 'AROUNDS', 'CANCELS', 'RUNS', 'CancelFitException', 'CancelEpochException', 'CancelBatchException',
            'CancelStepException', 'Order', 'Subscriber', 'check_subs', 'check_subscriber', 'sort_subs', 'build_table',
            'add_note', 'note_origin', 'default_device', 'to_device', 'is_distributed', 'get_rank', 'get_world_size',
-           'comm_device', 'preserve_modes', 'set_seed', 'check_int', 'check_number', 'check_choice', 'check_bool',
-           'rng_state', 'set_rng_state', 'atomic_save', 'new_run_id', 'check_run_id']
+           'comm_device', 'preserve_modes', 'model_untouched', 'set_seed', 'check_int', 'check_number', 'check_choice',
+           'check_bool', 'rng_state', 'set_rng_state', 'atomic_save', 'atomic_file', 'new_run_id', 'check_run_id']
 
 # %% ../nbs/00_core.ipynb #d0b81b93
 EVENTS = ('before_fit', 'before_epoch', 'before_batch',
@@ -245,6 +245,18 @@ def preserve_modes(model,    # the module whose train/eval flags are put back
     finally:
         for m, mode in modes: m.training = mode
 
+@contextmanager
+def model_untouched(model,   # the module run inside
+                   ):
+    "Run `model` inside without moving its buffers (batch-norm statistics) or the random streams (dropout) outside."
+    buffers = [b.detach().clone() for b in model.buffers()]
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == 'cuda'})
+    try:
+        with torch.random.fork_rng(devices=devices): yield model
+    finally:
+        with torch.no_grad():
+            for b, saved in zip(model.buffers(), buffers): b.copy_(saved)
+
 # %% ../nbs/00_core.ipynb #e5e40208
 def set_seed(seed: int,                      # the seed of every generator
              deterministic: bool = False,    # also deterministic torch algorithms and cuDNN kernels (slower)
@@ -344,17 +356,26 @@ def atomic_save(obj,                        # what to save (anything `torch.save
     "`torch.save` to `path` through a temporary file in the same folder, fsync'd, then renamed: never a partial file."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    return path
+
+@contextmanager
+def atomic_file(path: str | os.PathLike,   # the file to write
+                mode: str = 'wb',          # 'wb' or 'w'
+                newline: str | None = None, # as for `open` (text mode)
+               ):
+    "Write a temporary file beside `path` inside; leaving without an error, it replaces `path` (never a partial file)."
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
     try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        with os.fdopen(fd, mode, newline=newline) as f: yield f
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp): os.remove(tmp)
         raise
-    return path
 
 # %% ../nbs/00_core.ipynb #d0ca91c1
 def new_run_id() -> str:

@@ -15,7 +15,7 @@ page, and a notebook that cannot be rendered at all gets a page that says why; t
 """
 from __future__ import annotations
 
-import argparse, ast, base64, html, importlib, inspect, json, os, re, shutil, sys, traceback, warnings
+import argparse, ast, base64, functools, html, importlib, inspect, json, os, re, shutil, sys, traceback, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,6 +115,11 @@ class Entry:
     @property
     def short(self) -> str:
         return self.doc.strip().split('\n')[0]
+
+    @functools.cached_property
+    def params(self) -> list[tuple[str, str, str, str]]:
+        "`parameters(self)`, read once: the page's table and the search index both use them."
+        return parameters(self)
 
     @property
     def fn(self):
@@ -373,7 +378,7 @@ class Site:
 
     # -- API entries
     def params_table(self, e: Entry) -> str:
-        rows = parameters(e)
+        rows = e.params
         if not rows: return ''
         for name, *_, desc in rows:
             if not desc: self.undocumented.append(f'{e.module}: {e.name}({name})')
@@ -615,7 +620,7 @@ def build(out: Path | str = '_site', nbs_dir: Path | str | None = None, execute:
                            'd': text[:150], 't': text})
         for e in site.entries.get(info.page, []):
             for x in [e, *e.children]:
-                ps = parameters(x)
+                ps = x.params
                 search.append({'n': x.name, 'u': f'{info.page}#{x.name}', 'k': x.kind, 'd': x.short,
                                'p': [[p.lstrip('*'), d] for p, _, _, d in ps], 't': x.doc})
         for m in info.errors: log(f'{info.path.name}: {m.splitlines()[0]}')

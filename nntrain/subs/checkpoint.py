@@ -36,17 +36,19 @@ def run_folders(folder,   # a checkpoints folder (`CheckpointS`'s `folder`)
                ) -> list[Path]:
     "The folders of the runs that wrote checkpoints in `folder` (one per run id), the one written to last, last."
     folder = Path(folder)
-    if not folder.is_dir(): return []
-    found = [(t, d.name, d) for d in folder.iterdir()
-             if d.is_dir() and not d.name.startswith('.') and (t := _newest(d)) is not None]
-    return [d for *_, d in sorted(found)]
+    return [d for *_, d in _runs(folder)] if folder.is_dir() else []
+
+def _runs(folder: Path) -> list[tuple[int, str, Path]]:
+    "(when its newest checkpoint was written, name, folder) of each run's folder in `folder`, oldest first."
+    return sorted((t, d.name, d) for d in folder.iterdir()
+                  if d.is_dir() and not d.name.startswith('.') and (t := _newest(d)) is not None)
 
 def _run_folder(folder, run_id: str | None) -> Path | None:
     "Run `run_id`'s folder in `folder`; by default the run written to last (`folder` itself if it is a run's folder)."
     folder = Path(folder)
     if run_id is not None: return folder / run_id
     if not folder.is_dir(): return None
-    runs = [(t, d.name, d) for d in run_folders(folder) for t in [_newest(d)]]
+    runs = _runs(folder)
     own = _newest(folder)   # checkpoints directly in `folder`: a run's folder given as such (or an older layout)
     if own is not None: runs.append((own, '', folder))
     return max(runs)[2] if runs else None
@@ -56,8 +58,12 @@ def checkpoints(folder,                      # a checkpoints folder, or one run'
                ) -> list[Path]:
     "One run's rotating checkpoints, oldest first (by optimizer step): `run_id`'s in `folder`, else the latest run's."
     folder = _run_folder(folder, run_id)
-    if folder is None or not folder.is_dir(): return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_FILE.match(p.name))]
+    return [] if folder is None else _step_files(folder)
+
+def _step_files(d: Path) -> list[Path]:
+    "The rotating checkpoints directly in run folder `d`, oldest first (by optimizer step)."
+    if not d.is_dir(): return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _STEP_FILE.match(p.name))]
     return [p for _, p in sorted(found)]
 
 def is_exact(path,   # a checkpoint file
@@ -73,7 +79,7 @@ def latest_checkpoint(folder,                      # a checkpoints folder, or on
     "The newest checkpoint of one run in `folder` (`run_id`'s, else the run written to last), or None; see below."
     folder = _run_folder(folder, run_id)
     if folder is None: return None
-    candidates = checkpoints(folder)[-1:] + [p for p in (folder / 'interrupted.pt',) if p.exists()]
+    candidates = _step_files(folder)[-1:] + [p for p in (folder / 'interrupted.pt',) if p.exists()]
     if exact: candidates = [p for p in candidates if is_exact(p)]
     # the latest run's, or none: an older run's checkpoint would resume another run than the one that stopped
     return max(candidates, key=lambda p: (p.stat().st_mtime_ns, p.name)) if candidates else None
@@ -129,7 +135,7 @@ class CheckpointS(Subscriber):
         self._save(learn, f'step-{learn.global_step}.pt')
         if not learn.is_main: return
         # only this run's folder: another run's checkpoints in `folder` are never deleted (with their shards)
-        for old in checkpoints(self.run_dir)[:-self.keep] if self.keep else []: remove_checkpoint(old)
+        for old in _step_files(self.run_dir)[:-self.keep] if self.keep else []: remove_checkpoint(old)
 
     def before_fit(self, learn):
         self._ready, self._finished, self._epoch_unsaved, self._best_unsaved, self._step_due = (False,) * 5

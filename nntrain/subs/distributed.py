@@ -629,12 +629,16 @@ class DistributedS(Subscriber):
 
     def __repr__(self): return f'DistributedS(rank={self.rank}, world_size={self.world_size}, fsdp={self.fsdp})'
 
-    def _state(self, learn=None, kind: str | None = None):
-        "This run's record (on the run: `learn.run.of(self)`), if the run is collective (and of kind `kind`)."
+    def _record(self, learn=None):
+        "This run's record (on the run: `learn.run.of(self)`), or None between runs."
         learn = learn or self._learn
-        run = None if learn is None else learn.run
-        if run is None or (kind is not None and run.kind != kind): return None
-        st = run.of(self)
+        return None if learn is None or learn.run is None else learn.run.of(self)
+
+    def _state(self, learn=None, kind: str | None = None):
+        "This run's record, if the run is collective (and of kind `kind`)."
+        learn = learn or self._learn
+        if learn is None or learn.run is None or (kind is not None and learn.run.kind != kind): return None
+        st = self._record(learn)
         return st if getattr(st, 'collective', False) else None
 
     # -- the model ------------------------------------------------------------------------------------------------
@@ -857,13 +861,13 @@ class DistributedS(Subscriber):
     @property
     def exact_state(self) -> bool:
         "Would a state written now continue the run exactly (every rank's random state at hand)? Not after an error."
-        st = None if self._learn is None or self._learn.run is None else self._learn.run.of(self)
+        st = self._record()
         return not (self.active and self.world_size > 1 and getattr(st, 'closing', False) and st.final_rng is None)
 
     def state_dict(self) -> dict:
         "Every rank's random state and the fit's sampler seeds (gathered: a collective, except while cleaning up)."
         if not self.active or self.world_size == 1: return {'world_size': self.world_size, 'rng': None, 'seeds': None}
-        st = None if self._learn is None or self._learn.run is None else self._learn.run.of(self)
+        st = self._record()
         if getattr(st, 'closing', False): rngs = st.final_rng   # cleaning up: no collective (gathered at a stop)
         else: rngs = all_gather_objects(rng_state())
         return {'world_size': self.world_size, 'rng': rngs, 'seeds': getattr(st, 'seeds', None)}
@@ -889,7 +893,7 @@ class DistributedS(Subscriber):
                       path,          # the checkpoint file; the shards go to a folder beside it
                      ) -> Path:
         "Write `state` with the weights and optimizer state as shards (every rank calls this); see `save_sharded`."
-        st = None if learn.run is None else learn.run.of(self)
+        st = self._record(learn)
         if getattr(st, 'failed', False):
             raise RuntimeError('the sharded (FSDP) weights cannot be saved after an error: writing them is a '
                                'collective and the other ranks may be gone. The last checkpoint written during the fit '

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..core import Order, Subscriber, check_int
+from ..core import Order, Subscriber, check_int, model_untouched
 from ..show import show_images
 from .normalize import NormalizationS
 from .schedule import get_hyper
@@ -92,17 +92,12 @@ class TensorBoardS(Subscriber):
         x, model = learn.xb[0], learn.model
         # Tracing runs the model: it must not draw random numbers (dropout) nor move batch-norm statistics, or the
         # fit would go another way with TensorBoardS than without it (and a resumed fit, which traces again, too).
-        buffers = [b.detach().clone() for b in model.buffers()]
-        devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == 'cuda'})
         try:
-            with warnings.catch_warnings(), torch.no_grad(), torch.random.fork_rng(devices=devices):
+            with model_untouched(model), warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter('ignore')   # the tracer's own warnings say nothing about the user's model
                 self.writer.add_graph(model, x[:2] if isinstance(x, torch.Tensor) else learn.xb)
         except Exception as e:   # a graph is a nicety: an untraceable model still trains and logs
             warnings.warn(f'TensorBoardS could not trace the model graph ({e!r}); the rest is logged.')
-        finally:
-            with torch.no_grad():
-                for b, saved in zip(model.buffers(), buffers): b.copy_(saved)
 
     def _add_images(self, learn):
         x, preds = learn.xb[0], learn.preds

@@ -9,11 +9,11 @@ import csv
 import json
 import math
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
-from ..core import CancelFitException, Order, Subscriber, check_bool, check_choice, check_int, check_number
+from ..core import (CancelFitException, Order, Subscriber, atomic_file, check_bool, check_choice, check_int,
+                          check_number)
 from .checkpoint import check_writable
 
 # %% auto #0
@@ -154,17 +154,11 @@ class CSVLoggerS(Subscriber):
         header, old = _read_log(self.path)
         header = list(dict.fromkeys(['run'] + header + [k for r in learn.history for k in r]))
         kept = [r for r in old if r.get('run', '') != learn.run_id]
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f'.{self.path.name}.', suffix='.tmp')
-        try:
-            with os.fdopen(fd, 'w', newline='') as f:
-                w = csv.writer(f)
-                w.writerow(header)
-                for r in kept: w.writerow([r.get(c, '') for c in header])
-                for r in learn.history: w.writerow(_cells(r, learn.run_id, header))
-            os.replace(tmp, self.path)
-        except BaseException:
-            if os.path.exists(tmp): os.remove(tmp)
-            raise
+        with atomic_file(self.path, 'w', newline='') as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            for r in kept: w.writerow([r.get(c, '') for c in header])
+            for r in learn.history: w.writerow(_cells(r, learn.run_id, header))
         self._header = header
 
     def _add(self, run_id: str, rows: list) -> None:

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from ..core import (
-    CancelFitException, CancelStepException, Order, Subscriber, check_choice, check_int, check_number)
+    CancelFitException, CancelStepException, Order, Subscriber, check_choice, check_int, check_number, model_untouched)
+from ..state import plain_module
 
 # %% auto #0
 __all__ = ['opt_params', 'opt_grads', 'grad_norm', 'GradClipS', 'no_grad_sync', 'GradAccumS', 'first_nonfinite_module',
@@ -203,18 +204,13 @@ class TerminateOnNaNS(Subscriber):
     def _forensics(self, learn) -> str | None:
         "Run this batch's forward again (as the loop runs it, autocast included) with a hook on every module."
         compiled, preds = learn.model, learn.preds
-        model = getattr(compiled, '_orig_mod', compiled)   # under torch.compile, hooks belong on the eager module
-        buffers = [b.detach().clone() for b in model.buffers()]   # batch norm in train mode would update them
-        devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == 'cuda'})
+        model = plain_module(compiled)   # under torch.compile, hooks belong on the eager module
         learn.model = model
-        try:
-            with torch.random.fork_rng(devices=devices):   # dropout must not shift the random stream
+        try:   # batch norm in train mode would update its statistics, dropout shift the random stream
+            with model_untouched(model):
                 # the loop's predict step: a provider's (e.g. MixedPrecisionS's autocast) or the learner's own
                 return first_nonfinite_module(model, lambda: learn.run_step('predict'))
-        finally:
-            learn.model, learn.preds = compiled, preds
-            with torch.no_grad():
-                for b, saved in zip(model.buffers(), buffers): b.copy_(saved)
+        finally: learn.model, learn.preds = compiled, preds
 
 # %% ../../nbs/18_training.ipynb #cd1c251e
 class EMAS(Subscriber):
